@@ -1,0 +1,211 @@
+//! The HTTP side of ChurnZero: `POST {base}/i` with a JSON array of actions.
+//! The app key is added here, at send time, so it is never stored in the
+//! outbox, and any echo of it in an answer is redacted before it becomes an
+//! error message.
+
+use crate::secret::Secret;
+use serde_json::{Map, Value};
+use std::time::Duration;
+
+/// Longest excerpt of an answer body kept in a dead letter's reason.
+const BODY_EXCERPT: usize = 300;
+
+/// How ChurnZero answered one request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SendOutcome {
+    /// 2xx: every action in the request is delivered.
+    Accepted { status: u16 },
+    /// Connection errors, timeouts, 408, 429, 5xx: try again later.
+    Retryable {
+        error: String,
+        status: Option<u16>,
+        retry_after: Option<Duration>,
+    },
+    /// Other 4xx: the request (or an action in it) is refused for good.
+    Rejected { status: u16, error: String },
+}
+
+/// A ChurnZero endpoint with its app key.
+#[derive(Clone)]
+pub struct ChurnZeroClient {
+    http: reqwest::Client,
+    endpoint: String,
+    app_key: Secret,
+}
+
+impl std::fmt::Debug for ChurnZeroClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ChurnZeroClient")
+            .field("endpoint", &self.endpoint)
+            .field("app_key", &self.app_key)
+            .finish()
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date.
+pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    if let Ok(secs) = value.parse::<f64>() {
+        if secs.is_finite() && secs >= 0.0 {
+            return Some(Duration::from_secs_f64(secs));
+        }
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(value)
+        .ok()?
+        .with_timezone(&chrono::Utc);
+    Some((at - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+impl ChurnZeroClient {
+    pub fn new(base_url: &str, app_key: Secret, timeout: Duration) -> Result<Self, reqwest::Error> {
+        let http = reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(Duration::from_secs(10)))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .user_agent(concat!("churnzero-forwarder/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        Ok(ChurnZeroClient {
+            http,
+            endpoint: format!("{}/i", base_url.trim_end_matches('/')),
+            app_key,
+        })
+    }
+
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn redact(&self, text: &str) -> String {
+        if self.app_key.is_empty() {
+            text.to_string()
+        } else {
+            text.replace(self.app_key.expose(), "***")
+        }
+    }
+
+    /// The exact bytes sent: each action with `appKey` first.
+    pub fn body(&self, actions: &[Map<String, Value>]) -> Vec<u8> {
+        let with_key: Vec<Map<String, Value>> = actions
+            .iter()
+            .map(|a| {
+                let mut m = Map::with_capacity(a.len() + 1);
+                m.insert(
+                    "appKey".into(),
+                    Value::String(self.app_key.expose().to_string()),
+                );
+                for (k, v) in a {
+                    if k != "appKey" {
+                        m.insert(k.clone(), v.clone());
+                    }
+                }
+                m
+            })
+            .collect();
+        serde_json::to_vec(&with_key).expect("actions serialise")
+    }
+
+    /// Sends one request and classifies the answer.
+    pub async fn send(&self, actions: &[Map<String, Value>]) -> SendOutcome {
+        let response = self
+            .http
+            .post(&self.endpoint)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(self.body(actions))
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                let kind = if e.is_timeout() {
+                    "timeout"
+                } else if e.is_connect() {
+                    "connection error"
+                } else {
+                    "request error"
+                };
+                // reqwest's Display names the URL (no secret in it) and the cause chain.
+                let mut msg = format!("{kind}: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(s) = source {
+                    msg.push_str(&format!(": {s}"));
+                    source = s.source();
+                }
+                return SendOutcome::Retryable {
+                    error: self.redact(&msg),
+                    status: None,
+                    retry_after: None,
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
+        if (200..300).contains(&status) {
+            // Drain the GIF so the connection goes back to the pool.
+            let _ = response.bytes().await;
+            return SendOutcome::Accepted { status };
+        }
+        let body = match response.bytes().await {
+            Ok(b) => String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned(),
+            Err(_) => String::new(),
+        };
+        let excerpt: String = body
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(BODY_EXCERPT)
+            .collect();
+        let error = self.redact(&format!("HTTP {status}: {}", excerpt.trim()));
+        if status == 408 || status == 429 || status >= 500 {
+            SendOutcome::Retryable {
+                error,
+                status: Some(status),
+                retry_after,
+            }
+        } else {
+            SendOutcome::Rejected { status, error }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_forms() {
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:28:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:30 GMT", now),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:27:00 GMT", now),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+
+    #[test]
+    fn body_puts_app_key_first_and_debug_hides_it() {
+        let c =
+            ChurnZeroClient::new("http://x/", Secret::new("KEY"), Duration::from_secs(1)).unwrap();
+        assert_eq!(c.endpoint(), "http://x/i");
+        let mut a = Map::new();
+        a.insert("action".into(), Value::String("trackEvent".into()));
+        let body = String::from_utf8(c.body(&[a])).unwrap();
+        assert_eq!(body, r#"[{"appKey":"KEY","action":"trackEvent"}]"#);
+        assert!(!format!("{c:?}").contains("KEY"));
+    }
+}

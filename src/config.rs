@@ -1,0 +1,249 @@
+//! `serve` settings: every flag of the contract, each also read from its
+//! environment variable, validated into [`Settings`] before anything starts.
+
+use crate::secret::Secret;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Parses the human durations operators type (`250ms`, `30s`, `2h`, `1h 30m`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim()).map_err(|e| format!("invalid duration `{text}`: {e}"))
+}
+
+/// Log output shape: text for people, json for log pipelines.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Flags of `serve`. Secrets are `Secret` so that `Debug` never prints them,
+/// and `hide_env_values` keeps them out of `--help`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeArgs {
+    /// Address the ingest and operator endpoints listen on.
+    #[arg(long, env = "FORWARDER_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// SQLite file holding the outbox.
+    #[arg(
+        long,
+        env = "FORWARDER_DATABASE",
+        default_value = "./churnzero-forwarder.db"
+    )]
+    pub database: PathBuf,
+
+    /// Accepted Segment write keys (repeat the flag, or comma-separate in the variable).
+    #[arg(
+        long = "write-key",
+        env = "FORWARDER_WRITE_KEYS",
+        value_delimiter = ',',
+        hide_env_values = true
+    )]
+    pub write_keys: Vec<Secret>,
+
+    /// Bearer token for the mutating operator endpoints (they are refused without one).
+    #[arg(long, env = "FORWARDER_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<Secret>,
+
+    /// ChurnZero base URL, e.g. https://acme.us1app.churnzero.net.
+    #[arg(long, env = "CHURNZERO_URL")]
+    pub churnzero_url: Option<String>,
+
+    /// ChurnZero app key.
+    #[arg(long, env = "CHURNZERO_APP_KEY", hide_env_values = true)]
+    pub churnzero_app_key: Option<Secret>,
+
+    /// Concurrent delivery requests.
+    #[arg(long, env = "FORWARDER_WORKERS", default_value_t = 4)]
+    pub workers: usize,
+
+    /// Maximum ChurnZero actions per request.
+    #[arg(long, env = "FORWARDER_BATCH_SIZE", default_value_t = 100)]
+    pub batch_size: usize,
+
+    /// Longest wait before a partial batch is sent.
+    #[arg(long, env = "FORWARDER_FLUSH_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub flush_interval: Duration,
+
+    /// Timeout of one ChurnZero request.
+    #[arg(long, env = "FORWARDER_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// First retry delay.
+    #[arg(long, env = "FORWARDER_RETRY_INITIAL", default_value = "1s", value_parser = parse_duration)]
+    pub retry_initial: Duration,
+
+    /// Cap on one retry delay.
+    #[arg(long, env = "FORWARDER_RETRY_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub retry_max: Duration,
+
+    /// How long an event is retried before it is dead.
+    #[arg(long, env = "FORWARDER_RETRY_BUDGET", default_value = "4h", value_parser = parse_duration)]
+    pub retry_budget: Duration,
+
+    /// Audience sync period.
+    #[arg(long, env = "FORWARDER_SYNC_INTERVAL", default_value = "2h", value_parser = parse_duration)]
+    pub sync_interval: Duration,
+
+    /// Pacing of the audience sync lane, in actions per minute.
+    #[arg(long, env = "FORWARDER_SYNC_MAX_PER_MINUTE", default_value_t = 6000)]
+    pub sync_max_per_minute: u32,
+
+    /// How long a messageId is remembered for deduplication.
+    #[arg(long, env = "FORWARDER_DEDUP_WINDOW", default_value = "24h", value_parser = parse_duration)]
+    pub dedup_window: Duration,
+
+    /// How long delivered events are kept.
+    #[arg(long, env = "FORWARDER_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    pub retention: Duration,
+
+    /// Undelivered events beyond which ingest answers 503.
+    #[arg(long, env = "FORWARDER_MAX_BACKLOG", default_value_t = 10_000_000)]
+    pub max_backlog: u64,
+
+    /// TOML file that renames and routes fields.
+    #[arg(long, env = "FORWARDER_MAPPING")]
+    pub mapping: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "FORWARDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Validated serve settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database: PathBuf,
+    pub write_keys: Vec<Secret>,
+    pub admin_token: Option<Secret>,
+    pub churnzero_url: String,
+    pub churnzero_app_key: Secret,
+    pub workers: usize,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub request_timeout: Duration,
+    pub retry_initial: Duration,
+    pub retry_max: Duration,
+    pub retry_budget: Duration,
+    pub sync_interval: Duration,
+    pub sync_max_per_minute: u32,
+    pub dedup_window: Duration,
+    pub retention: Duration,
+    pub max_backlog: u64,
+    pub mapping: Option<PathBuf>,
+    pub log_format: LogFormat,
+}
+
+/// A setting that is missing or out of range, named by flag and variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("missing required setting: {flag} (or the {env} environment variable)")]
+    Missing {
+        flag: &'static str,
+        env: &'static str,
+    },
+    #[error("invalid setting {flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+}
+
+impl ServeArgs {
+    /// Checks required settings and ranges; names both the flag and the
+    /// variable so an operator knows what to set in either world.
+    pub fn validate(self) -> Result<Settings, ConfigError> {
+        let write_keys: Vec<Secret> = self
+            .write_keys
+            .into_iter()
+            .filter(|k| !k.is_empty())
+            .collect();
+        if write_keys.is_empty() {
+            return Err(ConfigError::Missing {
+                flag: "--write-key",
+                env: "FORWARDER_WRITE_KEYS",
+            });
+        }
+        let churnzero_url =
+            self.churnzero_url
+                .filter(|u| !u.trim().is_empty())
+                .ok_or(ConfigError::Missing {
+                    flag: "--churnzero-url",
+                    env: "CHURNZERO_URL",
+                })?;
+        let url = churnzero_url.trim().trim_end_matches('/').to_string();
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(ConfigError::Invalid {
+                flag: "--churnzero-url",
+                reason: "must start with http:// or https://".into(),
+            });
+        }
+        let churnzero_app_key =
+            self.churnzero_app_key
+                .filter(|k| !k.is_empty())
+                .ok_or(ConfigError::Missing {
+                    flag: "--churnzero-app-key",
+                    env: "CHURNZERO_APP_KEY",
+                })?;
+        if self.workers == 0 {
+            return Err(ConfigError::Invalid {
+                flag: "--workers",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.batch_size == 0 || self.batch_size > 10_000 {
+            return Err(ConfigError::Invalid {
+                flag: "--batch-size",
+                reason: "must be between 1 and 10000".into(),
+            });
+        }
+        if self.retry_initial.is_zero() || self.retry_max < self.retry_initial {
+            return Err(ConfigError::Invalid {
+                flag: "--retry-max",
+                reason: "must be at least --retry-initial, which must be above zero".into(),
+            });
+        }
+        if self.sync_max_per_minute == 0 {
+            return Err(ConfigError::Invalid {
+                flag: "--sync-max-per-minute",
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(Settings {
+            listen: self.listen,
+            database: self.database,
+            write_keys,
+            admin_token: self.admin_token.filter(|t| !t.is_empty()),
+            churnzero_url: url,
+            churnzero_app_key,
+            workers: self.workers,
+            batch_size: self.batch_size,
+            flush_interval: self.flush_interval,
+            request_timeout: self.request_timeout,
+            retry_initial: self.retry_initial,
+            retry_max: self.retry_max,
+            retry_budget: self.retry_budget,
+            sync_interval: self.sync_interval,
+            sync_max_per_minute: self.sync_max_per_minute,
+            dedup_window: self.dedup_window,
+            retention: self.retention,
+            max_backlog: self.max_backlog,
+            mapping: self.mapping,
+            log_format: self.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_take_human_forms() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        assert!(parse_duration("soon").is_err());
+    }
+}

@@ -1,0 +1,428 @@
+//! Delivery: a dispatcher claims due events from the outbox under a lease and
+//! hands each batch to one of `--workers` concurrent workers, which resolve
+//! identities, map to ChurnZero actions, POST them and settle every event as
+//! delivered, retried, held or dead. A shared gate slows the whole pool when
+//! ChurnZero struggles.
+
+pub mod gate;
+pub mod retry;
+
+use crate::churnzero::client::{ChurnZeroClient, SendOutcome};
+use crate::churnzero::mapping::{self, Ids, MappingConfig};
+use crate::outbox::{ClaimedEvent, Outbox, SettleOutcome, Settlement, now_ms};
+use gate::Gate;
+use retry::{RetryDecision, RetryPolicy};
+use serde_json::{Map, Value};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::{Semaphore, watch};
+
+/// Settings of the delivery pool (from `serve`).
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    pub workers: usize,
+    pub batch_size: usize,
+    pub flush_interval: Duration,
+    pub request_timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+impl DeliveryConfig {
+    /// Long enough for the flush wait and the sequential requests a poison
+    /// split may need; an event whose worker vanished comes back after it.
+    pub fn lease(&self) -> Duration {
+        self.flush_interval + self.request_timeout * 4 + Duration::from_secs(30)
+    }
+}
+
+/// Everything a worker needs, shared.
+struct Context {
+    outbox: Outbox,
+    client: ChurnZeroClient,
+    mapping: Arc<MappingConfig>,
+    config: DeliveryConfig,
+    gate: Gate,
+}
+
+/// Runs the dispatcher until `shutdown` turns true, then waits for in-flight
+/// requests (each bounded by the request timeout) before returning.
+pub async fn run(
+    outbox: Outbox,
+    client: ChurnZeroClient,
+    mapping: Arc<MappingConfig>,
+    config: DeliveryConfig,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let gate = Gate::new(config.retry);
+    let ctx = Arc::new(Context {
+        outbox,
+        client,
+        mapping,
+        config,
+        gate,
+    });
+    let permits = Arc::new(Semaphore::new(ctx.config.workers));
+    let lease = ctx.config.lease();
+    let stored = ctx.outbox.writer.stored.clone();
+    'dispatch: loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        // Wait for a free worker and an open gate, stopping on shutdown.
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => p.expect("semaphore never closed"),
+            _ = shutdown.changed() => break,
+        };
+        tokio::select! {
+            _ = ctx.gate.wait_open() => {}
+            _ = shutdown.changed() => break,
+        }
+        let notified = stored.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut batch = match ctx.outbox.writer.claim(ctx.config.batch_size, lease).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "claiming events failed");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    _ = shutdown.changed() => break,
+                }
+                continue;
+            }
+        };
+        if batch.is_empty() {
+            drop(permit);
+            tokio::select! {
+                _ = &mut notified => {}
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                _ = shutdown.changed() => break,
+            }
+            continue;
+        }
+        // A partial batch of fresh events waits up to --flush-interval
+        // (counted from its oldest event) for company.
+        let oldest = batch.iter().map(|e| e.accepted_at).min().unwrap_or(0);
+        let deadline = oldest + ctx.config.flush_interval.as_millis() as i64;
+        while batch.len() < ctx.config.batch_size && batch.iter().all(|e| e.attempts == 1) {
+            let wait = deadline - now_ms();
+            if wait <= 0 {
+                break;
+            }
+            let more = stored.notified();
+            tokio::pin!(more);
+            more.as_mut().enable();
+            tokio::select! {
+                _ = &mut more => {}
+                _ = tokio::time::sleep(Duration::from_millis(wait as u64)) => {}
+                _ = shutdown.changed() => {
+                    release(&ctx, batch).await;
+                    break 'dispatch;
+                }
+            }
+            match ctx
+                .outbox
+                .writer
+                .claim(ctx.config.batch_size - batch.len(), lease)
+                .await
+            {
+                Ok(extra) => batch.extend(extra),
+                Err(e) => tracing::error!(error = %e, "claiming events failed"),
+            }
+        }
+        batch.sort_by_key(|e| e.id);
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let settlements = deliver(&ctx, batch).await;
+            settle_with_retries(&ctx, settlements).await;
+            drop(permit);
+        });
+    }
+    // Let in-flight workers finish: each request is bounded by the timeout.
+    let deadline = ctx.config.request_timeout + Duration::from_secs(5);
+    let all = ctx.config.workers as u32;
+    match tokio::time::timeout(deadline, permits.acquire_many(all)).await {
+        Ok(_) => tracing::info!("delivery stopped: no request in flight"),
+        Err(_) => tracing::warn!(
+            "delivery stopped with requests still in flight; their leases will expire"
+        ),
+    }
+}
+
+/// Gives a claimed but unsent batch back at once (used at shutdown).
+async fn release(ctx: &Context, batch: Vec<ClaimedEvent>) {
+    let now = now_ms();
+    let items = batch
+        .into_iter()
+        .map(|e| Settlement {
+            id: e.id,
+            lease: e.lease,
+            order_key: e.order_key,
+            outcome: SettleOutcome::Retry {
+                at: now,
+                error: "released at shutdown".into(),
+            },
+        })
+        .collect();
+    settle_with_retries(ctx, items).await;
+}
+
+async fn settle_with_retries(ctx: &Context, items: Vec<Settlement>) {
+    let mut delay = Duration::from_millis(100);
+    for attempt in 1..=5 {
+        match ctx.outbox.writer.settle(items.clone()).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::error!(error = %e, attempt, "recording delivery outcomes failed");
+                tokio::time::sleep(delay).await;
+                delay *= 4;
+            }
+        }
+    }
+    // The leases expire and the events are claimed again: at-least-once.
+    tracing::error!(
+        events = items.len(),
+        "giving up recording outcomes; events will be retried after their lease"
+    );
+}
+
+/// One event of a batch, parsed and mapped.
+struct Unit {
+    index: usize,
+    actions: Vec<Map<String, Value>>,
+}
+
+enum Fate {
+    Delivered,
+    Retry {
+        error: String,
+        retry_after: Option<Duration>,
+    },
+    Dead(String),
+    Held(String),
+}
+
+/// Resolves the ids an event needs: its own, else the identity map's.
+fn resolve(
+    own: mapping::PartialIds,
+    known: Option<&(Option<String>, Option<String>)>,
+) -> Option<Ids> {
+    let account = own.account.or_else(|| known.and_then(|k| k.0.clone()))?;
+    let contact = own.contact.or_else(|| known.and_then(|k| k.1.clone()))?;
+    Some(Ids { account, contact })
+}
+
+async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
+    let events: Vec<Value> = batch
+        .iter()
+        .map(|e| serde_json::from_str(&e.payload).unwrap_or(Value::Null))
+        .collect();
+    let users: Vec<&str> = {
+        let mut u: Vec<&str> = batch.iter().map(|e| e.order_key.as_str()).collect();
+        u.sort_unstable();
+        u.dedup();
+        u
+    };
+    let known = match ctx.outbox.reader.identities(&users).await {
+        Ok(k) => k,
+        Err(e) => {
+            let err = format!("identity look-up failed: {e}");
+            let fates = (0..batch.len())
+                .map(|_| Fate::Retry {
+                    error: err.clone(),
+                    retry_after: None,
+                })
+                .collect();
+            return settlements(ctx, &batch, fates);
+        }
+    };
+    let mut fates: Vec<Option<Fate>> = (0..batch.len()).map(|_| None).collect();
+    let mut units = Vec::new();
+    let mut blocked: HashSet<&str> = HashSet::new();
+    for (i, (claimed, event)) in batch.iter().zip(&events).enumerate() {
+        if blocked.contains(claimed.order_key.as_str()) {
+            // An earlier event of this user waits for its ids: keep order.
+            fates[i] = Some(Fate::Held(
+                "waiting behind an unresolved event of the same user".into(),
+            ));
+            continue;
+        }
+        if !event.is_object() {
+            fates[i] = Some(Fate::Dead("stored payload is not a JSON object".into()));
+            continue;
+        }
+        if claimed.kind == "alias" {
+            fates[i] = Some(Fate::Delivered);
+            continue;
+        }
+        let own = mapping::ids_from_event(&ctx.mapping, event);
+        let Some(ids) = resolve(own, known.get(&claimed.order_key)) else {
+            blocked.insert(claimed.order_key.as_str());
+            fates[i] = Some(Fate::Held(
+                "unresolved identity: no accountExternalId/contactExternalId known yet".into(),
+            ));
+            continue;
+        };
+        let actions = mapping::map_event(&ctx.mapping, event, &ids);
+        if actions.is_empty() {
+            fates[i] = Some(Fate::Delivered);
+        } else {
+            units.push(Unit { index: i, actions });
+        }
+    }
+
+    // Requests of at most --batch-size actions, an event's actions never split.
+    let mut chunks: Vec<Vec<Unit>> = Vec::new();
+    let mut size = 0;
+    for u in units {
+        if chunks.is_empty() || size + u.actions.len() > ctx.config.batch_size {
+            chunks.push(Vec::new());
+            size = 0;
+        }
+        size += u.actions.len();
+        chunks.last_mut().expect("pushed").push(u);
+    }
+    let mut stop: Option<(String, Option<Duration>)> = None;
+    for chunk in chunks {
+        send_isolating(ctx, chunk, &mut fates, &mut stop).await;
+    }
+    let fates = fates
+        .into_iter()
+        .map(|f| f.unwrap_or(Fate::Delivered))
+        .collect();
+    settlements(ctx, &batch, fates)
+}
+
+/// Sends `units`; on a non-retryable answer splits in halves until the
+/// refused events are alone, so a poison event harms only itself. After a
+/// retryable failure nothing more is sent from this batch (order and
+/// back-pressure): the rest is retried together.
+fn send_isolating<'a>(
+    ctx: &'a Context,
+    units: Vec<Unit>,
+    fates: &'a mut [Option<Fate>],
+    stop: &'a mut Option<(String, Option<Duration>)>,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
+    Box::pin(async move {
+        if units.is_empty() {
+            return;
+        }
+        if let Some((error, retry_after)) = stop.clone() {
+            for u in &units {
+                fates[u.index] = Some(Fate::Retry {
+                    error: error.clone(),
+                    retry_after,
+                });
+            }
+            return;
+        }
+        ctx.gate.wait_open().await;
+        let actions: Vec<Map<String, Value>> = units
+            .iter()
+            .flat_map(|u| u.actions.iter().cloned())
+            .collect();
+        let started = Instant::now();
+        let outcome = ctx.client.send(&actions).await;
+        let took = started.elapsed();
+        metrics::histogram!("churnzero_request_duration_seconds").record(took.as_secs_f64());
+        match outcome {
+            SendOutcome::Accepted { status } => {
+                ctx.gate.success();
+                tracing::info!(
+                    status,
+                    actions = actions.len(),
+                    ms = took.as_millis() as u64,
+                    "churnzero request delivered"
+                );
+                metrics::counter!("churnzero_requests_total", "outcome" => "delivered")
+                    .increment(1);
+                for u in &units {
+                    fates[u.index] = Some(Fate::Delivered);
+                }
+            }
+            SendOutcome::Retryable {
+                error,
+                status,
+                retry_after,
+            } => {
+                ctx.gate.failure(status, retry_after);
+                tracing::warn!(status, actions = actions.len(), ms = took.as_millis() as u64, %error, "churnzero request failed, will retry");
+                metrics::counter!("churnzero_requests_total", "outcome" => "retry").increment(1);
+                for u in &units {
+                    fates[u.index] = Some(Fate::Retry {
+                        error: error.clone(),
+                        retry_after,
+                    });
+                }
+                *stop = Some((error, retry_after));
+            }
+            SendOutcome::Rejected { status, error } => {
+                ctx.gate.success();
+                tracing::warn!(status, actions = actions.len(), ms = took.as_millis() as u64, %error, "churnzero refused the request");
+                metrics::counter!("churnzero_requests_total", "outcome" => "rejected").increment(1);
+                if units.len() == 1 {
+                    fates[units[0].index] =
+                        Some(Fate::Dead(format!("rejected by ChurnZero: {error}")));
+                    return;
+                }
+                let mut first = units;
+                let second = first.split_off(first.len() / 2);
+                send_isolating(ctx, first, fates, stop).await;
+                send_isolating(ctx, second, fates, stop).await;
+            }
+        }
+    })
+}
+
+fn settlements(ctx: &Context, batch: &[ClaimedEvent], fates: Vec<Fate>) -> Vec<Settlement> {
+    let now = now_ms();
+    batch
+        .iter()
+        .zip(fates)
+        .map(|(e, fate)| {
+            let outcome = match fate {
+                Fate::Delivered => SettleOutcome::Delivered,
+                Fate::Dead(reason) => SettleOutcome::Dead { reason },
+                Fate::Held(error) => SettleOutcome::Held { error },
+                Fate::Retry { error, retry_after } => {
+                    let unit: f64 = rand::random();
+                    let attempt = e.attempts.clamp(1, u32::MAX as i64) as u32;
+                    match ctx.config.retry.decide(
+                        now,
+                        e.first_attempt_at,
+                        attempt,
+                        retry_after,
+                        unit,
+                    ) {
+                        RetryDecision::At(at) => SettleOutcome::Retry { at, error },
+                        RetryDecision::Exhausted => SettleOutcome::Dead {
+                            reason: format!("retry budget exhausted: {error}"),
+                        },
+                    }
+                }
+            };
+            match &outcome {
+                SettleOutcome::Delivered => {
+                    metrics::counter!("events_delivered_total").increment(1)
+                }
+                SettleOutcome::Dead { .. } => metrics::counter!("events_dead_total").increment(1),
+                SettleOutcome::Retry { .. } => {
+                    metrics::counter!("events_retried_total").increment(1)
+                }
+                SettleOutcome::Held { .. } => metrics::counter!("events_held_total").increment(1),
+            }
+            Settlement {
+                id: e.id,
+                lease: e.lease,
+                order_key: e.order_key.clone(),
+                outcome,
+            }
+        })
+        .collect()
+}
+
+/// Used by the maintenance loop: how long held events may wait for ids.
+pub fn held_budget(config: &DeliveryConfig) -> Duration {
+    config.retry.budget
+}

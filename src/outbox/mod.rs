@@ -1,0 +1,167 @@
+//! The SQLite outbox: the only place an accepted event lives until it is
+//! delivered or dead. One writer task owns every write (group commit); reads
+//! (status, identity look-ups, dead letters) use their own pool.
+
+mod read;
+mod writer;
+
+pub use read::{DeadLetter, DeadListFilter, OutboxStatus, Reader, SyncStatus};
+pub use writer::{
+    ClaimedEvent, IdentityUpdate, IngestReceipt, NewEvent, SettleOutcome, Settlement, Writer,
+    WriterConfig,
+};
+
+use sqlx::ConnectOptions;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+/// Event states as stored in `events.state`.
+pub mod state {
+    pub const PENDING: i64 = 0;
+    pub const IN_FLIGHT: i64 = 1;
+    pub const DELIVERED: i64 = 2;
+    pub const DEAD: i64 = 3;
+    pub const HELD: i64 = 4;
+    pub const QUEUED: i64 = 5;
+}
+
+/// Failures of the outbox. `Full` is kept apart so that ingest can answer
+/// 503 and let clients retry instead of treating it as a bug.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("storage is full or failing: {0}")]
+    Full(String),
+    #[error("outbox backlog is at its limit of {0} undelivered events")]
+    Backlog(u64),
+    #[error("the outbox writer has stopped")]
+    WriterGone,
+}
+
+impl StoreError {
+    /// Errors that a later attempt may not hit: the disk filled up, an I/O
+    /// hiccup, or the backlog limit. Ingest answers them with 503.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Full(_) | StoreError::Backlog(_) | StoreError::WriterGone
+        )
+    }
+
+    fn classify(e: sqlx::Error) -> StoreError {
+        if let sqlx::Error::Database(db) = &e {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            // SQLITE_FULL (13), SQLITE_IOERR (10 and its extended codes), SQLITE_BUSY (5).
+            let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
+            if primary == 13 || primary == 10 || primary == 5 {
+                return StoreError::Full(db.message().to_string());
+            }
+        }
+        if let sqlx::Error::Io(io) = &e {
+            return StoreError::Full(io.to_string());
+        }
+        StoreError::Database(e)
+    }
+}
+
+/// Milliseconds since the Unix epoch: the outbox's clock unit.
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+fn connect_options(path: &Path, read_only: bool) -> Result<SqliteConnectOptions, StoreError> {
+    let url = format!("sqlite://{}", path.display());
+    let opts = SqliteConnectOptions::from_str(&url)?
+        .create_if_missing(!read_only)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(Duration::from_secs(10))
+        .foreign_keys(false)
+        .pragma("temp_store", "memory")
+        .pragma("cache_size", "-16000")
+        .statement_cache_capacity(256)
+        .log_statements(tracing::log::LevelFilter::Trace)
+        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
+    Ok(opts)
+}
+
+/// Opened outbox: the writer handle and the reader pool.
+#[derive(Clone)]
+pub struct Outbox {
+    pub writer: Writer,
+    pub reader: Reader,
+}
+
+impl Outbox {
+    /// Opens (creating and migrating) the database, releases the leases a
+    /// previous process left behind and starts the writer task.
+    pub async fn open(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Full(e.to_string()))?;
+            }
+        }
+        let mut conn = connect_options(path, false)?.connect().await?;
+        MIGRATOR.run(&mut conn).await?;
+        let writer = Writer::start(conn, config).await?;
+        let reader = Reader::open(path).await?;
+        Ok(Outbox { writer, reader })
+    }
+}
+
+/// Opens the reader side only, for the offline CLI commands (`status`,
+/// `dead ...`) that run beside a server or without one.
+pub async fn open_reader(path: &Path) -> Result<Reader, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Full(format!(
+            "no database at {}",
+            path.display()
+        )));
+    }
+    Reader::open(path).await
+}
+
+/// Opens a write connection for the offline CLI commands, running
+/// migrations first so an old database is brought up to date.
+pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+    if !path.exists() {
+        return Err(StoreError::Full(format!(
+            "no database at {}",
+            path.display()
+        )));
+    }
+    Outbox::open_without_recovery(path, config).await
+}
+
+impl Outbox {
+    async fn open_without_recovery(
+        path: &Path,
+        mut config: WriterConfig,
+    ) -> Result<Outbox, StoreError> {
+        config.release_leases_at_start = false;
+        let mut conn = connect_options(path, false)?.connect().await?;
+        MIGRATOR.run(&mut conn).await?;
+        let writer = Writer::start(conn, config).await?;
+        let reader = Reader::open(path).await?;
+        Ok(Outbox { writer, reader })
+    }
+}
+
+async fn reader_pool(path: &Path) -> Result<sqlx::SqlitePool, StoreError> {
+    // query_only rather than SQLITE_OPEN_READONLY: a read-only open cannot
+    // create the WAL index when no writer has the database open.
+    let opts = connect_options(path, true)?.pragma("query_only", "1");
+    Ok(SqlitePoolOptions::new()
+        .max_connections(4)
+        .min_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(opts)
+        .await?)
+}

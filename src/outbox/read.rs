@@ -1,0 +1,283 @@
+//! Reads that never block the writer: status from counters (never a scan of
+//! the backlog), identity look-ups for delivery, dead letters for operators.
+
+use super::{StoreError, now_ms, reader_pool};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::{Row, SqlitePool};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Handle to the reader pool. Cheap to clone.
+#[derive(Clone)]
+pub struct Reader {
+    pool: SqlitePool,
+}
+
+/// The sync lane's schedule and backlog.
+#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+pub struct SyncStatus {
+    pub last_run_at: Option<String>,
+    pub next_run_at: Option<String>,
+    pub pending_contacts: i64,
+    pub last_run_sent: i64,
+    pub last_run_skipped: i64,
+}
+
+/// One minute of activity, for the status page's chart.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MinuteStat {
+    pub minute: String,
+    pub accepted: i64,
+    pub delivered: i64,
+    pub failed: i64,
+}
+
+/// The fields of `GET /status` and `status --json`.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OutboxStatus {
+    /// Waiting for delivery (due now or queued behind their user's earlier events).
+    pub pending: i64,
+    pub in_flight: i64,
+    /// Delivered since the database was created (pruning keeps this).
+    pub delivered: i64,
+    pub dead: i64,
+    /// Waiting for identity resolution.
+    pub held: i64,
+    pub oldest_pending_age_seconds: f64,
+    pub last_delivery_at: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub accepted: i64,
+    pub filtered: i64,
+    pub duplicates: i64,
+    pub retries: i64,
+    pub sync: SyncStatus,
+    pub per_minute: Vec<MinuteStat>,
+}
+
+/// A dead event as operators see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub message_id: String,
+    pub kind: String,
+    pub order_key: String,
+    pub reason: String,
+    pub attempts: i64,
+    pub accepted_at: String,
+    pub died_at: Option<String>,
+    /// Every failed attempt: time and status or error.
+    pub history: Value,
+    /// The stored Segment event, as it will be replayed.
+    pub event: Value,
+}
+
+/// Selection for `dead list` and friends.
+#[derive(Debug, Clone, Default)]
+pub struct DeadListFilter {
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
+    pub reason_contains: Option<String>,
+    pub after_id: Option<i64>,
+    pub limit: i64,
+}
+
+fn ms_to_rfc3339(ms: i64) -> String {
+    crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default(),
+    )
+}
+
+fn meta_time(meta: &HashMap<String, String>, name: &str) -> Option<String> {
+    meta.get(name)
+        .and_then(|v| v.parse::<i64>().ok())
+        .map(ms_to_rfc3339)
+}
+
+impl Reader {
+    pub(super) async fn open(path: &Path) -> Result<Reader, StoreError> {
+        Ok(Reader {
+            pool: reader_pool(path).await?,
+        })
+    }
+
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Whether the database answers at all (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Status from counters and single index probes: constant cost whatever
+    /// the backlog.
+    pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
+        let mut conn = self.pool.acquire().await?;
+        // One read transaction: all figures from the same snapshot.
+        sqlx::query("BEGIN").execute(&mut *conn).await?;
+        let result = self.status_in(&mut conn).await;
+        let _ = sqlx::query("COMMIT").execute(&mut *conn).await;
+        result
+    }
+
+    async fn status_in(
+        &self,
+        conn: &mut sqlx::SqliteConnection,
+    ) -> Result<OutboxStatus, StoreError> {
+        let counts: HashMap<i64, i64> = sqlx::query_as("SELECT state, n FROM state_counts")
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+        let totals: HashMap<String, i64> = sqlx::query_as("SELECT name, value FROM totals")
+            .fetch_all(&mut *conn)
+            .await?
+            .into_iter()
+            .collect();
+        let meta: HashMap<String, String> =
+            sqlx::query_as("SELECT name, value FROM meta WHERE value IS NOT NULL")
+                .fetch_all(&mut *conn)
+                .await?
+                .into_iter()
+                .collect();
+        let oldest: Option<i64> = sqlx::query_scalar(
+            "SELECT MIN(t) FROM ( \
+               SELECT (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1) AS t \
+               UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 1 ORDER BY id LIMIT 1) \
+               UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1) \
+               UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 5 ORDER BY id LIMIT 1))",
+        )
+        .fetch_one(&mut *conn)
+        .await?;
+        let now = now_ms();
+        let since = now.div_euclid(60_000) - 59;
+        let per_minute = sqlx::query(
+            "SELECT minute, accepted, delivered, failed FROM minute_stats WHERE minute >= ? ORDER BY minute",
+        )
+        .bind(since)
+        .fetch_all(&mut *conn)
+        .await?
+        .into_iter()
+        .map(|r| MinuteStat {
+            minute: ms_to_rfc3339(r.get::<i64, _>(0) * 60_000),
+            accepted: r.get(1),
+            delivered: r.get(2),
+            failed: r.get(3),
+        })
+        .collect();
+        let c = |s: i64| counts.get(&s).copied().unwrap_or(0);
+        let t = |n: &str| totals.get(n).copied().unwrap_or(0);
+        let m = |n: &str| meta.get(n).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+        Ok(OutboxStatus {
+            pending: c(0) + c(5),
+            in_flight: c(1),
+            delivered: t("delivered"),
+            dead: c(3),
+            held: c(4),
+            oldest_pending_age_seconds: oldest
+                .map(|o| ((now - o).max(0) as f64) / 1000.0)
+                .unwrap_or(0.0),
+            last_delivery_at: meta_time(&meta, "last_delivery_at"),
+            last_error: meta.get("last_error").cloned(),
+            last_error_at: meta_time(&meta, "last_error_at"),
+            accepted: t("accepted"),
+            filtered: t("filtered"),
+            duplicates: t("duplicates"),
+            retries: t("retries"),
+            sync: SyncStatus {
+                last_run_at: meta_time(&meta, "sync_last_run_at"),
+                next_run_at: meta_time(&meta, "sync_next_run_at"),
+                pending_contacts: m("sync_pending_contacts"),
+                last_run_sent: m("sync_last_run_sent"),
+                last_run_skipped: m("sync_last_run_skipped"),
+            },
+            per_minute,
+        })
+    }
+
+    /// Known ids for these users: `user -> (account, contact)`.
+    pub async fn identities(
+        &self,
+        users: &[&str],
+    ) -> Result<HashMap<String, (Option<String>, Option<String>)>, StoreError> {
+        if users.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let json = serde_json::to_string(users).expect("strings serialise");
+        let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+            "SELECT user_id, account_id, contact_id FROM identities WHERE user_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(json)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(u, a, c)| (u, (a, c))).collect())
+    }
+
+    fn dead_from_row(r: &sqlx::sqlite::SqliteRow) -> DeadLetter {
+        let payload: String = r.get("payload");
+        let history: Option<String> = r.get("history");
+        DeadLetter {
+            id: r.get("id"),
+            message_id: r.get("message_id"),
+            kind: r.get("kind"),
+            order_key: r.get("order_key"),
+            reason: r.get::<Option<String>, _>("reason").unwrap_or_default(),
+            attempts: r.get("attempts"),
+            accepted_at: ms_to_rfc3339(r.get("accepted_at")),
+            died_at: r.get::<Option<i64>, _>("finished_at").map(ms_to_rfc3339),
+            history: history
+                .and_then(|h| serde_json::from_str(&h).ok())
+                .unwrap_or(Value::Array(vec![])),
+            event: serde_json::from_str(&payload).unwrap_or(Value::Null),
+        }
+    }
+
+    /// Dead letters, oldest first, with filters and keyset paging.
+    pub async fn dead_list(&self, f: &DeadListFilter) -> Result<Vec<DeadLetter>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, message_id, kind, order_key, reason, attempts, accepted_at, finished_at, history, payload \
+             FROM events WHERE state = 3 AND id > ? \
+             AND (? IS NULL OR finished_at >= ?) AND (? IS NULL OR finished_at < ?) \
+             AND (? IS NULL OR instr(lower(reason), lower(?)) > 0) \
+             ORDER BY id LIMIT ?",
+        )
+        .bind(f.after_id.unwrap_or(0))
+        .bind(f.since_ms)
+        .bind(f.since_ms)
+        .bind(f.until_ms)
+        .bind(f.until_ms)
+        .bind(&f.reason_contains)
+        .bind(&f.reason_contains)
+        .bind(if f.limit <= 0 { 100 } else { f.limit })
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.iter().map(Self::dead_from_row).collect())
+    }
+
+    /// One dead letter with its history and payload.
+    pub async fn dead_show(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, message_id, kind, order_key, reason, attempts, accepted_at, finished_at, history, payload \
+             FROM events WHERE state = 3 AND id = ?",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.as_ref().map(Self::dead_from_row))
+    }
+
+    /// Ids of dead letters matching a filter, for replay and purge by range.
+    pub async fn dead_ids(&self, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
+        let mut f = f.clone();
+        f.limit = i64::MAX;
+        Ok(self
+            .dead_list(&f)
+            .await?
+            .into_iter()
+            .map(|d| d.id)
+            .collect())
+    }
+}

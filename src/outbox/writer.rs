@@ -1,0 +1,1030 @@
+//! The single writer task. Every change to the outbox goes through it:
+//! ingest inserts, delivery claims and settlements, maintenance and operator
+//! actions. It drains whatever is queued into one `BEGIN IMMEDIATE`
+//! transaction (group commit) and answers each request only after the
+//! commit, so an acknowledgement always means "on disk".
+
+use super::{StoreError, now_ms, state};
+use sqlx::{Row, SqliteConnection};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// How many queued requests one transaction takes at most.
+const GROUP_CAP: usize = 512;
+/// Rows per multi-row INSERT statement.
+const INSERT_CHUNK: usize = 256;
+/// Failed attempts remembered per event for dead-letter inspection.
+const HISTORY_KEEP: i64 = 20;
+
+/// Settings the writer needs that come from `serve`.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub dedup_window: Duration,
+    pub max_backlog: u64,
+    pub release_leases_at_start: bool,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig {
+            dedup_window: Duration::from_secs(24 * 3600),
+            max_backlog: 10_000_000,
+            release_leases_at_start: true,
+        }
+    }
+}
+
+/// What an identify, group or alias call teaches the identity map.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IdentityUpdate {
+    pub user_id: String,
+    pub account: Option<String>,
+    pub contact: Option<String>,
+    /// For alias: the earlier id that is the same person as `user_id`.
+    pub previous_id: Option<String>,
+}
+
+/// One validated event on its way into the outbox.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    /// Hash of the write key: deduplication is per source.
+    pub source: String,
+    pub message_id: String,
+    pub kind: &'static str,
+    pub order_key: String,
+    pub payload: String,
+    /// False: acknowledged and counted as filtered, not stored for delivery.
+    pub forward: bool,
+    pub identity: Option<IdentityUpdate>,
+    /// Audience trait updates for the sync lane: (attribute, JSON value).
+    pub audience: Vec<(String, String)>,
+}
+
+/// What happened to a request's events.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IngestReceipt {
+    pub stored: usize,
+    pub duplicates: usize,
+    pub filtered: usize,
+}
+
+/// An event handed to a delivery worker under a lease.
+#[derive(Debug, Clone)]
+pub struct ClaimedEvent {
+    pub id: i64,
+    pub order_key: String,
+    pub kind: String,
+    pub payload: String,
+    pub attempts: i64,
+    pub accepted_at: i64,
+    pub first_attempt_at: i64,
+    /// The lease this claim holds; settling checks it, so a worker whose
+    /// lease expired and was re-claimed cannot overwrite the new owner.
+    pub lease: i64,
+}
+
+/// The end of one delivery attempt for one event.
+#[derive(Debug, Clone)]
+pub enum SettleOutcome {
+    Delivered,
+    /// Try again at `at` (ms). The writer makes the earliest event of each
+    /// ordering key the head again and queues the rest behind it.
+    Retry {
+        at: i64,
+        error: String,
+    },
+    Dead {
+        reason: String,
+    },
+    /// Ids unknown: wait for an identify.
+    Held {
+        error: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Settlement {
+    pub id: i64,
+    pub lease: i64,
+    pub order_key: String,
+    pub outcome: SettleOutcome,
+}
+
+/// Figures reported by a maintenance pass.
+#[derive(Debug, Clone, Default)]
+pub struct MaintenanceReport {
+    pub leases_released: u64,
+    pub held_expired: u64,
+    pub pruned_events: u64,
+    pub pruned_message_ids: u64,
+}
+
+enum Op {
+    Ingest {
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<IngestReceipt, StoreError>>,
+    },
+    Claim {
+        max: usize,
+        lease: Duration,
+        reply: oneshot::Sender<Result<Vec<ClaimedEvent>, StoreError>>,
+    },
+    Settle {
+        items: Vec<Settlement>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+    Maintain {
+        retention: Duration,
+        held_budget: Duration,
+        reply: oneshot::Sender<Result<MaintenanceReport, StoreError>>,
+    },
+    Replay {
+        ids: Option<Vec<i64>>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Purge {
+        ids: Option<Vec<i64>>,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    SetMeta {
+        name: String,
+        value: String,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+/// Results computed inside a transaction, released only after COMMIT.
+enum Done {
+    Ingest(IngestReceipt),
+    Claim(Vec<ClaimedEvent>),
+    Unit,
+    Maintain(MaintenanceReport),
+    Count(u64),
+}
+
+/// Handle to the writer task. Cheap to clone.
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Op>,
+    /// Woken after a commit that stored new events, so idle delivery wakes.
+    pub stored: std::sync::Arc<Notify>,
+}
+
+impl Writer {
+    pub(super) async fn start(
+        mut conn: SqliteConnection,
+        config: WriterConfig,
+    ) -> Result<Writer, StoreError> {
+        if config.release_leases_at_start {
+            // A previous process is gone: whatever it had in flight comes back now.
+            release_leases(&mut conn, i64::MAX).await?;
+        }
+        let (tx, rx) = mpsc::channel(4096);
+        let stored = std::sync::Arc::new(Notify::new());
+        let task = WriterTask {
+            conn,
+            config,
+            stored: stored.clone(),
+        };
+        tokio::spawn(task.run(rx));
+        Ok(Writer { tx, stored })
+    }
+
+    async fn call<T>(
+        &self,
+        op: Op,
+        rx: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Stores events durably; returns after the commit that holds them.
+    pub async fn ingest(&self, events: Vec<NewEvent>) -> Result<IngestReceipt, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Ingest { events, reply }, rx).await
+    }
+
+    /// Claims up to `max` due events (heads of their ordering keys, then
+    /// the events queued behind them) under a lease.
+    pub async fn claim(
+        &self,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedEvent>, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Claim { max, lease, reply }, rx).await
+    }
+
+    /// Records the outcome of a delivery attempt, atomically for the batch.
+    pub async fn settle(&self, items: Vec<Settlement>) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Settle { items, reply }, rx).await
+    }
+
+    /// Expired leases back, held events past their budget dead, delivered
+    /// events past retention and old message ids pruned.
+    pub async fn maintain(
+        &self,
+        retention: Duration,
+        held_budget: Duration,
+    ) -> Result<MaintenanceReport, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(
+            Op::Maintain {
+                retention,
+                held_budget,
+                reply,
+            },
+            rx,
+        )
+        .await
+    }
+
+    /// Dead events back into delivery (all of them with `None`).
+    pub async fn replay(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Replay { ids, reply }, rx).await
+    }
+
+    /// Deletes dead events (all of them with `None`).
+    pub async fn purge(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Purge { ids, reply }, rx).await
+    }
+
+    /// Records an operator-visible fact (last error, sync schedule).
+    pub async fn set_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(
+            Op::SetMeta {
+                name: name.into(),
+                value: value.into(),
+                reply,
+            },
+            rx,
+        )
+        .await
+    }
+}
+
+struct WriterTask {
+    conn: SqliteConnection,
+    config: WriterConfig,
+    stored: std::sync::Arc<Notify>,
+}
+
+impl WriterTask {
+    async fn run(mut self, mut rx: mpsc::Receiver<Op>) {
+        let mut ops = Vec::with_capacity(GROUP_CAP);
+        while let Some(first) = rx.recv().await {
+            ops.push(first);
+            while ops.len() < GROUP_CAP {
+                match rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(std::mem::take(&mut ops)).await;
+        }
+        use sqlx::Connection;
+        let _ = self.conn.close().await;
+    }
+
+    async fn commit_group(&mut self, ops: Vec<Op>) {
+        let any_ingest = ops.iter().any(|o| matches!(o, Op::Ingest { .. }));
+        match self.transaction(&ops).await {
+            Ok(done) => {
+                for (op, d) in ops.into_iter().zip(done) {
+                    reply(op, Ok(d));
+                }
+                if any_ingest {
+                    self.stored.notify_waiters();
+                }
+            }
+            Err(e) if ops.len() == 1 => {
+                for op in ops {
+                    reply(op, Err(e));
+                    break;
+                }
+            }
+            Err(_) => {
+                // One request's failure must not fail its neighbours: commit
+                // each alone so only the culprit gets the error.
+                for op in ops {
+                    let single = [op];
+                    let result = self.transaction(&single).await;
+                    let [op] = single;
+                    match result {
+                        Ok(mut done) => reply(op, Ok(done.pop().expect("one result"))),
+                        Err(e) => reply(op, Err(e)),
+                    }
+                }
+                self.stored.notify_waiters();
+            }
+        }
+    }
+
+    async fn transaction(&mut self, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
+        sqlx::query("BEGIN IMMEDIATE")
+            .execute(&mut self.conn)
+            .await
+            .map_err(StoreError::classify)?;
+        match self.apply_all(ops).await {
+            Ok(done) => match sqlx::query("COMMIT").execute(&mut self.conn).await {
+                Ok(_) => Ok(done),
+                Err(e) => {
+                    let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+                    Err(StoreError::classify(e))
+                }
+            },
+            Err(e) => {
+                let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn apply_all(&mut self, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
+        let now = now_ms();
+        let mut done = Vec::with_capacity(ops.len());
+        // All ingest requests of the group share one insert pass.
+        let ingest: Vec<&[NewEvent]> = ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Ingest { events, .. } => Some(events.as_slice()),
+                _ => None,
+            })
+            .collect();
+        let mut receipts = if ingest.is_empty() {
+            Vec::new()
+        } else {
+            insert_events(&mut self.conn, &self.config, &ingest, now).await?
+        }
+        .into_iter();
+        for op in ops {
+            let d = match op {
+                Op::Ingest { .. } => Done::Ingest(receipts.next().expect("receipt per request")),
+                Op::Claim { max, lease, .. } => {
+                    Done::Claim(claim(&mut self.conn, *max, *lease, now).await?)
+                }
+                Op::Settle { items, .. } => {
+                    settle(&mut self.conn, items, now).await?;
+                    Done::Unit
+                }
+                Op::Maintain {
+                    retention,
+                    held_budget,
+                    ..
+                } => Done::Maintain(
+                    maintain(&mut self.conn, &self.config, *retention, *held_budget, now).await?,
+                ),
+                Op::Replay { ids, .. } => {
+                    Done::Count(replay(&mut self.conn, ids.as_deref(), now).await?)
+                }
+                Op::Purge { ids, .. } => Done::Count(purge(&mut self.conn, ids.as_deref()).await?),
+                Op::SetMeta { name, value, .. } => {
+                    set_meta(&mut self.conn, name, value).await?;
+                    Done::Unit
+                }
+            };
+            done.push(d);
+        }
+        Ok(done)
+    }
+}
+
+fn reply(op: Op, result: Result<Done, StoreError>) {
+    match (op, result) {
+        (Op::Ingest { reply, .. }, Ok(Done::Ingest(r))) => drop(reply.send(Ok(r))),
+        (Op::Ingest { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+        (Op::Claim { reply, .. }, Ok(Done::Claim(c))) => drop(reply.send(Ok(c))),
+        (Op::Claim { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+        (Op::Settle { reply, .. } | Op::SetMeta { reply, .. }, Ok(Done::Unit)) => {
+            drop(reply.send(Ok(())))
+        }
+        (Op::Settle { reply, .. } | Op::SetMeta { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+        (Op::Maintain { reply, .. }, Ok(Done::Maintain(m))) => drop(reply.send(Ok(m))),
+        (Op::Maintain { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+        (Op::Replay { reply, .. } | Op::Purge { reply, .. }, Ok(Done::Count(n))) => {
+            drop(reply.send(Ok(n)))
+        }
+        (Op::Replay { reply, .. } | Op::Purge { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+        _ => unreachable!("operation and result kinds always match"),
+    }
+}
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::classify(e)
+}
+
+fn minute_of(ms: i64) -> i64 {
+    ms.div_euclid(60_000)
+}
+
+async fn bump_total(conn: &mut SqliteConnection, name: &str, by: i64) -> Result<(), StoreError> {
+    if by != 0 {
+        sqlx::query("UPDATE totals SET value = value + ? WHERE name = ?")
+            .bind(by)
+            .bind(name)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+async fn bump_minute(
+    conn: &mut SqliteConnection,
+    column: &str,
+    now: i64,
+    by: i64,
+) -> Result<(), StoreError> {
+    if by != 0 {
+        let sql = format!(
+            "INSERT INTO minute_stats (minute, {column}) VALUES (?, ?) \
+             ON CONFLICT (minute) DO UPDATE SET {column} = {column} + excluded.{column}"
+        );
+        sqlx::query(&sql)
+            .bind(minute_of(now))
+            .bind(by)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
+async fn backlog(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COALESCE(SUM(n), 0) FROM state_counts WHERE state IN (0, 1, 4, 5)",
+    )
+    .fetch_one(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(n.max(0) as u64)
+}
+
+/// Inserts the events of several requests in one pass: deduplicate by
+/// (source, messageId), decide head or queued per ordering key, multi-row
+/// insert, update the identity map and counters.
+async fn insert_events(
+    conn: &mut SqliteConnection,
+    config: &WriterConfig,
+    requests: &[&[NewEvent]],
+    now: i64,
+) -> Result<Vec<IngestReceipt>, StoreError> {
+    let total: usize = requests.iter().map(|r| r.len()).sum();
+    let current = backlog(conn).await?;
+    if current + total as u64 > config.max_backlog {
+        return Err(StoreError::Backlog(config.max_backlog));
+    }
+
+    // 1. Deduplicate: an upsert that only "wins" for new ids or ids older
+    //    than the window; RETURNING tells which ones won.
+    let cutoff = now - config.dedup_window.as_millis() as i64;
+    let all: Vec<&NewEvent> = requests.iter().flat_map(|r| r.iter()).collect();
+    let mut fresh: HashSet<(String, String)> = HashSet::with_capacity(all.len());
+    for chunk in all.chunks(INSERT_CHUNK) {
+        let mut sql = String::from("INSERT INTO message_ids (source, message_id, seen_at) VALUES ");
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
+        }
+        sql.push_str(
+            " ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
+             WHERE message_ids.seen_at < ? RETURNING source, message_id",
+        );
+        let mut q = sqlx::query(&sql);
+        for e in chunk {
+            q = q.bind(&e.source).bind(&e.message_id).bind(now);
+        }
+        let rows = q.bind(cutoff).fetch_all(&mut *conn).await.map_err(db)?;
+        for row in rows {
+            fresh.insert((row.get::<String, _>(0), row.get::<String, _>(1)));
+        }
+    }
+
+    // 2. Which ordering keys already have an active event: new events for
+    //    those queue behind it.
+    let mut keys: Vec<&str> = all
+        .iter()
+        .filter(|e| e.forward)
+        .map(|e| e.order_key.as_str())
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let mut active: HashSet<String> = HashSet::new();
+    for chunk in keys.chunks(2000) {
+        let json = serde_json::to_string(chunk).expect("strings serialise");
+        let rows: Vec<String> = sqlx::query_scalar(
+            "SELECT j.value FROM json_each(?) j WHERE EXISTS \
+             (SELECT 1 FROM events e WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5))",
+        )
+        .bind(json)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        active.extend(rows);
+    }
+
+    // 3. Insert, request by request, in arrival order.
+    let mut receipts = Vec::with_capacity(requests.len());
+    let mut rows: Vec<(&NewEvent, i64)> = Vec::with_capacity(total);
+    let (mut accepted, mut duplicates, mut filtered) = (0i64, 0i64, 0i64);
+    let mut identities: Vec<&IdentityUpdate> = Vec::new();
+    let mut audience: Vec<&NewEvent> = Vec::new();
+    for request in requests {
+        let mut receipt = IngestReceipt::default();
+        for e in request.iter() {
+            if !fresh.remove(&(e.source.clone(), e.message_id.clone())) {
+                receipt.duplicates += 1;
+                continue;
+            }
+            if let Some(id) = &e.identity {
+                identities.push(id);
+            }
+            if !e.audience.is_empty() {
+                audience.push(e);
+            }
+            if !e.forward {
+                receipt.filtered += 1;
+                continue;
+            }
+            let st = if active.insert(e.order_key.clone()) {
+                state::PENDING
+            } else {
+                state::QUEUED
+            };
+            rows.push((e, st));
+            receipt.stored += 1;
+        }
+        accepted += receipt.stored as i64;
+        duplicates += receipt.duplicates as i64;
+        filtered += receipt.filtered as i64;
+        receipts.push(receipt);
+    }
+    for chunk in rows.chunks(INSERT_CHUNK) {
+        let mut sql = String::from(
+            "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) VALUES ",
+        );
+        for i in 0..chunk.len() {
+            sql.push_str(if i == 0 {
+                "(?, ?, ?, ?, ?, ?, ?, ?)"
+            } else {
+                ", (?, ?, ?, ?, ?, ?, ?, ?)"
+            });
+        }
+        let mut q = sqlx::query(&sql);
+        for (e, st) in chunk {
+            q = q
+                .bind(&e.source)
+                .bind(&e.message_id)
+                .bind(e.kind)
+                .bind(&e.order_key)
+                .bind(&e.payload)
+                .bind(*st)
+                .bind(now)
+                .bind(now);
+        }
+        q.execute(&mut *conn).await.map_err(db)?;
+    }
+    bump_total(conn, "accepted", accepted).await?;
+    bump_total(conn, "duplicates", duplicates).await?;
+    bump_total(conn, "filtered", filtered).await?;
+    bump_minute(conn, "accepted", now, accepted).await?;
+
+    for id in identities {
+        apply_identity(conn, id, now).await?;
+    }
+    for e in audience {
+        for (attr, value) in &e.audience {
+            sqlx::query(
+                "INSERT INTO audience_pending (user_id, attribute, value, updated_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (user_id, attribute) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            )
+            .bind(&e.order_key)
+            .bind(attr)
+            .bind(value)
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        }
+    }
+    Ok(receipts)
+}
+
+/// Updates the identity map and releases events held for the ids it now
+/// knows; the release uses the ordering-key index, never a scan of held
+/// events.
+async fn apply_identity(
+    conn: &mut SqliteConnection,
+    id: &IdentityUpdate,
+    now: i64,
+) -> Result<(), StoreError> {
+    let upsert = "INSERT INTO identities (user_id, account_id, contact_id, updated_at) VALUES (?, ?, ?, ?) \
+                  ON CONFLICT (user_id) DO UPDATE SET \
+                  account_id = COALESCE(excluded.account_id, identities.account_id), \
+                  contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
+                  updated_at = excluded.updated_at";
+    if id.account.is_some() || id.contact.is_some() {
+        sqlx::query(upsert)
+            .bind(&id.user_id)
+            .bind(&id.account)
+            .bind(&id.contact)
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    let mut released = vec![id.user_id.clone()];
+    if let Some(prev) = &id.previous_id {
+        // Alias: whichever side is known teaches the other.
+        let known: Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT account_id, contact_id FROM identities WHERE user_id = ?")
+                .bind(&id.user_id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
+        let (from, to) = if known.is_some() {
+            (&id.user_id, prev)
+        } else {
+            (prev, &id.user_id)
+        };
+        sqlx::query(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT ?, account_id, contact_id, ? FROM identities WHERE user_id = ? \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(identities.account_id, excluded.account_id), \
+             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+             updated_at = excluded.updated_at",
+        )
+        .bind(to)
+        .bind(now)
+        .bind(from)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        released.push(prev.clone());
+    }
+    for key in released {
+        sqlx::query(
+            "UPDATE events SET state = 0, next_attempt_at = ? WHERE order_key = ? AND state = 4",
+        )
+        .bind(now)
+        .bind(&key)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+async fn claim(
+    conn: &mut SqliteConnection,
+    max: usize,
+    lease: Duration,
+    now: i64,
+) -> Result<Vec<ClaimedEvent>, StoreError> {
+    let heads: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, order_key FROM events WHERE state = 0 AND next_attempt_at <= ? \
+         ORDER BY next_attempt_at, id LIMIT ?",
+    )
+    .bind(now)
+    .bind(max as i64)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    if heads.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ids: Vec<i64> = heads.iter().map(|(id, _)| *id).collect();
+    // Room left: take the events queued behind these heads, in order, so a
+    // busy user's backlog drains in full batches.
+    let mut room = max.saturating_sub(ids.len());
+    for (_, key) in &heads {
+        if room == 0 {
+            break;
+        }
+        let followers: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM events WHERE order_key = ? AND state = 5 ORDER BY id LIMIT ?",
+        )
+        .bind(key)
+        .bind(room as i64)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        room -= followers.len();
+        ids.extend(followers);
+    }
+    let lease_until = now + lease.as_millis() as i64;
+    let json = serde_json::to_string(&ids).expect("ids serialise");
+    let rows = sqlx::query(
+        "UPDATE events SET state = 1, lease_until = ?, attempts = attempts + 1, \
+         first_attempt_at = COALESCE(first_attempt_at, ?) \
+         WHERE id IN (SELECT value FROM json_each(?)) \
+         RETURNING id, order_key, kind, payload, attempts, accepted_at, first_attempt_at",
+    )
+    .bind(lease_until)
+    .bind(now)
+    .bind(json)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    let mut claimed: Vec<ClaimedEvent> = rows
+        .into_iter()
+        .map(|r| ClaimedEvent {
+            id: r.get(0),
+            order_key: r.get(1),
+            kind: r.get(2),
+            payload: r.get(3),
+            attempts: r.get(4),
+            accepted_at: r.get(5),
+            first_attempt_at: r.get(6),
+            lease: lease_until,
+        })
+        .collect();
+    claimed.sort_by_key(|c| c.id);
+    Ok(claimed)
+}
+
+fn history_entry(now: i64, error: &str) -> String {
+    serde_json::json!({ "at": crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(now).unwrap_or_default()), "error": error })
+    .to_string()
+}
+
+async fn settle(
+    conn: &mut SqliteConnection,
+    items: &[Settlement],
+    now: i64,
+) -> Result<(), StoreError> {
+    // The earliest unsettled-or-retried event of a key becomes its head again.
+    let mut head_of: HashMap<&str, i64> = HashMap::new();
+    for s in items {
+        if matches!(
+            s.outcome,
+            SettleOutcome::Retry { .. } | SettleOutcome::Held { .. }
+        ) {
+            let h = head_of.entry(s.order_key.as_str()).or_insert(s.id);
+            *h = (*h).min(s.id);
+        }
+    }
+    let (mut delivered, mut failed, mut retries) = (0i64, 0i64, 0i64);
+    let mut last_error: Option<&str> = None;
+    for s in items {
+        match &s.outcome {
+            SettleOutcome::Delivered => {
+                sqlx::query(
+                    "UPDATE events SET state = 2, finished_at = ?, lease_until = NULL WHERE id = ? AND state = 1 AND lease_until = ?",
+                )
+                .bind(now)
+                .bind(s.id)
+                .bind(s.lease)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                delivered += 1;
+            }
+            SettleOutcome::Retry { at, error } => {
+                let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
+                sqlx::query(
+                    "UPDATE events SET state = ?, next_attempt_at = ?, lease_until = NULL, last_error = ?, \
+                     history = json_insert(CASE WHEN json_array_length(COALESCE(history, '[]')) >= ? \
+                       THEN json_remove(history, '$[0]') ELSE COALESCE(history, '[]') END, '$[#]', json(?)) \
+                     WHERE id = ? AND state = 1 AND lease_until = ?",
+                )
+                .bind(if head { state::PENDING } else { state::QUEUED })
+                .bind(*at)
+                .bind(error)
+                .bind(HISTORY_KEEP)
+                .bind(history_entry(now, error))
+                .bind(s.id)
+                .bind(s.lease)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                failed += 1;
+                retries += 1;
+                last_error = Some(error);
+            }
+            SettleOutcome::Held { error } => {
+                let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
+                sqlx::query(
+                    "UPDATE events SET state = ?, lease_until = NULL, last_error = ? WHERE id = ? AND state = 1 AND lease_until = ?",
+                )
+                .bind(if head { state::HELD } else { state::QUEUED })
+                .bind(error)
+                .bind(s.id)
+                .bind(s.lease)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+            }
+            SettleOutcome::Dead { reason } => {
+                sqlx::query(
+                    "UPDATE events SET state = 3, finished_at = ?, lease_until = NULL, reason = ?, last_error = ?, \
+                     history = json_insert(COALESCE(history, '[]'), '$[#]', json(?)) \
+                     WHERE id = ? AND state = 1 AND lease_until = ?",
+                )
+                .bind(now)
+                .bind(reason)
+                .bind(reason)
+                .bind(history_entry(now, reason))
+                .bind(s.id)
+                .bind(s.lease)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                failed += 1;
+                last_error = Some(reason);
+            }
+        }
+    }
+    let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
+    promote(conn, keys.into_iter(), now).await?;
+    bump_total(conn, "retries", retries).await?;
+    bump_minute(conn, "delivered", now, delivered).await?;
+    bump_minute(conn, "failed", now, failed).await?;
+    if delivered > 0 {
+        set_meta(conn, "last_delivery_at", &now.to_string()).await?;
+    }
+    if let Some(e) = last_error {
+        set_meta(conn, "last_error", e).await?;
+        set_meta(conn, "last_error_at", &now.to_string()).await?;
+    }
+    Ok(())
+}
+
+/// Makes the earliest queued event of each key the head when the key has
+/// no head left (its events were delivered or died).
+async fn promote<'a>(
+    conn: &mut SqliteConnection,
+    keys: impl Iterator<Item = &'a str>,
+    now: i64,
+) -> Result<(), StoreError> {
+    let keys: Vec<&str> = keys.collect();
+    for chunk in keys.chunks(2000) {
+        let json = serde_json::to_string(chunk).expect("strings serialise");
+        sqlx::query(
+            "UPDATE events SET state = 0, next_attempt_at = ? WHERE id IN ( \
+               SELECT (SELECT e.id FROM events e WHERE e.order_key = j.value AND e.state = 5 ORDER BY e.id LIMIT 1) \
+               FROM json_each(?) j \
+               WHERE NOT EXISTS (SELECT 1 FROM events x WHERE x.order_key = j.value AND x.state IN (0, 1, 4)))",
+        )
+        .bind(now)
+        .bind(json)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(())
+}
+
+/// Returns in-flight events whose lease ended before `before` to the queue:
+/// the earliest of each key as head, the rest queued behind it.
+async fn release_leases(conn: &mut SqliteConnection, before: i64) -> Result<u64, StoreError> {
+    let now = now_ms();
+    let r = sqlx::query(
+        "UPDATE events SET \
+           state = CASE WHEN id = (SELECT MIN(e.id) FROM events e WHERE e.order_key = events.order_key \
+                                   AND e.state IN (0, 1, 4, 5)) THEN 0 ELSE 5 END, \
+           next_attempt_at = ?, lease_until = NULL \
+         WHERE state = 1 AND lease_until < ?",
+    )
+    .bind(now)
+    .bind(before)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(r.rows_affected())
+}
+
+async fn maintain(
+    conn: &mut SqliteConnection,
+    config: &WriterConfig,
+    retention: Duration,
+    held_budget: Duration,
+    now: i64,
+) -> Result<MaintenanceReport, StoreError> {
+    let mut report = MaintenanceReport {
+        leases_released: release_leases(conn, now).await?,
+        ..Default::default()
+    };
+    let expired: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, order_key FROM events WHERE state = 4 AND COALESCE(first_attempt_at, accepted_at) < ? LIMIT 1000",
+    )
+    .bind(now - held_budget.as_millis() as i64)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    for (id, _) in &expired {
+        sqlx::query(
+            "UPDATE events SET state = 3, finished_at = ?, reason = 'unresolved identity', \
+             last_error = 'unresolved identity' WHERE id = ? AND state = 4",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    report.held_expired = expired.len() as u64;
+    promote(conn, expired.iter().map(|(_, k)| k.as_str()), now).await?;
+
+    let r = sqlx::query(
+        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state = 2 AND finished_at < ? ORDER BY id LIMIT 10000)",
+    )
+    .bind(now - retention.as_millis() as i64)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    report.pruned_events = r.rows_affected();
+    let pruned = sqlx::query(
+        "DELETE FROM message_ids WHERE (source, message_id) IN \
+         (SELECT source, message_id FROM message_ids WHERE seen_at < ? LIMIT 10000)",
+    )
+    .bind(now - config.dedup_window.as_millis() as i64)
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?
+    .rows_affected();
+    report.pruned_message_ids = pruned;
+    sqlx::query("DELETE FROM minute_stats WHERE minute < ?")
+        .bind(minute_of(now) - 180)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(report)
+}
+
+async fn replay(
+    conn: &mut SqliteConnection,
+    ids: Option<&[i64]>,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let targets: Vec<(i64, String)> = match ids {
+        Some(ids) => {
+            let json = serde_json::to_string(ids).expect("ids serialise");
+            sqlx::query_as("SELECT id, order_key FROM events WHERE state = 3 AND id IN (SELECT value FROM json_each(?)) ORDER BY id")
+                .bind(json)
+                .fetch_all(&mut *conn)
+                .await
+                .map_err(db)?
+        }
+        None => sqlx::query_as("SELECT id, order_key FROM events WHERE state = 3 ORDER BY id")
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?,
+    };
+    // Replayed events go back as queued with a fresh budget; promotion then
+    // makes the earliest of each idle key its head, so order holds.
+    for (id, _) in &targets {
+        sqlx::query(
+            "UPDATE events SET state = 5, next_attempt_at = ?, first_attempt_at = NULL, reason = NULL, \
+             finished_at = NULL WHERE id = ? AND state = 3",
+        )
+        .bind(now)
+        .bind(id)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    promote(conn, targets.iter().map(|(_, k)| k.as_str()), now).await?;
+    Ok(targets.len() as u64)
+}
+
+async fn purge(conn: &mut SqliteConnection, ids: Option<&[i64]>) -> Result<u64, StoreError> {
+    let r = match ids {
+        Some(ids) => {
+            let json = serde_json::to_string(ids).expect("ids serialise");
+            sqlx::query(
+                "DELETE FROM events WHERE state = 3 AND id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(json)
+            .execute(&mut *conn)
+            .await
+        }
+        None => {
+            sqlx::query("DELETE FROM events WHERE state = 3")
+                .execute(&mut *conn)
+                .await
+        }
+    }
+    .map_err(db)?;
+    Ok(r.rows_affected())
+}
+
+async fn set_meta(conn: &mut SqliteConnection, name: &str, value: &str) -> Result<(), StoreError> {
+    sqlx::query("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+        .bind(name)
+        .bind(value)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}

@@ -1,0 +1,462 @@
+//! Validation follows Segment's spec: a known `type`, `userId` or
+//! `anonymousId`, `event` on track, `groupId` on group, `previousId` on alias.
+//! A valid event is normalised into the exact JSON the outbox stores, so
+//! that every later delivery attempt sends an identical payload.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+
+/// Largest single event, measured on its decompressed JSON (Segment's limit).
+pub const LIMIT_EVENT_BYTES: usize = 32 * 1024;
+/// Largest request body after decompression (Segment's limit).
+pub const LIMIT_REQUEST_BYTES: usize = 500 * 1024;
+/// Most events in one batch request.
+pub const LIMIT_BATCH_EVENTS: usize = 2500;
+
+/// The Segment call types we accept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CallType {
+    Identify,
+    Track,
+    Page,
+    Screen,
+    Group,
+    Alias,
+}
+
+impl CallType {
+    pub fn parse(s: &str) -> Option<CallType> {
+        Some(match s {
+            "identify" => CallType::Identify,
+            "track" => CallType::Track,
+            "page" => CallType::Page,
+            "screen" => CallType::Screen,
+            "group" => CallType::Group,
+            "alias" => CallType::Alias,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallType::Identify => "identify",
+            CallType::Track => "track",
+            CallType::Page => "page",
+            CallType::Screen => "screen",
+            CallType::Group => "group",
+            CallType::Alias => "alias",
+        }
+    }
+}
+
+/// Why one event was refused; the text goes back to the client verbatim.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct EventError(pub String);
+
+fn err(msg: impl Into<String>) -> EventError {
+    EventError(msg.into())
+}
+
+/// What the request body said around its events: the batch-level fields
+/// that apply to every event in it.
+#[derive(Debug, Default)]
+pub struct BatchEnvelope {
+    pub write_key: Option<String>,
+    pub sent_at: Option<Value>,
+    pub context: Option<Map<String, Value>>,
+    pub integrations: Option<Map<String, Value>>,
+}
+
+/// A valid event, normalised and ready to be stored.
+#[derive(Debug, Clone)]
+pub struct ValidEvent {
+    pub call: CallType,
+    pub message_id: String,
+    /// `userId`, else `anonymousId`: events sharing it are delivered in order.
+    pub order_key: String,
+    /// False when `integrations` turns ChurnZero off: acknowledge, don't forward.
+    pub forward: bool,
+    /// The normalised event as stored in the outbox.
+    pub event: Map<String, Value>,
+}
+
+/// Splits a parsed body into its envelope and raw events. For the single-call
+/// endpoints the body is one event whose type is given by the path; for
+/// `batch`/`import` it is `{"batch": [...]}`.
+pub fn split_request(
+    path_type: Option<CallType>,
+    body: Value,
+) -> Result<(BatchEnvelope, Vec<Value>), EventError> {
+    let Value::Object(mut obj) = body else {
+        return Err(err("request body must be a JSON object"));
+    };
+    let write_key = match obj.remove("writeKey") {
+        Some(Value::String(s)) => Some(s),
+        _ => None,
+    };
+    match path_type {
+        Some(call) => {
+            obj.insert("type".into(), Value::String(call.as_str().into()));
+            let env = BatchEnvelope {
+                write_key,
+                ..Default::default()
+            };
+            Ok((env, vec![Value::Object(obj)]))
+        }
+        None => {
+            let events = match obj.remove("batch") {
+                Some(Value::Array(items)) => items,
+                Some(_) => return Err(err("`batch` must be an array of events")),
+                None => return Err(err("missing `batch` array")),
+            };
+            if events.is_empty() {
+                return Err(err("`batch` is empty"));
+            }
+            if events.len() > LIMIT_BATCH_EVENTS {
+                return Err(err(format!(
+                    "batch holds {} events, more than the limit of {LIMIT_BATCH_EVENTS}",
+                    events.len()
+                )));
+            }
+            let context = match obj.remove("context") {
+                Some(Value::Object(m)) => Some(m),
+                _ => None,
+            };
+            let integrations = match obj.remove("integrations") {
+                Some(Value::Object(m)) => Some(m),
+                _ => None,
+            };
+            let env = BatchEnvelope {
+                write_key,
+                sent_at: obj.remove("sentAt"),
+                context,
+                integrations,
+            };
+            Ok((env, events))
+        }
+    }
+}
+
+/// Parses the ISO 8601 / RFC 3339 timestamps Segment libraries send.
+pub fn parse_timestamp(v: &Value) -> Option<DateTime<Utc>> {
+    let s = v.as_str()?;
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Some(t.with_timezone(&Utc));
+    }
+    // Libraries sometimes omit the zone; Segment reads those as UTC.
+    for fmt in [
+        "%Y-%m-%dT%H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M:%S%.f",
+    ] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+            return Some(t.and_utc());
+        }
+    }
+    None
+}
+
+/// RFC 3339, UTC, millisecond precision: the form ChurnZero gets, the same
+/// on every attempt.
+pub fn format_timestamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn id_string(v: Option<&Value>) -> Option<String> {
+    match v? {
+        Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+fn optional_timestamp(
+    obj: &Map<String, Value>,
+    key: &str,
+) -> Result<Option<DateTime<Utc>>, EventError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => parse_timestamp(v)
+            .map(Some)
+            .ok_or_else(|| err(format!("`{key}` is not an ISO 8601 timestamp"))),
+    }
+}
+
+/// Whether the `integrations` object lets this event reach ChurnZero:
+/// `{"All": false}` turns every destination off unless ChurnZero is named
+/// true; `{"ChurnZero": false}` turns it off alone.
+fn forwards_to_churnzero(integrations: Option<&Map<String, Value>>) -> bool {
+    let Some(int) = integrations else { return true };
+    let named = ["ChurnZero", "Churnzero", "churnzero", "CHURNZERO"]
+        .iter()
+        .find_map(|k| int.get(*k));
+    match named {
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Object(_)) => true,
+        _ => !matches!(int.get("All"), Some(Value::Bool(false))),
+    }
+}
+
+fn merge_missing(target: &mut Map<String, Value>, defaults: &Map<String, Value>) {
+    for (k, v) in defaults {
+        target.entry(k.clone()).or_insert_with(|| v.clone());
+    }
+}
+
+/// Validates one raw event and produces its stored form.
+///
+/// `received_at` is the server clock at the request; the stored `timestamp`
+/// follows Segment's rule: the client's `timestamp` when given, else
+/// `receivedAt - (sentAt - originalTimestamp)` (clock-skew correction), else
+/// `originalTimestamp`, else `receivedAt`.
+pub fn normalise_event(
+    raw: Value,
+    envelope: &BatchEnvelope,
+    received_at: DateTime<Utc>,
+    assign_id: impl FnOnce() -> String,
+) -> Result<ValidEvent, EventError> {
+    let Value::Object(mut obj) = raw else {
+        return Err(err("event must be a JSON object"));
+    };
+    let call = match obj.get("type") {
+        Some(Value::String(t)) => {
+            CallType::parse(t).ok_or_else(|| err(format!("unknown event type `{t}`")))?
+        }
+        Some(_) => return Err(err("`type` must be a string")),
+        None => return Err(err("missing `type`")),
+    };
+    obj.remove("writeKey");
+
+    let user_id = id_string(obj.get("userId"));
+    let anonymous_id = id_string(obj.get("anonymousId"));
+    if obj.get("userId").is_some_and(|v| !v.is_null()) && user_id.is_none() {
+        return Err(err("`userId` must be a non-empty string"));
+    }
+    if obj.get("anonymousId").is_some_and(|v| !v.is_null()) && anonymous_id.is_none() {
+        return Err(err("`anonymousId` must be a non-empty string"));
+    }
+    let order_key = match (&user_id, &anonymous_id) {
+        (Some(u), _) => u.clone(),
+        (None, Some(a)) => a.clone(),
+        (None, None) => return Err(err("missing `userId` or `anonymousId`")),
+    };
+    match user_id {
+        Some(ref u) => obj.insert("userId".into(), Value::String(u.clone())),
+        None => obj.remove("userId"),
+    };
+    match anonymous_id {
+        Some(ref a) => obj.insert("anonymousId".into(), Value::String(a.clone())),
+        None => obj.remove("anonymousId"),
+    };
+
+    match call {
+        CallType::Track => match obj.get("event") {
+            Some(Value::String(e)) if !e.trim().is_empty() => {}
+            _ => return Err(err("track requires `event`, a non-empty string")),
+        },
+        CallType::Group => match id_string(obj.get("groupId")) {
+            Some(g) => {
+                obj.insert("groupId".into(), Value::String(g));
+            }
+            None => return Err(err("group requires `groupId`")),
+        },
+        CallType::Alias => {
+            match id_string(obj.get("previousId")) {
+                Some(p) => {
+                    obj.insert("previousId".into(), Value::String(p));
+                }
+                None => return Err(err("alias requires `previousId`")),
+            }
+            if user_id.is_none() {
+                return Err(err("alias requires `userId`"));
+            }
+        }
+        CallType::Identify | CallType::Page | CallType::Screen => {}
+    }
+    for key in ["traits", "properties", "context", "integrations"] {
+        if let Some(v) = obj.get(key) {
+            if !(v.is_object() || v.is_null()) {
+                return Err(err(format!("`{key}` must be an object")));
+            }
+        }
+    }
+
+    // Batch-level context and integrations apply where the event has none.
+    if let Some(ctx) = &envelope.context {
+        match obj.get_mut("context") {
+            Some(Value::Object(own)) => merge_missing(own, ctx),
+            _ => {
+                obj.insert("context".into(), Value::Object(ctx.clone()));
+            }
+        }
+    }
+    if let Some(int) = &envelope.integrations {
+        match obj.get_mut("integrations") {
+            Some(Value::Object(own)) => merge_missing(own, int),
+            _ => {
+                obj.insert("integrations".into(), Value::Object(int.clone()));
+            }
+        }
+    }
+
+    let message_id = match obj.get("messageId") {
+        None | Some(Value::Null) => assign_id(),
+        Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
+        Some(Value::Number(n)) => n.to_string(),
+        Some(_) => {
+            return Err(err(
+                "`messageId` must be a string of at most 256 characters",
+            ));
+        }
+    };
+    obj.insert("messageId".into(), Value::String(message_id.clone()));
+
+    let timestamp = optional_timestamp(&obj, "timestamp")?;
+    let original = optional_timestamp(&obj, "originalTimestamp")?;
+    let sent_at = match obj.get("sentAt").or(envelope.sent_at.as_ref()) {
+        None | Some(Value::Null) => None,
+        Some(v) => {
+            Some(parse_timestamp(v).ok_or_else(|| err("`sentAt` is not an ISO 8601 timestamp"))?)
+        }
+    };
+    let effective = match (timestamp, original, sent_at) {
+        (Some(t), _, _) => t,
+        (None, Some(o), Some(s)) => received_at - (s - o),
+        (None, Some(o), None) => o,
+        (None, None, _) => received_at,
+    };
+    obj.insert(
+        "timestamp".into(),
+        Value::String(format_timestamp(effective)),
+    );
+    obj.insert(
+        "receivedAt".into(),
+        Value::String(format_timestamp(received_at)),
+    );
+    if let Some(s) = sent_at {
+        obj.insert("sentAt".into(), Value::String(format_timestamp(s)));
+    }
+
+    let forward = forwards_to_churnzero(obj.get("integrations").and_then(Value::as_object));
+    let size = serde_json::to_vec(&obj)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > LIMIT_EVENT_BYTES {
+        return Err(err(format!(
+            "event is {size} bytes, more than the limit of {LIMIT_EVENT_BYTES}"
+        )));
+    }
+    Ok(ValidEvent {
+        call,
+        message_id,
+        order_key,
+        forward,
+        event: obj,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> DateTime<Utc> {
+        parse_timestamp(&json!("2026-11-28T12:00:00.000Z")).unwrap()
+    }
+
+    fn one(v: Value) -> Result<ValidEvent, EventError> {
+        normalise_event(v, &BatchEnvelope::default(), now(), || "assigned".into())
+    }
+
+    #[test]
+    fn validates_required_fields_per_type() {
+        assert!(
+            one(json!({"type":"track","userId":"u"}))
+                .unwrap_err()
+                .0
+                .contains("event")
+        );
+        assert!(
+            one(json!({"type":"track","event":"E"}))
+                .unwrap_err()
+                .0
+                .contains("userId")
+        );
+        assert!(
+            one(json!({"type":"group","userId":"u"}))
+                .unwrap_err()
+                .0
+                .contains("groupId")
+        );
+        assert!(
+            one(json!({"type":"alias","userId":"u"}))
+                .unwrap_err()
+                .0
+                .contains("previousId")
+        );
+        assert!(
+            one(json!({"type":"nope","userId":"u"}))
+                .unwrap_err()
+                .0
+                .contains("unknown")
+        );
+        assert!(one(json!([1])).is_err());
+        let ok = one(json!({"type":"track","anonymousId":"a","event":"E"})).unwrap();
+        assert_eq!(ok.order_key, "a");
+        assert_eq!(ok.message_id, "assigned");
+        let ok = one(json!({"type":"identify","userId":42,"anonymousId":"a"})).unwrap();
+        assert_eq!(ok.order_key, "42");
+    }
+
+    #[test]
+    fn clock_skew_rule() {
+        let e = one(json!({"type":"track","userId":"u","event":"E",
+            "originalTimestamp":"2026-11-28T11:00:00Z","sentAt":"2026-11-28T11:00:10Z"}))
+        .unwrap();
+        // The device clock is 1h slow; the call happened 10s before it was sent.
+        assert_eq!(e.event["timestamp"], json!("2026-11-28T11:59:50.000Z"));
+        let e = one(json!({"type":"track","userId":"u","event":"E",
+            "timestamp":"2026-01-01T00:00:00.123456Z"}))
+        .unwrap();
+        assert_eq!(e.event["timestamp"], json!("2026-01-01T00:00:00.123Z"));
+        let e = one(json!({"type":"track","userId":"u","event":"E"})).unwrap();
+        assert_eq!(e.event["timestamp"], json!("2026-11-28T12:00:00.000Z"));
+        assert!(
+            one(json!({"type":"track","userId":"u","event":"E","timestamp":"yesterday"})).is_err()
+        );
+    }
+
+    #[test]
+    fn integrations_filter() {
+        let f = |i: Value| {
+            one(json!({"type":"track","userId":"u","event":"E","integrations":i}))
+                .unwrap()
+                .forward
+        };
+        assert!(f(json!({})));
+        assert!(!f(json!({"All": false})));
+        assert!(f(json!({"All": false, "ChurnZero": true})));
+        assert!(f(json!({"All": false, "Churnzero": true})));
+        assert!(!f(json!({"ChurnZero": false})));
+    }
+
+    #[test]
+    fn batch_envelope_applies_to_events() {
+        let body = json!({"writeKey":"k","sentAt":"2026-11-28T11:00:10Z","context":{"ip":"1.2.3.4"},
+            "batch":[{"type":"track","userId":"u","event":"E","originalTimestamp":"2026-11-28T11:00:00Z"}]});
+        let (env, events) = split_request(None, body).unwrap();
+        assert_eq!(env.write_key.as_deref(), Some("k"));
+        let e = normalise_event(events[0].clone(), &env, now(), || "x".into()).unwrap();
+        assert_eq!(e.event["context"]["ip"], json!("1.2.3.4"));
+        assert_eq!(e.event["timestamp"], json!("2026-11-28T11:59:50.000Z"));
+        assert!(e.event.get("writeKey").is_none());
+    }
+
+    #[test]
+    fn oversized_event_is_refused() {
+        let big = "x".repeat(LIMIT_EVENT_BYTES);
+        let e = one(json!({"type":"track","userId":"u","event":"E","properties":{"p":big}}));
+        assert!(e.unwrap_err().0.contains("limit"));
+    }
+}

@@ -1036,7 +1036,8 @@ impl Drop for MockChurnZero {
     }
 }
 
-/// The `mock-churnzero` subcommand.
+/// The `mock-churnzero` subcommand. Stops on SIGTERM as well as Ctrl-C, since
+/// that is how docker-compose and process supervisors stop it.
 pub async fn run(args: MockArgs) -> anyhow::Result<()> {
     let listen = args.listen;
     let mock = MockChurnZero::start(args.clone())

@@ -96,32 +96,33 @@ impl Server {
                 budget: settings.retry_budget,
             },
         };
-        let mut workers = Vec::new();
-        workers.push(tokio::spawn(delivery::run(
-            outbox.clone(),
-            client.clone(),
-            mapping.clone(),
-            delivery_config.clone(),
-            shutdown_rx.clone(),
-        )));
-        workers.push(tokio::spawn(maintenance(
-            outbox.clone(),
-            settings.retention,
-            delivery::held_budget(&delivery_config),
-            shutdown_rx.clone(),
-        )));
-        workers.push(tokio::spawn(sync_lane::run(
-            outbox.clone(),
-            client.clone(),
-            mapping.clone(),
-            SyncConfig {
-                interval: settings.sync_interval,
-                max_per_minute: settings.sync_max_per_minute,
-                batch_size: settings.batch_size,
-                retry: delivery_config.retry,
-            },
-            shutdown_rx.clone(),
-        )));
+        let workers = vec![
+            tokio::spawn(delivery::run(
+                outbox.clone(),
+                client.clone(),
+                mapping.clone(),
+                delivery_config.clone(),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(maintenance(
+                outbox.clone(),
+                settings.retention,
+                delivery::held_budget(&delivery_config),
+                shutdown_rx.clone(),
+            )),
+            tokio::spawn(sync_lane::run(
+                outbox.clone(),
+                client.clone(),
+                mapping.clone(),
+                SyncConfig {
+                    interval: settings.sync_interval,
+                    max_per_minute: settings.sync_max_per_minute,
+                    batch_size: settings.batch_size,
+                    retry: delivery_config.retry,
+                },
+                shutdown_rx.clone(),
+            )),
+        ];
 
         let write_keys = Arc::new(
             settings

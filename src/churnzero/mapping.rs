@@ -95,7 +95,7 @@
 //! twice: turn it on only when distinct events really share a millisecond,
 //! account, contact and description.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
@@ -148,7 +148,8 @@ const ACCOUNT_ADDRESS_FIELDS: [(&str, &str); 6] = [
     ("addresscountry", "BillingAddressCountry"),
 ];
 
-/// The ChurnZero record a set of attributes belongs to.
+/// Which ChurnZero record an attribute is written to: identify traits may be
+/// routed to the account by the mapping file, so the target is data, not code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Entity {
@@ -299,9 +300,9 @@ struct RawConfig {
     quantity_property: Option<Spanned<String>>,
     description_property: Option<Spanned<String>>,
     ids: RawIds,
-    traits: HashMap<String, RawTraitRule>,
-    group_traits: HashMap<String, RawGroupTraitRule>,
-    properties: HashMap<String, RawPropertyRule>,
+    traits: BTreeMap<String, RawTraitRule>,
+    group_traits: BTreeMap<String, RawGroupTraitRule>,
+    properties: BTreeMap<String, RawPropertyRule>,
 }
 
 #[derive(Deserialize, Default)]
@@ -377,10 +378,11 @@ impl MappingConfig {
     /// their line and column.
     pub fn from_toml_str(text: &str) -> Result<Self, MappingError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
-            let message = e.message().trim_end();
+            // Some parser messages span lines; an error is logged as one line.
+            let message = e.message().trim_end().replace('\n', "; ");
             let message = match message.strip_prefix("unknown field") {
                 Some(rest) => format!("unknown key{rest}"),
-                None => message.to_string(),
+                None => message,
             };
             MappingError::at(text, e.span().map(|s| s.start), message)
         })?;
@@ -1998,6 +2000,7 @@ mod tests {
     fn syntax_errors_name_the_line() {
         let message = err("allow_dupes = true\npage_events = \n");
         assert!(message.starts_with("mapping file line 2"), "{message}");
+        assert!(!message.contains('\n'), "{message}");
     }
 
     #[test]

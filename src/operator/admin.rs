@@ -19,12 +19,21 @@ pub(super) fn router() -> Router<OperatorState> {
         .route("/admin/dead/purge", post(purge))
 }
 
-fn error(status: StatusCode, msg: impl Into<String>) -> Response {
-    (status, axum::Json(json!({ "error": msg.into() }))).into_response()
+/// A refusal of the admin API: a status and a JSON reason.
+pub struct AdminError(StatusCode, String);
+
+impl IntoResponse for AdminError {
+    fn into_response(self) -> Response {
+        (self.0, axum::Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn error(status: StatusCode, msg: impl Into<String>) -> AdminError {
+    AdminError(status, msg.into())
 }
 
 /// Checks the bearer token in constant time.
-fn authorize(state: &OperatorState, headers: &HeaderMap) -> Result<(), Response> {
+fn authorize(state: &OperatorState, headers: &HeaderMap) -> Result<(), AdminError> {
     let Some(token) = &state.admin_token else {
         return Err(error(
             StatusCode::FORBIDDEN,
@@ -58,7 +67,7 @@ pub struct ListQuery {
     pub limit: Option<i64>,
 }
 
-fn parse_time(name: &str, v: &Option<String>) -> Result<Option<i64>, Response> {
+fn parse_time(name: &str, v: &Option<String>) -> Result<Option<i64>, AdminError> {
     match v {
         None => Ok(None),
         Some(s) => crate::segment::parse_timestamp(&serde_json::Value::String(s.clone()))
@@ -73,7 +82,7 @@ fn parse_time(name: &str, v: &Option<String>) -> Result<Option<i64>, Response> {
 }
 
 impl ListQuery {
-    fn filter(&self) -> Result<crate::outbox::DeadListFilter, Response> {
+    fn filter(&self) -> Result<crate::outbox::DeadListFilter, AdminError> {
         Ok(crate::outbox::DeadListFilter {
             since_ms: parse_time("since", &self.since)?,
             until_ms: parse_time("until", &self.until)?,
@@ -87,7 +96,7 @@ impl ListQuery {
 async fn list(State(state): State<OperatorState>, Query(q): Query<ListQuery>) -> Response {
     let filter = match q.filter() {
         Ok(f) => f,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match state.outbox.reader.dead_list(&filter).await {
         Ok(items) => {
@@ -98,15 +107,17 @@ async fn list(State(state): State<OperatorState>, Query(q): Query<ListQuery>) ->
             };
             axum::Json(json!({ "dead": items, "next_after": next })).into_response()
         }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 
 async fn show(State(state): State<OperatorState>, Path(id): Path<i64>) -> Response {
     match state.outbox.reader.dead_show(id).await {
         Ok(Some(d)) => axum::Json(d).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no dead event with id {id}")),
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Ok(None) => {
+            error(StatusCode::NOT_FOUND, format!("no dead event with id {id}")).into_response()
+        }
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 
@@ -121,7 +132,7 @@ pub struct Selection {
     pub until: Option<String>,
 }
 
-async fn select(state: &OperatorState, sel: &Selection) -> Result<Option<Vec<i64>>, Response> {
+async fn select(state: &OperatorState, sel: &Selection) -> Result<Option<Vec<i64>>, AdminError> {
     if sel.all {
         return Ok(None);
     }
@@ -154,19 +165,19 @@ async fn replay(
     body: Option<axum::Json<Selection>>,
 ) -> Response {
     if let Err(r) = authorize(&state, &headers) {
-        return r;
+        return r.into_response();
     }
     let sel = body.map(|b| b.0).unwrap_or_default();
     let ids = match select(&state, &sel).await {
         Ok(ids) => ids,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match state.outbox.writer.replay(ids).await {
         Ok(n) => {
             tracing::info!(replayed = n, "dead events replayed by an operator");
             axum::Json(json!({ "replayed": n })).into_response()
         }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }
 
@@ -176,18 +187,18 @@ async fn purge(
     body: Option<axum::Json<Selection>>,
 ) -> Response {
     if let Err(r) = authorize(&state, &headers) {
-        return r;
+        return r.into_response();
     }
     let sel = body.map(|b| b.0).unwrap_or_default();
     let ids = match select(&state, &sel).await {
         Ok(ids) => ids,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     match state.outbox.writer.purge(ids).await {
         Ok(n) => {
             tracing::info!(purged = n, "dead events purged by an operator");
             axum::Json(json!({ "purged": n })).into_response()
         }
-        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()).into_response(),
     }
 }

@@ -307,9 +307,8 @@ impl WriterTask {
                 }
             }
             Err(e) if ops.len() == 1 => {
-                for op in ops {
+                if let Some(op) = ops.into_iter().next() {
                     reply(op, Err(e));
-                    break;
                 }
             }
             Err(_) => {

@@ -1,0 +1,338 @@
+//! The Segment HTTP API surface over real sockets: auth in all its forms,
+//! limits, gzip, validation, mixed batches, integrations and deduplication.
+//! Every refusal must store nothing; checked through `/status`.
+
+mod common;
+
+use base64::Engine;
+use common::*;
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use serde_json::{Value, json};
+use std::io::Write;
+
+struct Env {
+    _dir: tempfile::TempDir,
+    _mock: churnzero_forwarder::mock_churnzero::MockChurnZero,
+    server: Option<churnzero_forwarder::server::Server>,
+    base: String,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let base = format!("http://{}", server.addr);
+    Env {
+        _dir: dir,
+        _mock: mock,
+        server: Some(server),
+        base,
+    }
+}
+
+impl Env {
+    async fn accepted(&self) -> i64 {
+        status(&self.base).await["accepted"].as_i64().unwrap()
+    }
+    async fn stop(mut self) {
+        self.server.take().unwrap().shutdown().await;
+    }
+}
+
+async fn raw(
+    base: &str,
+    path: &str,
+    auth: Option<&str>,
+    body: Vec<u8>,
+    gzip: bool,
+) -> (u16, Value) {
+    let mut req = client()
+        .post(format!("{base}{path}"))
+        .header("content-type", "application/json");
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    if gzip {
+        req = req.header("content-encoding", "gzip");
+    }
+    let r = req.body(body).send().await.unwrap();
+    let s = r.status().as_u16();
+    (s, r.json().await.unwrap_or(Value::Null))
+}
+
+fn basic(user_pass: &str) -> String {
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(user_pass)
+    )
+}
+
+fn gz(data: &[u8]) -> Vec<u8> {
+    let mut e = GzEncoder::new(Vec::new(), Compression::default());
+    e.write_all(data).unwrap();
+    e.finish().unwrap()
+}
+
+#[tokio::test]
+async fn write_key_auth_forms() {
+    let env = env().await;
+    let body = serde_json::to_vec(&json!({"userId": "u1", "event": "E"})).unwrap();
+    let (s, v) = raw(&env.base, "/v1/track", None, body.clone(), false).await;
+    assert_eq!(s, 401, "no key: {v}");
+    assert_eq!(v["success"], json!(false));
+    assert!(v["error"].as_str().unwrap().contains("write key"));
+    let (s, _) = raw(
+        &env.base,
+        "/v1/track",
+        Some(&basic("wrong:")),
+        body.clone(),
+        false,
+    )
+    .await;
+    assert_eq!(s, 401, "wrong key");
+    let (s, _) = raw(
+        &env.base,
+        "/v1/track",
+        Some("Bearer test-write-key"),
+        body.clone(),
+        false,
+    )
+    .await;
+    assert_eq!(s, 401, "wrong scheme");
+    assert_eq!(env.accepted().await, 0, "refusals store nothing");
+
+    let (s, v) = raw(
+        &env.base,
+        "/v1/track",
+        Some(&basic(&format!("{WRITE_KEY}:"))),
+        body.clone(),
+        false,
+    )
+    .await;
+    assert_eq!((s, v), (200, json!({"success": true})), "Basic with colon");
+    let (s, _) = raw(
+        &env.base,
+        "/v1/track",
+        Some(&basic(WRITE_KEY)),
+        body.clone(),
+        false,
+    )
+    .await;
+    assert_eq!(s, 200, "Basic without colon");
+    let with_key =
+        serde_json::to_vec(&json!({"userId": "u1", "event": "E", "writeKey": WRITE_KEY})).unwrap();
+    let (s, _) = raw(&env.base, "/v1/track", None, with_key, false).await;
+    assert_eq!(s, 200, "writeKey in the body");
+    let wrong_in_body =
+        serde_json::to_vec(&json!({"userId": "u1", "event": "E", "writeKey": "nope"})).unwrap();
+    let (s, _) = raw(&env.base, "/v1/track", None, wrong_in_body, false).await;
+    assert_eq!(s, 401, "wrong writeKey in the body");
+    assert_eq!(env.accepted().await, 3);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn every_endpoint_accepts_its_call() {
+    let env = env().await;
+    let calls = [
+        (
+            "/v1/identify",
+            json!({"userId": "u1", "traits": {"email": "a@b.c"}}),
+        ),
+        ("/v1/track", json!({"userId": "u1", "event": "E"})),
+        ("/v1/page", json!({"userId": "u1", "name": "Home"})),
+        ("/v1/screen", json!({"anonymousId": "a1", "name": "Home"})),
+        ("/v1/group", json!({"userId": "u1", "groupId": "g1"})),
+        ("/v1/alias", json!({"userId": "u1", "previousId": "a1"})),
+        (
+            "/v1/batch",
+            json!({"batch": [{"type": "track", "userId": "u1", "event": "E"}]}),
+        ),
+        (
+            "/v1/import",
+            json!({"batch": [{"type": "track", "userId": "u1", "event": "E"}]}),
+        ),
+    ];
+    for (path, body) in calls {
+        let (s, v) = post(&env.base, path, &body).await;
+        assert_eq!(s, 200, "{path}: {v}");
+    }
+    assert_eq!(env.accepted().await, 8);
+    let (s, _) = post(&env.base, "/v1/nonsense", &json!({"userId": "u"})).await;
+    assert_eq!(s, 404);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn validation_refuses_with_reasons_and_stores_nothing() {
+    let env = env().await;
+    let cases = [
+        ("/v1/track", json!({"userId": "u1"}), "event"),
+        ("/v1/track", json!({"event": "E"}), "userId"),
+        ("/v1/group", json!({"userId": "u1"}), "groupId"),
+        ("/v1/alias", json!({"userId": "u1"}), "previousId"),
+        (
+            "/v1/batch",
+            json!({"batch": [{"type": "bogus", "userId": "u"}]}),
+            "unknown event type",
+        ),
+        ("/v1/batch", json!({"batch": {"type": "track"}}), "array"),
+        (
+            "/v1/track",
+            json!([{"userId": "u1", "event": "E"}]),
+            "object",
+        ),
+        (
+            "/v1/track",
+            json!({"userId": "u1", "event": "E", "timestamp": "noon"}),
+            "timestamp",
+        ),
+    ];
+    for (path, body, reason) in cases {
+        let (s, v) = post(&env.base, path, &body).await;
+        assert_eq!(s, 400, "{path} {body}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(reason) || v.to_string().contains(reason),
+            "{v} should name {reason}"
+        );
+    }
+    let (s, v) = raw(
+        &env.base,
+        "/v1/track",
+        Some(&basic(WRITE_KEY)),
+        b"{not json".to_vec(),
+        false,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("JSON"));
+    assert_eq!(env.accepted().await, 0);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn mixed_batch_stores_the_valid_events_and_lists_the_rest() {
+    let env = env().await;
+    let batch = json!({"batch": [
+        {"type": "track", "userId": "u1", "event": "ok 0"},
+        {"type": "track", "userId": "u1"},
+        {"type": "identify", "userId": "u1"},
+        {"type": "nope", "userId": "u1"},
+        {"type": "group", "userId": "u1", "groupId": "g"},
+    ]});
+    let (s, v) = post(&env.base, "/v1/batch", &batch).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["success"], json!(true));
+    let rejected = v["rejected"].as_array().unwrap();
+    let indexes: Vec<i64> = rejected
+        .iter()
+        .map(|r| r["index"].as_i64().unwrap())
+        .collect();
+    assert_eq!(indexes, vec![1, 3]);
+    assert!(rejected[0]["error"].as_str().unwrap().contains("event"));
+    assert_eq!(env.accepted().await, 3);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn limits_hold_on_the_decompressed_size() {
+    let env = env().await;
+    // One event over 32 KB.
+    let big = json!({"userId": "u1", "event": "E", "properties": {"blob": "x".repeat(40 * 1024)}});
+    let (s, v) = post(&env.base, "/v1/track", &big).await;
+    assert!(s == 413 || s == 400, "{s} {v}");
+    assert!(v["error"].as_str().unwrap().contains("limit"));
+    // A request over 500 KB.
+    let events: Vec<Value> = (0..40)
+        .map(|i| json!({"type": "track", "userId": "u1", "event": format!("E{i}"), "properties": {"p": "y".repeat(15 * 1024)}}))
+        .collect();
+    let (s, v) = post(&env.base, "/v1/batch", &json!({ "batch": events })).await;
+    assert_eq!(s, 413, "{v}");
+    // More than 2,500 events.
+    let events: Vec<Value> = (0..2600)
+        .map(|_| json!({"type": "track", "userId": "u", "event": "E"}))
+        .collect();
+    let (s, v) = post(&env.base, "/v1/batch", &json!({ "batch": events })).await;
+    assert!(s == 413 || s == 400, "{s} {v}");
+    assert!(v["error"].as_str().unwrap().contains("2500"));
+    // A gzip body that inflates past 500 KB although it is tiny on the wire.
+    let inflated = serde_json::to_vec(
+        &json!({"userId": "u1", "event": "E", "properties": {"p": "z".repeat(2_000_000)}}),
+    )
+    .unwrap();
+    let bomb = gz(&inflated);
+    assert!(bomb.len() < 20_000);
+    let (s, v) = raw(&env.base, "/v1/track", Some(&basic(WRITE_KEY)), bomb, true).await;
+    assert_eq!(s, 413, "{v}");
+    assert_eq!(env.accepted().await, 0, "nothing over a limit is stored");
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn gzip_bodies_are_accepted_and_broken_gzip_refused() {
+    let env = env().await;
+    let body = serde_json::to_vec(&json!({"batch": [
+        {"type": "track", "userId": "u1", "event": "zipped 1"},
+        {"type": "track", "userId": "u1", "event": "zipped 2"}]}))
+    .unwrap();
+    let (s, v) = raw(
+        &env.base,
+        "/v1/batch",
+        Some(&basic(WRITE_KEY)),
+        gz(&body),
+        true,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (s, v) = raw(
+        &env.base,
+        "/v1/batch",
+        Some(&basic(WRITE_KEY)),
+        b"\x1f\x8bnot really".to_vec(),
+        true,
+    )
+    .await;
+    assert_eq!(s, 400, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("gzip"));
+    assert_eq!(env.accepted().await, 2);
+    env.stop().await;
+}
+
+#[tokio::test]
+async fn integrations_off_is_acknowledged_but_not_forwarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let base = format!("http://{}", server.addr);
+    let mut off = track("u1", "Hidden", 1);
+    off["integrations"] = json!({"All": false});
+    let mut on = track("u1", "Shown", 2);
+    on["integrations"] = json!({"All": false, "ChurnZero": true});
+    let (s, _) = post(&base, "/v1/batch", &json!({"batch": [off, on]})).await;
+    assert_eq!(s, 200);
+    let st = wait_status(&base, "delivered", 1).await;
+    assert_eq!(st["filtered"], json!(1));
+    let names: Vec<Value> = mock
+        .state()
+        .actions()
+        .iter()
+        .map(|a| a["eventName"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("Shown")]);
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn repeated_message_id_is_acknowledged_once() {
+    let env = env().await;
+    let e = json!({"userId": "u1", "event": "E", "messageId": "m-1"});
+    for _ in 0..3 {
+        let (s, _) = post(&env.base, "/v1/track", &e).await;
+        assert_eq!(s, 200);
+    }
+    let st = status(&env.base).await;
+    assert_eq!(st["accepted"], json!(1));
+    assert_eq!(st["duplicates"], json!(2));
+    env.stop().await;
+}

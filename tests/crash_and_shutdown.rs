@@ -1,0 +1,175 @@
+//! The real binary under SIGKILL and SIGTERM. Killed repeatedly under
+//! concurrent load and restarted on the same database, it loses no
+//! acknowledged event; stopped with SIGTERM while ChurnZero hangs, it exits 0
+//! within the request timeout plus a margin, and the next start delivers
+//! everything.
+
+mod common;
+
+use churnzero_forwarder::mock_churnzero::{Faults, ScriptedAnswer};
+use common::*;
+use serde_json::{Value, json};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn event(id: &str, user: usize) -> Value {
+    json!({"type": "track", "userId": format!("user-{user}"), "event": "Crash Test", "messageId": id,
+           "properties": {"description": id},
+           "context": {"traits": {"accountExternalId": "acct", "contactExternalId": format!("user-{user}")}}})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sigkill_under_load_loses_no_acknowledged_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    // A little latency keeps batches in flight when the kill lands.
+    mock.state().set_faults(Faults {
+        latency: Duration::from_millis(15),
+        ..Faults::default()
+    });
+    let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
+    let rounds = 6;
+    for round in 0..rounds {
+        let mut server = Binary::serve(&db, &mock.url(), &["--batch-size", "50"]).await;
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut senders = Vec::new();
+        for sender in 0..8 {
+            let base = server.base.clone();
+            let acked = acked.clone();
+            let stop = stop.clone();
+            senders.push(tokio::spawn(async move {
+                let http = client();
+                let mut n = 0;
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) && n < 10_000 {
+                    let ids: Vec<String> = (0..20)
+                        .map(|i| format!("r{round}-s{sender}-b{n}-e{i}"))
+                        .collect();
+                    let batch: Vec<Value> = ids
+                        .iter()
+                        .enumerate()
+                        .map(|(i, id)| event(id, (sender * 3 + i) % 16))
+                        .collect();
+                    let r = http
+                        .post(format!("{base}/v1/batch"))
+                        .basic_auth(WRITE_KEY, Some(""))
+                        .json(&json!({ "batch": batch }))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status().is_success() => acked.lock().unwrap().extend(ids),
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                    n += 1;
+                }
+            }));
+        }
+        // Let load build, then kill at a different point each round.
+        let target = acked.lock().unwrap().len() + 400 + round * 150;
+        let started = Instant::now();
+        while acked.lock().unwrap().len() < target && started.elapsed() < Duration::from_secs(20) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        server.kill9();
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for s in senders {
+            let _ = s.await;
+        }
+    }
+    let acked = acked.lock().unwrap().clone();
+    let last = Binary::serve(&db, &mock.url(), &[]).await;
+    wait_for(
+        "every acknowledged event at the mock",
+        Duration::from_secs(120),
+        || {
+            let mock = mock.state();
+            let acked = &acked;
+            async move {
+                let got: HashSet<String> = mock
+                    .actions()
+                    .iter()
+                    .filter_map(|a| a["description"].as_str().map(String::from))
+                    .collect();
+                acked.is_subset(&got).then_some(())
+            }
+        },
+    )
+    .await;
+    let st = wait_status(&last.base, "pending", 0).await;
+    let actions = mock.state().actions();
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for a in &actions {
+        *counts
+            .entry(a["description"].as_str().unwrap().to_string())
+            .or_default() += 1;
+    }
+    let delivered_acked = acked.iter().filter(|id| counts.contains_key(*id)).count();
+    let lost = acked.len() - delivered_acked;
+    let duplicate_sends: usize = counts.values().map(|c| c - 1).sum();
+    eprintln!(
+        "crash test: rounds={rounds} acked={} delivered={} (distinct events at the mock {}) lost={lost} duplicate_sends={duplicate_sends} status={st}",
+        acked.len(),
+        delivered_acked,
+        counts.len()
+    );
+    assert_eq!(lost, 0, "no acknowledged event is lost");
+    assert!(acked.len() > 2000, "the load was real: {}", acked.len());
+    assert_eq!(st["dead"], json!(0));
+}
+
+#[tokio::test]
+async fn sigterm_while_churnzero_hangs_exits_zero_and_the_next_start_delivers() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    mock.state()
+        .push_script(std::iter::repeat_n(ScriptedAnswer::Hang, 50));
+    let mut server = Binary::serve(&db, &mock.url(), &["--request-timeout", "2s"]).await;
+    let events: Vec<Value> = (0..30).map(|i| event(&format!("sd-{i}"), i % 3)).collect();
+    let (s, _) = post(&server.base, "/v1/batch", &json!({ "batch": events })).await;
+    assert_eq!(s, 200);
+    // Wait until a request is hanging at the mock.
+    let st = mock.state();
+    wait_for("a hanging request", Duration::from_secs(30), || {
+        let st = st.clone();
+        async move { (st.request_count() > 0).then_some(()) }
+    })
+    .await;
+    let started = Instant::now();
+    server.sigterm();
+    // /readyz turns 503 (or the listener is already closed) while draining.
+    let ready = client().get(format!("{}/readyz", server.base)).send().await;
+    assert!(ready.map(|r| r.status().as_u16() == 503).unwrap_or(true));
+    let mut child = std::mem::replace(
+        &mut server.child,
+        std::process::Command::new("true").spawn().unwrap(),
+    );
+    let code = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert!(
+        code.success(),
+        "exit 0 after SIGTERM: {code}; logs: {}",
+        server.logs()
+    );
+    assert!(
+        took < Duration::from_secs(2 + 8),
+        "stopped within the request timeout plus a margin: {took:?}"
+    );
+    let logs = server.logs();
+    assert!(logs.contains("shutdown requested"), "{logs}");
+
+    mock.state().reset();
+    let next = Binary::serve(&db, &mock.url(), &[]).await;
+    wait_status(&next.base, "delivered", 30).await;
+    let got: HashSet<String> = mock
+        .state()
+        .actions()
+        .iter()
+        .map(|a| a["description"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got.len(), 30);
+}

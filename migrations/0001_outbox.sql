@@ -27,9 +27,15 @@ CREATE TABLE events (
     history          TEXT
 );
 
+-- Hot queries name these indexes with INDEXED BY and repeat a partial index's
+-- WHERE terms verbatim: SQLite uses a partial index only when the query's
+-- WHERE contains them, and without statistics it may otherwise pick
+-- events_state and scan the whole backlog.
 CREATE INDEX events_due   ON events (next_attempt_at, id) WHERE state = 0;
 CREATE INDEX events_key   ON events (order_key, id) WHERE state IN (0, 1, 4, 5);
 CREATE INDEX events_state ON events (state, id);
+-- Retention pruning walks delivered events by age without touching the rest.
+CREATE INDEX events_finished ON events (finished_at) WHERE state = 2;
 
 -- Idempotency: messageIds seen per source (a hash of the write key).
 CREATE TABLE message_ids (

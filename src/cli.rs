@@ -27,6 +27,8 @@ pub enum Command {
     MockChurnzero(crate::mock_churnzero::MockArgs),
     /// serve + mock-churnzero + sample traffic, then the final status.
     Demo(crate::demo::DemoArgs),
+    /// Measure raw SQLite, durable ingest, drain and status latency here.
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -139,6 +141,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::mock_churnzero::run(args).await
         }
         Command::Demo(args) => crate::demo::run(args).await,
+        Command::Bench(args) => {
+            init_logging(LogFormat::Text);
+            crate::bench::run(args).await
+        }
     }
 }
 

@@ -111,6 +111,11 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "FORWARDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Accept and store only; deliver nothing. `bench` uses it to time
+    /// ingest alone and to build a backlog.
+    #[arg(long, hide = true)]
+    pub no_delivery: bool,
 }
 
 /// Validated serve settings.
@@ -136,6 +141,8 @@ pub struct Settings {
     pub max_backlog: u64,
     pub mapping: Option<PathBuf>,
     pub log_format: LogFormat,
+    /// False only for `bench`'s ingest phases.
+    pub deliver: bool,
 }
 
 /// A setting that is missing or out of range, named by flag and variable.
@@ -231,6 +238,7 @@ impl ServeArgs {
             max_backlog: self.max_backlog,
             mapping: self.mapping,
             log_format: self.log_format,
+            deliver: !self.no_delivery,
         })
     }
 }

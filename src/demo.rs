@@ -93,6 +93,7 @@ async fn run_in(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         max_backlog: 10_000_000,
         mapping: None,
         log_format: LogFormat::Text,
+        deliver: true,
     };
     let server = Server::start(settings, listener).await?;
     let base = format!("http://{}", server.addr);

@@ -3,6 +3,7 @@
 //! the client gets its 200, then delivered in batches with retries, per-user
 //! ordering and dead letters. See DESIGN.md's data flow; one module per box.
 
+pub mod bench;
 pub mod churnzero;
 pub mod cli;
 pub mod config;

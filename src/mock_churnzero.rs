@@ -200,6 +200,10 @@ struct Inner {
     requests: Vec<RecordedRequest>,
     faults: Faults,
     script: VecDeque<ScriptedAnswer>,
+    /// When set, accepted actions are only counted, not kept: a benchmark
+    /// draining millions of events must not measure the mock's memory.
+    count_only: bool,
+    accepted_actions: u64,
 }
 
 impl MockState {
@@ -247,6 +251,16 @@ impl MockState {
         self.lock().requests.len()
     }
 
+    /// Keep (false, the default) or only count (true) accepted actions.
+    pub fn set_count_only(&self, count_only: bool) {
+        self.lock().count_only = count_only;
+    }
+
+    /// Actions of requests answered 2xx, counted even in count-only mode.
+    pub fn accepted_action_count(&self) -> u64 {
+        self.lock().accepted_actions
+    }
+
     pub fn faults(&self) -> Faults {
         self.lock().faults.clone()
     }
@@ -267,6 +281,7 @@ impl MockState {
         let mut inner = self.lock();
         inner.requests.clear();
         inner.script.clear();
+        inner.accepted_actions = 0;
     }
 
     /// Resolves once the mock is shutting down.
@@ -287,6 +302,14 @@ impl MockState {
         }
         let status = plan.recorded_status();
         self.log(&actions, status, &outcome, unparsed.as_deref());
+        if (200..300).contains(&status) {
+            inner.accepted_actions += actions.len() as u64;
+        }
+        let actions = if inner.count_only {
+            Vec::new()
+        } else {
+            actions
+        };
         inner.requests.push(RecordedRequest {
             at: Utc::now(),
             status,

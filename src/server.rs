@@ -96,21 +96,21 @@ impl Server {
                 budget: settings.retry_budget,
             },
         };
-        let workers = vec![
-            tokio::spawn(delivery::run(
+        let mut workers = vec![tokio::spawn(maintenance(
+            outbox.clone(),
+            settings.retention,
+            delivery::held_budget(&delivery_config),
+            shutdown_rx.clone(),
+        ))];
+        if settings.deliver {
+            workers.push(tokio::spawn(delivery::run(
                 outbox.clone(),
                 client.clone(),
                 mapping.clone(),
                 delivery_config.clone(),
                 shutdown_rx.clone(),
-            )),
-            tokio::spawn(maintenance(
-                outbox.clone(),
-                settings.retention,
-                delivery::held_budget(&delivery_config),
-                shutdown_rx.clone(),
-            )),
-            tokio::spawn(sync_lane::run(
+            )));
+            workers.push(tokio::spawn(sync_lane::run(
                 outbox.clone(),
                 client.clone(),
                 mapping.clone(),
@@ -121,8 +121,8 @@ impl Server {
                     retry: delivery_config.retry,
                 },
                 shutdown_rx.clone(),
-            )),
-        ];
+            )));
+        }
 
         let write_keys = Arc::new(
             settings

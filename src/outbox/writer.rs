@@ -297,7 +297,17 @@ impl WriterTask {
 
     async fn commit_group(&mut self, ops: Vec<Op>) {
         let any_ingest = ops.iter().any(|o| matches!(o, Op::Ingest { .. }));
-        match self.transaction(&ops).await {
+        let started = std::time::Instant::now();
+        let result = self.transaction(&ops).await;
+        let took = started.elapsed();
+        metrics::histogram!("outbox_commit_duration_seconds").record(took.as_secs_f64());
+        tracing::trace!(
+            ops = ops.len(),
+            us = took.as_micros() as u64,
+            ok = result.is_ok(),
+            "outbox commit"
+        );
+        match result {
             Ok(done) => {
                 for (op, d) in ops.into_iter().zip(done) {
                     reply(op, Ok(d));
@@ -333,9 +343,19 @@ impl WriterTask {
             .execute(&mut self.conn)
             .await
             .map_err(StoreError::classify)?;
-        match self.apply_all(ops).await {
+        let t0 = std::time::Instant::now();
+        let applied = self.apply_all(ops).await;
+        let t1 = t0.elapsed();
+        match applied {
             Ok(done) => match sqlx::query("COMMIT").execute(&mut self.conn).await {
-                Ok(_) => Ok(done),
+                Ok(_) => {
+                    tracing::trace!(
+                        apply_us = t1.as_micros() as u64,
+                        commit_us = (t0.elapsed() - t1).as_micros() as u64,
+                        "outbox transaction"
+                    );
+                    Ok(done)
+                }
                 Err(e) => {
                     let _ = sqlx::query("ROLLBACK").execute(&mut self.conn).await;
                     Err(StoreError::classify(e))
@@ -521,7 +541,7 @@ async fn insert_events(
         let json = serde_json::to_string(chunk).expect("strings serialise");
         let rows: Vec<String> = sqlx::query_scalar(
             "SELECT j.value FROM json_each(?) j WHERE EXISTS \
-             (SELECT 1 FROM events e WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5))",
+             (SELECT 1 FROM events e INDEXED BY events_key WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5))",
         )
         .bind(json)
         .fetch_all(&mut *conn)
@@ -672,7 +692,8 @@ async fn apply_identity(
     }
     for key in released {
         sqlx::query(
-            "UPDATE events SET state = 0, next_attempt_at = ? WHERE order_key = ? AND state = 4",
+            "UPDATE events INDEXED BY events_key SET state = 0, next_attempt_at = ? \
+             WHERE order_key = ? AND state IN (0, 1, 4, 5) AND state = 4",
         )
         .bind(now)
         .bind(&key)
@@ -690,7 +711,7 @@ async fn claim(
     now: i64,
 ) -> Result<Vec<ClaimedEvent>, StoreError> {
     let heads: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, order_key FROM events WHERE state = 0 AND next_attempt_at <= ? \
+        "SELECT id, order_key FROM events INDEXED BY events_due WHERE state = 0 AND next_attempt_at <= ? \
          ORDER BY next_attempt_at, id LIMIT ?",
     )
     .bind(now)
@@ -710,7 +731,8 @@ async fn claim(
             break;
         }
         let followers: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM events WHERE order_key = ? AND state = 5 ORDER BY id LIMIT ?",
+            "SELECT id FROM events INDEXED BY events_key \
+             WHERE order_key = ? AND state IN (0, 1, 4, 5) AND state = 5 ORDER BY id LIMIT ?",
         )
         .bind(key)
         .bind(room as i64)
@@ -773,21 +795,14 @@ async fn settle(
             *h = (*h).min(s.id);
         }
     }
-    let (mut delivered, mut failed, mut retries) = (0i64, 0i64, 0i64);
+    let (mut failed, mut retries) = (0i64, 0i64);
+    let mut delivered_ids: Vec<(i64, i64)> = Vec::new();
     let mut last_error: Option<&str> = None;
     for s in items {
         match &s.outcome {
             SettleOutcome::Delivered => {
-                sqlx::query(
-                    "UPDATE events SET state = 2, finished_at = ?, lease_until = NULL WHERE id = ? AND state = 1 AND lease_until = ?",
-                )
-                .bind(now)
-                .bind(s.id)
-                .bind(s.lease)
-                .execute(&mut *conn)
-                .await
-                .map_err(db)?;
-                delivered += 1;
+                // Collected and marked in one statement below.
+                delivered_ids.push((s.id, s.lease));
             }
             SettleOutcome::Retry { at, error } => {
                 let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
@@ -844,6 +859,21 @@ async fn settle(
             }
         }
     }
+    let mut delivered = 0i64;
+    for chunk in delivered_ids.chunks(5000) {
+        let json = serde_json::to_string(chunk).expect("pairs serialise");
+        let r = sqlx::query(
+            "UPDATE events SET state = 2, finished_at = ?, lease_until = NULL \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each(?)) AS t \
+             WHERE events.id = t.id AND +events.state = 1 AND events.lease_until = t.lease",
+        )
+        .bind(now)
+        .bind(json)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        delivered += r.rows_affected() as i64;
+    }
     let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
     promote(conn, keys.into_iter(), now).await?;
     bump_total(conn, "retries", retries).await?;
@@ -871,9 +901,11 @@ async fn promote<'a>(
         let json = serde_json::to_string(chunk).expect("strings serialise");
         sqlx::query(
             "UPDATE events SET state = 0, next_attempt_at = ? WHERE id IN ( \
-               SELECT (SELECT e.id FROM events e WHERE e.order_key = j.value AND e.state = 5 ORDER BY e.id LIMIT 1) \
+               SELECT (SELECT e.id FROM events e INDEXED BY events_key \
+                       WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) \
                FROM json_each(?) j \
-               WHERE NOT EXISTS (SELECT 1 FROM events x WHERE x.order_key = j.value AND x.state IN (0, 1, 4)))",
+               WHERE NOT EXISTS (SELECT 1 FROM events x INDEXED BY events_key \
+                 WHERE x.order_key = j.value AND x.state IN (0, 1, 4, 5) AND x.state IN (0, 1, 4)))",
         )
         .bind(now)
         .bind(json)
@@ -890,7 +922,7 @@ async fn release_leases(conn: &mut SqliteConnection, before: i64) -> Result<u64,
     let now = now_ms();
     let r = sqlx::query(
         "UPDATE events SET \
-           state = CASE WHEN id = (SELECT MIN(e.id) FROM events e WHERE e.order_key = events.order_key \
+           state = CASE WHEN id = (SELECT MIN(e.id) FROM events e INDEXED BY events_key WHERE e.order_key = events.order_key \
                                    AND e.state IN (0, 1, 4, 5)) THEN 0 ELSE 5 END, \
            next_attempt_at = ?, lease_until = NULL \
          WHERE state = 1 AND lease_until < ?",
@@ -936,7 +968,8 @@ async fn maintain(
     promote(conn, expired.iter().map(|(_, k)| k.as_str()), now).await?;
 
     let r = sqlx::query(
-        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state = 2 AND finished_at < ? ORDER BY id LIMIT 10000)",
+        "DELETE FROM events WHERE id IN (SELECT id FROM events INDEXED BY events_finished \
+         WHERE state = 2 AND finished_at < ? LIMIT 10000)",
     )
     .bind(now - retention.as_millis() as i64)
     .execute(&mut *conn)

@@ -51,6 +51,7 @@ pub fn settings(db: &Path, churnzero_url: &str) -> Settings {
         max_backlog: 10_000_000,
         mapping: None,
         log_format: LogFormat::Text,
+        deliver: true,
     }
 }
 

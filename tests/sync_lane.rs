@@ -157,6 +157,24 @@ async fn window_merges_per_contact_and_sends_only_changes() {
     let last = chrono::DateTime::parse_from_rfc3339(sync["last_run_at"].as_str().unwrap()).unwrap();
     let next = chrono::DateTime::parse_from_rfc3339(sync["next_run_at"].as_str().unwrap()).unwrap();
     assert!(next > last, "{sync}");
+
+    let metrics = client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "sync_actions_sent_total",
+        "sync_values_sent_total",
+        "sync_values_skipped_total",
+        "sync_runs_total",
+        "sync_pending_contacts",
+    ] {
+        assert!(metrics.contains(name), "{name} missing from /metrics");
+    }
     server.shutdown().await;
     mock.shutdown().await;
 }

@@ -33,6 +33,12 @@
 //! outlasts the interval is followed at once by the next one, still paced.
 //! The lane has its own task, pacing and backoff: real-time delivery never
 //! waits for it.
+//!
+//! `/status` (`sync`): `next_run_at`, `pending_contacts` (users with pending
+//! updates, unresolved ones included), and for the last window that had work
+//! (sent, skipped or dropped something) `last_run_at` (its start),
+//! `last_run_sent` and `last_run_skipped` (attribute values; they grow while
+//! that window is in progress). See docs/sync-lane.md.
 
 use crate::churnzero::client::{ChurnZeroClient, SendOutcome};
 use crate::churnzero::mapping::{self, Ids, MappingConfig};
@@ -249,7 +255,9 @@ struct Lane {
 }
 
 /// Runs the lane until shutdown: waits for each planned window, runs it,
-/// plans the next.
+/// plans the next. The mapping is not needed here: ingest already applied
+/// it (renames, skips, audience trait list) when it stored the updates as
+/// `attr_<Field>` keys, so a window sends exactly what was stored.
 pub async fn run(
     outbox: Outbox,
     client: ChurnZeroClient,
@@ -490,6 +498,9 @@ impl Lane {
         let actions: Vec<Map<String, Value>> = part.iter().map(ContactUpdate::action).collect();
         let mut attempt: u32 = 0;
         loop {
+            if *self.shutdown.borrow() {
+                return Err(Stop::Shutdown);
+            }
             if let Some(at) = self.pacer.ready_at() {
                 tokio::select! {
                     _ = tokio::time::sleep_until(at.into()) => {}

@@ -211,6 +211,12 @@ impl ServeArgs {
                 reason: "must be at least --retry-initial, which must be above zero".into(),
             });
         }
+        if self.sync_interval.is_zero() {
+            return Err(ConfigError::Invalid {
+                flag: "--sync-interval",
+                reason: "must be above zero".into(),
+            });
+        }
         if self.sync_max_per_minute == 0 {
             return Err(ConfigError::Invalid {
                 flag: "--sync-max-per-minute",

@@ -28,7 +28,9 @@ const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
 /// Why `serve` could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("{0}")]
+    /// Transparent: the mapping error already names the file and line, and
+    /// printing it again as its own cause would repeat it.
+    #[error(transparent)]
     Mapping(#[from] crate::churnzero::mapping::MappingError),
     #[error("opening the outbox at {path}: {source}")]
     Outbox {

@@ -2,8 +2,11 @@
 //! delivered or dead. One writer task owns every write (group commit); reads
 //! (status, identity look-ups, dead letters) use their own pool.
 
+mod audience;
 mod read;
 mod writer;
+
+pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
 
 pub use read::{DeadLetter, DeadListFilter, OutboxStatus, Reader, SyncStatus};
 pub use writer::{

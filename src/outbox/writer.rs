@@ -4,6 +4,7 @@
 //! transaction (group commit) and answers each request only after the
 //! commit, so an acknowledgement always means "on disk".
 
+use super::audience::{self, AudienceOp};
 use super::{StoreError, now_ms, state};
 use sqlx::{Row, SqliteConnection};
 use std::collections::{HashMap, HashSet};
@@ -152,6 +153,11 @@ enum Op {
         value: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A sync lane write (see `audience.rs`).
+    Audience {
+        op: AudienceOp,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 /// Results computed inside a transaction, released only after COMMIT.
@@ -255,6 +261,13 @@ impl Writer {
     pub async fn purge(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
         let (reply, rx) = oneshot::channel();
         self.call(Op::Purge { ids, reply }, rx).await
+    }
+
+    /// Records a step of the audience sync lane (schedule, delivered and
+    /// skipped values, counters) in one transaction.
+    pub async fn audience(&self, op: AudienceOp) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Audience { op, reply }, rx).await
     }
 
     /// Records an operator-visible fact (last error, sync schedule).
@@ -410,6 +423,10 @@ impl WriterTask {
                     set_meta(&mut self.conn, name, value).await?;
                     Done::Unit
                 }
+                Op::Audience { op, .. } => {
+                    audience::apply(&mut self.conn, op).await?;
+                    Done::Unit
+                }
             };
             done.push(d);
         }
@@ -427,6 +444,8 @@ fn reply(op: Op, result: Result<Done, StoreError>) {
             drop(reply.send(Ok(())))
         }
         (Op::Settle { reply, .. } | Op::SetMeta { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+        (Op::Audience { reply, .. }, Ok(Done::Unit)) => drop(reply.send(Ok(()))),
+        (Op::Audience { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
         (Op::Maintain { reply, .. }, Ok(Done::Maintain(m))) => drop(reply.send(Ok(m))),
         (Op::Maintain { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
         (Op::Replay { reply, .. } | Op::Purge { reply, .. }, Ok(Done::Count(n))) => {

@@ -1,0 +1,136 @@
+//! Identity resolution end to end: events whose ChurnZero ids are not known
+//! yet are held, released by the identify (or alias) that teaches the ids,
+//! and dead with reason `unresolved identity` once the retry budget is spent.
+
+mod common;
+
+use common::*;
+use serde_json::{Value, json};
+use std::time::Duration;
+
+fn tracks(actions: &[Value]) -> Vec<&Value> {
+    actions
+        .iter()
+        .filter(|a| a["action"] == "trackEvent")
+        .collect()
+}
+
+/// A track that carries no ids of its own.
+fn bare_track(key: &str, value: &str, event: &str) -> Value {
+    json!({"type": "track", key: value, "event": event,
+           "properties": {"description": event}})
+}
+
+#[tokio::test]
+async fn held_track_is_released_by_a_later_identify() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let base = format!("http://{}", server.addr);
+    let state = mock.state();
+
+    let (code, _) = post(
+        &base,
+        "/v1/track",
+        &bare_track("userId", "u9", "Opened App"),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let st = wait_status(&base, "held", 1).await;
+    assert_eq!(st["pending"], 0, "{st}");
+    assert_eq!(state.request_count(), 0, "nothing can be sent without ids");
+
+    let (code, _) = post(&base, "/v1/identify", &identify("u9", "acct-9")).await;
+    assert_eq!(code, 200);
+    let st = wait_status(&base, "delivered", 2).await;
+    assert_eq!(st["held"], 0, "{st}");
+    let actions = state.actions();
+    // The held track goes first: it was accepted before the identify.
+    assert_eq!(actions[0]["action"], "trackEvent", "{actions:?}");
+    assert_eq!(actions[0]["eventName"], "Opened App");
+    assert_eq!(actions[0]["accountExternalId"], "acct-9");
+    assert_eq!(actions[0]["contactExternalId"], "u9");
+    assert_eq!(actions[1]["action"], "setAttribute");
+    assert_eq!(actions[1]["attr_Email"], "u9@example.com");
+    server.shutdown().await;
+    mock.shutdown().await;
+}
+
+#[tokio::test]
+async fn alias_gives_anonymous_events_the_known_users_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let base = format!("http://{}", server.addr);
+    let state = mock.state();
+
+    // u7 is known; anon-7 browses before signing in.
+    post(&base, "/v1/identify", &identify("u7", "acct-7")).await;
+    wait_status(&base, "delivered", 1).await;
+    for event in ["Viewed Pricing", "Started Trial"] {
+        let (code, _) = post(
+            &base,
+            "/v1/track",
+            &bare_track("anonymousId", "anon-7", event),
+        )
+        .await;
+        assert_eq!(code, 200);
+    }
+    // The first waits for ids, the second queues behind it (order).
+    let st = wait_status(&base, "held", 1).await;
+    assert_eq!(st["pending"], 1, "{st}");
+
+    let alias = json!({"type": "alias", "userId": "u7", "previousId": "anon-7"});
+    let (code, _) = post(&base, "/v1/alias", &alias).await;
+    assert_eq!(code, 200);
+    let st = wait_status(&base, "delivered", 4).await;
+    assert_eq!(st["held"], 0, "{st}");
+    let actions = state.actions();
+    let t = tracks(&actions);
+    let names: Vec<&str> = t.iter().map(|a| a["eventName"].as_str().unwrap()).collect();
+    assert_eq!(names, ["Viewed Pricing", "Started Trial"]);
+    for a in t {
+        assert_eq!(a["accountExternalId"], "acct-7");
+        assert_eq!(a["contactExternalId"], "u7");
+    }
+    server.shutdown().await;
+    mock.shutdown().await;
+}
+
+#[tokio::test]
+async fn unresolved_identity_goes_dead_after_the_retry_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let mut s = settings(&dir.path().join("o.db"), &mock.url());
+    s.retry_budget = Duration::from_millis(500);
+    let server = start(s).await;
+    let base = format!("http://{}", server.addr);
+
+    let (code, _) = post(
+        &base,
+        "/v1/track",
+        &bare_track("userId", "stranger", "Clicked"),
+    )
+    .await;
+    assert_eq!(code, 200);
+    wait_status(&base, "held", 1).await;
+    // Maintenance (every few seconds) expires held events past the budget.
+    let st = wait_status(&base, "dead", 1).await;
+    assert_eq!(st["held"], 0, "{st}");
+    let dead: Value = client()
+        .get(format!("{base}/admin/dead"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let items = dead["dead"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{dead}");
+    assert_eq!(items[0]["reason"], "unresolved identity");
+    assert_eq!(items[0]["order_key"], "stranger");
+    assert_eq!(items[0]["event"]["event"], "Clicked");
+    assert_eq!(mock.state().request_count(), 0);
+    server.shutdown().await;
+    mock.shutdown().await;
+}

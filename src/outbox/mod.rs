@@ -3,9 +3,11 @@
 //! (status, identity look-ups, dead letters) use their own pool.
 
 mod read;
+mod recent_errors;
 mod writer;
 
-pub use read::{DeadLetter, DeadListFilter, OutboxStatus, Reader, SyncStatus};
+pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, SyncStatus};
+pub use recent_errors::RecentError;
 pub use writer::{
     ClaimedEvent, IdentityUpdate, IngestReceipt, NewEvent, SettleOutcome, Settlement, Writer,
     WriterConfig,

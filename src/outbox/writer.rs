@@ -775,6 +775,7 @@ async fn settle(
     }
     let (mut delivered, mut failed, mut retries) = (0i64, 0i64, 0i64);
     let mut last_error: Option<&str> = None;
+    let mut reports: Vec<(String, &'static str, i64)> = Vec::new();
     for s in items {
         match &s.outcome {
             SettleOutcome::Delivered => {
@@ -810,6 +811,7 @@ async fn settle(
                 failed += 1;
                 retries += 1;
                 last_error = Some(error);
+                note_error(&mut reports, error, "retry");
             }
             SettleOutcome::Held { error } => {
                 let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
@@ -841,6 +843,7 @@ async fn settle(
                 .map_err(db)?;
                 failed += 1;
                 last_error = Some(reason);
+                note_error(&mut reports, reason, "dead");
             }
         }
     }
@@ -856,7 +859,19 @@ async fn settle(
         set_meta(conn, "last_error", e).await?;
         set_meta(conn, "last_error_at", &now.to_string()).await?;
     }
+    super::recent_errors::record(conn, &reports, now).await?;
     Ok(())
+}
+
+/// Counts one event under its (error, outcome) for the recent-errors ring.
+fn note_error(reports: &mut Vec<(String, &'static str, i64)>, error: &str, outcome: &'static str) {
+    match reports
+        .iter_mut()
+        .find(|(e, o, _)| e == error && *o == outcome)
+    {
+        Some(r) => r.2 += 1,
+        None => reports.push((error.to_string(), outcome, 1)),
+    }
 }
 
 /// Makes the earliest queued event of each key the head when the key has
@@ -933,6 +948,14 @@ async fn maintain(
         .map_err(db)?;
     }
     report.held_expired = expired.len() as u64;
+    if !expired.is_empty() {
+        let reports = [(
+            "unresolved identity".to_string(),
+            "dead",
+            expired.len() as i64,
+        )];
+        super::recent_errors::record(conn, &reports, now).await?;
+    }
     promote(conn, expired.iter().map(|(_, k)| k.as_str()), now).await?;
 
     let r = sqlx::query(
@@ -980,12 +1003,13 @@ async fn replay(
             .await
             .map_err(db)?,
     };
-    // Replayed events go back as queued with a fresh budget; promotion then
+    // Replayed events go back as queued with a fresh budget and a fresh
+    // backoff (their history keeps the earlier attempts); promotion then
     // makes the earliest of each idle key its head, so order holds.
     for (id, _) in &targets {
         sqlx::query(
             "UPDATE events SET state = 5, next_attempt_at = ?, first_attempt_at = NULL, reason = NULL, \
-             finished_at = NULL WHERE id = ? AND state = 3",
+             finished_at = NULL, attempts = 0 WHERE id = ? AND state = 3",
         )
         .bind(now)
         .bind(id)

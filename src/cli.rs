@@ -291,10 +291,11 @@ pub fn format_status(s: &OutboxStatus) -> String {
     for e in &s.recent_errors {
         let _ = writeln!(
             o,
-            "  {}  {:<5} {:>6} events  {}",
+            "  {}  {:<5} {:>6} event{}  {}",
             e.at,
             e.outcome,
             count(e.events),
+            if e.events == 1 { " " } else { "s" },
             e.error
         );
     }

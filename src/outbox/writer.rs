@@ -672,7 +672,11 @@ async fn apply_identity(
     }
     for key in released {
         sqlx::query(
-            "UPDATE events SET state = 0, next_attempt_at = ? WHERE order_key = ? AND state = 4",
+            // `state IN (0, 1, 4, 5)` lets SQLite use the partial index
+            // events_key; `+state` keeps it off the (state, id) index, which
+            // would walk every held event.
+            "UPDATE events SET state = 0, next_attempt_at = ? \
+             WHERE order_key = ? AND state IN (0, 1, 4, 5) AND +state = 4",
         )
         .bind(now)
         .bind(&key)
@@ -710,7 +714,10 @@ async fn claim(
             break;
         }
         let followers: Vec<i64> = sqlx::query_scalar(
-            "SELECT id FROM events WHERE order_key = ? AND state = 5 ORDER BY id LIMIT ?",
+            // Partial index events_key, not a walk of every queued event
+            // (see apply_identity).
+            "SELECT id FROM events WHERE order_key = ? AND state IN (0, 1, 4, 5) AND +state = 5 \
+             ORDER BY id LIMIT ?",
         )
         .bind(key)
         .bind(room as i64)
@@ -884,11 +891,15 @@ async fn promote<'a>(
     let keys: Vec<&str> = keys.collect();
     for chunk in keys.chunks(2000) {
         let json = serde_json::to_string(chunk).expect("strings serialise");
+        // Both probes go through the partial index events_key (see
+        // apply_identity): O(keys), whatever the backlog.
         sqlx::query(
             "UPDATE events SET state = 0, next_attempt_at = ? WHERE id IN ( \
-               SELECT (SELECT e.id FROM events e WHERE e.order_key = j.value AND e.state = 5 ORDER BY e.id LIMIT 1) \
+               SELECT (SELECT e.id FROM events e WHERE e.order_key = j.value \
+                       AND e.state IN (0, 1, 4, 5) AND +e.state = 5 ORDER BY e.id LIMIT 1) \
                FROM json_each(?) j \
-               WHERE NOT EXISTS (SELECT 1 FROM events x WHERE x.order_key = j.value AND x.state IN (0, 1, 4)))",
+               WHERE NOT EXISTS (SELECT 1 FROM events x WHERE x.order_key = j.value \
+                       AND x.state IN (0, 1, 4, 5) AND +x.state IN (0, 1, 4)))",
         )
         .bind(now)
         .bind(json)

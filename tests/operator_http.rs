@@ -426,3 +426,28 @@ async fn replayed_events_are_delivered_after_churnzero_recovers() {
     assert_eq!(code, 404);
     env.stop().await;
 }
+
+#[tokio::test]
+async fn held_events_that_expire_are_dead_and_listed_among_recent_errors() {
+    // Ids never arrive: after the budget the maintenance pass (every 5 s)
+    // makes the held event dead, and operators see why.
+    let env = env_with(|s| s.retry_budget = Duration::from_millis(200)).await;
+    let (code, _) = post(
+        &env.base,
+        "/v1/track",
+        &json!({"type": "track", "userId": "stranger", "event": "Unknown"}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    wait_status(&env.base, "held", 1).await;
+    let s = wait_status(&env.base, "dead", 1).await;
+    assert_eq!(s["held"], 0);
+    assert_eq!(s["oldest_held_age_seconds"], 0.0);
+    let errors = s["recent_errors"].as_array().unwrap();
+    assert_eq!(errors[0]["error"], "unresolved identity", "{s}");
+    assert_eq!(errors[0]["outcome"], "dead");
+    assert_eq!(errors[0]["events"], 1);
+    let (_, list) = get(&env.base, "/admin/dead?reason=unresolved").await;
+    assert_eq!(list["dead"][0]["order_key"], "stranger");
+    env.stop().await;
+}

@@ -3,7 +3,7 @@
 
 use crate::config::{LogFormat, ServeArgs};
 use crate::outbox::{self, DeadListFilter, OutboxStatus};
-use anyhow::{Context, bail};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
@@ -62,35 +62,44 @@ pub struct DeadArgs {
     pub command: DeadCommand,
 }
 
-/// Which dead events a replay or purge acts on.
+/// Which dead events a replay or purge acts on: ids, everything, or a
+/// range of death times optionally narrowed by reason text.
 #[derive(clap::Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true)
+    .args(["ids", "all", "since", "until", "reason"])))]
 pub struct DeadSelection {
-    /// Dead event ids.
+    /// Dead event ids (all must be dead events, else nothing changes).
+    #[arg(value_name = "ID")]
     pub ids: Vec<i64>,
     /// Every dead event.
-    #[arg(long, conflicts_with = "ids")]
+    #[arg(long, conflicts_with_all = ["ids", "since", "until", "reason"])]
     pub all: bool,
-    /// Dead events that died at or after this time (RFC 3339).
-    #[arg(long, conflicts_with_all = ["ids", "all"])]
+    /// Dead events that died at or after this time (RFC 3339, or an age such as `2h`).
+    #[arg(long, conflicts_with = "ids")]
     pub since: Option<String>,
-    /// Dead events that died before this time (RFC 3339).
-    #[arg(long, conflicts_with_all = ["ids", "all"])]
+    /// Dead events that died before this time (RFC 3339, or an age such as `30m`).
+    #[arg(long, conflicts_with = "ids")]
     pub until: Option<String>,
+    /// Dead events whose reason contains this text (case-insensitive).
+    #[arg(long, conflicts_with = "ids")]
+    pub reason: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]
 pub enum DeadCommand {
-    /// List dead events, oldest first.
+    /// List dead events, oldest first, a page at a time.
     List {
+        /// Died at or after this time (RFC 3339, or an age such as `2h`).
         #[arg(long)]
         since: Option<String>,
+        /// Died before this time (RFC 3339, or an age such as `30m`).
         #[arg(long)]
         until: Option<String>,
         /// Only reasons containing this text (case-insensitive).
         #[arg(long)]
         reason: Option<String>,
         /// Page size.
-        #[arg(long, default_value_t = 50)]
+        #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(i64).range(1..=10_000))]
         limit: i64,
         /// Start after this id (the previous page's last id).
         #[arg(long)]
@@ -98,9 +107,10 @@ pub enum DeadCommand {
     },
     /// Show one dead event: the event, its attempts and the reason.
     Show { id: i64 },
-    /// Send dead events again through the normal delivery path.
+    /// Send dead events again through the normal delivery path (a running
+    /// server picks them up; they keep their payload and ordering key).
     Replay(DeadSelection),
-    /// Delete dead events.
+    /// Delete dead events for good.
     Purge(DeadSelection),
 }
 
@@ -110,6 +120,7 @@ pub fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),
@@ -148,66 +159,178 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-fn time_or_dash(t: &Option<String>) -> &str {
-    t.as_deref().unwrap_or("-")
+/// Numbers as operators read them in a table: `12 345`.
+fn count(n: i64) -> String {
+    let digits = n.unsigned_abs().to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(' ');
+        }
+        out.push(c);
+    }
+    if n < 0 { format!("-{out}") } else { out }
 }
 
-/// The status as a readable table.
+/// `95s` -> `1m 35s`: ages at a glance.
+fn age(seconds: f64) -> String {
+    let s = seconds.max(0.0).round() as u64;
+    match s {
+        0..60 => format!("{:.1}s", seconds.max(0.0)),
+        60..3600 => format!("{}m {}s", s / 60, s % 60),
+        3600..86400 => format!("{}h {}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{}d {}h", s / 86400, (s % 86400) / 3600),
+    }
+}
+
+/// A time with how long ago (or how far ahead) it is from `now`.
+fn when(t: &Option<String>, now: chrono::DateTime<chrono::Utc>) -> String {
+    let Some(text) = t else {
+        return "-".into();
+    };
+    match chrono::DateTime::parse_from_rfc3339(text) {
+        Ok(at) => {
+            let d = (now - at.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0;
+            if d >= 0.0 {
+                format!("{text} ({} ago)", age(d))
+            } else {
+                format!("{text} (in {})", age(-d))
+            }
+        }
+        Err(_) => text.clone(),
+    }
+}
+
+/// One line of bars for a per-minute series, scaled to its own maximum.
+fn sparkline(values: impl Iterator<Item = i64> + Clone) -> String {
+    const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+    let max = values.clone().max().unwrap_or(0);
+    values
+        .map(|v| {
+            if v <= 0 || max == 0 {
+                ' '
+            } else {
+                BARS[((v * 7 + max - 1) / max).clamp(0, 7) as usize]
+            }
+        })
+        .collect()
+}
+
+/// The status as a readable table (`status` without `--json`).
 pub fn format_status(s: &OutboxStatus) -> String {
-    let mut out = String::new();
-    let row = |out: &mut String, k: &str, v: String| out.push_str(&format!("{k:<28}{v}\n"));
-    row(&mut out, "pending", s.pending.to_string());
-    row(&mut out, "in flight", s.in_flight.to_string());
-    row(&mut out, "held (identity)", s.held.to_string());
-    row(&mut out, "delivered", s.delivered.to_string());
-    row(&mut out, "dead", s.dead.to_string());
-    row(&mut out, "accepted", s.accepted.to_string());
-    row(&mut out, "filtered", s.filtered.to_string());
-    row(&mut out, "duplicates", s.duplicates.to_string());
-    row(&mut out, "retries", s.retries.to_string());
-    row(
-        &mut out,
-        "oldest pending age",
-        format!("{:.1}s", s.oldest_pending_age_seconds),
+    use std::fmt::Write;
+    let now = chrono::DateTime::parse_from_rfc3339(&s.generated_at)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .unwrap_or_else(|_| chrono::Utc::now());
+    let mut o = String::new();
+    let _ = writeln!(o, "churnzero-forwarder outbox at {}", s.generated_at);
+    let _ = writeln!(o);
+    let _ = writeln!(o, "EVENTS");
+    let pending_note = if s.pending + s.in_flight > 0 {
+        format!("oldest {}", age(s.oldest_pending_age_seconds))
+    } else {
+        String::new()
+    };
+    let held_note = if s.held > 0 {
+        format!(
+            "oldest {}, waiting for identity",
+            age(s.oldest_held_age_seconds)
+        )
+    } else {
+        String::new()
+    };
+    let rows = [
+        ("pending", s.pending, pending_note),
+        ("in flight", s.in_flight, String::new()),
+        ("held", s.held, held_note),
+        (
+            "delivered",
+            s.delivered,
+            format!("last {}", when(&s.last_delivery_at, now)),
+        ),
+        (
+            "dead",
+            s.dead,
+            if s.dead > 0 {
+                "see `dead list`".to_string()
+            } else {
+                String::new()
+            },
+        ),
+    ];
+    for (name, n, note) in rows {
+        let line = format!("  {name:<12}{:>12}   {note}", count(n));
+        let _ = writeln!(o, "{}", line.trim_end());
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "TOTALS");
+    let _ = writeln!(
+        o,
+        "  accepted {}   filtered {}   duplicates {}   retries {}",
+        count(s.accepted),
+        count(s.filtered),
+        count(s.duplicates),
+        count(s.retries)
     );
-    row(
-        &mut out,
-        "last delivery",
-        time_or_dash(&s.last_delivery_at).to_string(),
+    let _ = writeln!(o);
+    let _ = writeln!(o, "LAST HOUR (per minute, oldest left)");
+    let series = |f: fn(&crate::outbox::MinuteStat) -> i64| {
+        let values = s.per_minute.iter().map(f);
+        (sparkline(values.clone()), values.sum::<i64>())
+    };
+    for (name, f) in [
+        (
+            "accepted",
+            (|m| m.accepted) as fn(&crate::outbox::MinuteStat) -> i64,
+        ),
+        ("delivered", |m| m.delivered),
+        ("failed", |m| m.failed),
+    ] {
+        let (line, total) = series(f);
+        let _ = writeln!(o, "  {name:<10}{:>8}  |{line}|", count(total));
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "RECENT ERRORS");
+    if s.recent_errors.is_empty() {
+        let _ = writeln!(o, "  none");
+    }
+    for e in &s.recent_errors {
+        let _ = writeln!(
+            o,
+            "  {}  {:<5} {:>6} event{}  {}",
+            e.at,
+            e.outcome,
+            count(e.events),
+            if e.events == 1 { " " } else { "s" },
+            e.error
+        );
+    }
+    let _ = writeln!(o);
+    let _ = writeln!(o, "AUDIENCE SYNC");
+    let _ = writeln!(o, "  last run          {}", when(&s.sync.last_run_at, now));
+    let _ = writeln!(o, "  next run          {}", when(&s.sync.next_run_at, now));
+    let _ = writeln!(o, "  pending contacts  {}", count(s.sync.pending_contacts));
+    let _ = writeln!(
+        o,
+        "  last result       {} sent, {} skipped as unchanged",
+        count(s.sync.last_run_sent),
+        count(s.sync.last_run_skipped)
     );
-    row(
-        &mut out,
-        "last error",
-        match (&s.last_error, &s.last_error_at) {
-            (Some(e), Some(t)) => format!("{t} {e}"),
-            (Some(e), None) => e.clone(),
-            _ => "-".into(),
-        },
-    );
-    row(
-        &mut out,
-        "sync last run",
-        time_or_dash(&s.sync.last_run_at).to_string(),
-    );
-    row(
-        &mut out,
-        "sync next run",
-        time_or_dash(&s.sync.next_run_at).to_string(),
-    );
-    row(
-        &mut out,
-        "sync pending contacts",
-        s.sync.pending_contacts.to_string(),
-    );
-    row(
-        &mut out,
-        "sync last run sent/skipped",
-        format!("{}/{}", s.sync.last_run_sent, s.sync.last_run_skipped),
-    );
-    out
+    o
+}
+
+fn require_database(path: &std::path::Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        bail!(
+            "no database at {} (set --database or FORWARDER_DATABASE)",
+            path.display()
+        );
+    }
+    Ok(())
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {
+    require_database(&args.database)?;
     let reader = outbox::open_reader(&args.database).await?;
     let s = reader.status().await?;
     if args.json {
@@ -218,15 +341,22 @@ async fn status(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// RFC 3339, or an age (`2h`) meaning that long before now.
 fn parse_time(name: &str, v: &Option<String>) -> anyhow::Result<Option<i64>> {
-    match v {
-        None => Ok(None),
-        Some(s) => crate::segment::parse_timestamp(&serde_json::Value::String(s.clone()))
-            .map(|t| Some(t.timestamp_millis()))
-            .with_context(|| format!("--{name} `{s}` is not an RFC 3339 timestamp")),
+    let Some(s) = v else {
+        return Ok(None);
+    };
+    if let Some(t) = crate::segment::parse_timestamp(&serde_json::Value::String(s.clone())) {
+        return Ok(Some(t.timestamp_millis()));
     }
+    if let Ok(d) = crate::config::parse_duration(s) {
+        return Ok(Some(outbox::now_ms() - d.as_millis() as i64));
+    }
+    bail!("--{name} `{s}` is neither an RFC 3339 time nor an age such as `2h`")
 }
 
+/// The ids a selection names (`None` for every dead event). Explicit ids
+/// must all be dead events: otherwise nothing is changed.
 async fn selected_ids(
     reader: &outbox::Reader,
     sel: &DeadSelection,
@@ -235,20 +365,74 @@ async fn selected_ids(
         return Ok(None);
     }
     if !sel.ids.is_empty() {
-        return Ok(Some(sel.ids.clone()));
+        let mut wanted = sel.ids.clone();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let found = reader.dead_existing(&wanted).await?;
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|id| found.binary_search(id).is_err())
+            .map(i64::to_string)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "not dead events: {}; nothing was changed",
+                missing.join(", ")
+            );
+        }
+        return Ok(Some(wanted));
     }
-    if sel.since.is_some() || sel.until.is_some() {
-        let f = DeadListFilter {
-            since_ms: parse_time("since", &sel.since)?,
-            until_ms: parse_time("until", &sel.until)?,
-            ..Default::default()
-        };
-        return Ok(Some(reader.dead_ids(&f).await?));
+    let f = DeadListFilter {
+        since_ms: parse_time("since", &sel.since)?,
+        until_ms: parse_time("until", &sel.until)?,
+        reason_contains: sel.reason.clone(),
+        ..Default::default()
+    };
+    Ok(Some(reader.dead_ids(&f).await?))
+}
+
+fn format_dead(d: &crate::outbox::DeadLetter) -> String {
+    use std::fmt::Write;
+    let mut o = String::new();
+    let rows = [
+        ("id", d.id.to_string()),
+        ("message id", d.message_id.clone()),
+        ("type", d.kind.clone()),
+        ("user (order key)", d.order_key.clone()),
+        ("accepted at", d.accepted_at.clone()),
+        ("died at", d.died_at.clone().unwrap_or_else(|| "-".into())),
+        ("attempts", d.attempts.to_string()),
+        ("reason", d.reason.clone()),
+    ];
+    for (k, v) in rows {
+        let _ = writeln!(o, "{k:<18}{v}");
     }
-    bail!("say which dead events: IDs, --all, or --since/--until")
+    let _ = writeln!(o, "\nATTEMPTS (oldest first)");
+    match d.history.as_array() {
+        Some(h) if !h.is_empty() => {
+            for entry in h {
+                let at = entry["at"].as_str().unwrap_or("-");
+                let what = entry["error"]
+                    .as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| entry.to_string());
+                let _ = writeln!(o, "  {at}  {what}");
+            }
+        }
+        _ => {
+            let _ = writeln!(o, "  none recorded");
+        }
+    }
+    let _ = writeln!(o, "\nEVENT (replayed as is)");
+    let pretty = serde_json::to_string_pretty(&d.event).unwrap_or_default();
+    for line in pretty.lines() {
+        let _ = writeln!(o, "  {line}");
+    }
+    o
 }
 
 async fn dead(args: DeadArgs) -> anyhow::Result<()> {
+    require_database(&args.database)?;
     match args.command {
         DeadCommand::List {
             since,
@@ -266,34 +450,40 @@ async fn dead(args: DeadArgs) -> anyhow::Result<()> {
                 limit,
             };
             let items = reader.dead_list(&f).await?;
+            let next = (items.len() as i64 == limit)
+                .then(|| items.last().map(|d| d.id))
+                .flatten();
             if args.json {
-                println!("{}", serde_json::to_string_pretty(&items)?);
+                let page = serde_json::json!({ "dead": items, "next_after": next });
+                println!("{}", serde_json::to_string_pretty(&page)?);
             } else if items.is_empty() {
                 println!("no dead events");
             } else {
                 println!(
-                    "{:<8} {:<24} {:<9} {:<20} reason",
-                    "id", "died at", "type", "user"
+                    "{:>8}  {:<24}  {:<8}  {:<20}  {:>8}  reason",
+                    "id", "died at", "type", "user", "attempts"
                 );
                 for d in &items {
                     println!(
-                        "{:<8} {:<24} {:<9} {:<20} {}",
+                        "{:>8}  {:<24}  {:<8}  {:<20}  {:>8}  {}",
                         d.id,
                         d.died_at.as_deref().unwrap_or("-"),
                         d.kind,
                         d.order_key,
+                        d.attempts,
                         d.reason
                     );
                 }
-                if items.len() as i64 == limit {
-                    println!("more: --after {}", items.last().map(|d| d.id).unwrap_or(0));
+                if let Some(n) = next {
+                    println!("more: dead list --after {n}");
                 }
             }
         }
         DeadCommand::Show { id } => {
             let reader = outbox::open_reader(&args.database).await?;
             match reader.dead_show(id).await? {
-                Some(d) => println!("{}", serde_json::to_string_pretty(&d)?),
+                Some(d) if args.json => println!("{}", serde_json::to_string_pretty(&d)?),
+                Some(d) => print!("{}", format_dead(&d)),
                 None => bail!("no dead event with id {id}"),
             }
         }
@@ -301,14 +491,73 @@ async fn dead(args: DeadArgs) -> anyhow::Result<()> {
             let ob = outbox::open_cli_writer(&args.database, Default::default()).await?;
             let ids = selected_ids(&ob.reader, &sel).await?;
             let n = ob.writer.replay(ids).await?;
-            println!("replayed {n} dead events; a running server delivers them");
+            if args.json {
+                println!("{}", serde_json::json!({ "replayed": n }));
+            } else {
+                println!(
+                    "replayed {n} dead event{}; a running server delivers {}",
+                    if n == 1 { "" } else { "s" },
+                    if n == 1 { "it" } else { "them" }
+                );
+            }
         }
         DeadCommand::Purge(sel) => {
             let ob = outbox::open_cli_writer(&args.database, Default::default()).await?;
             let ids = selected_ids(&ob.reader, &sel).await?;
             let n = ob.writer.purge(ids).await?;
-            println!("purged {n} dead events");
+            if args.json {
+                println!("{}", serde_json::json!({ "purged": n }));
+            } else {
+                println!("purged {n} dead event{}", if n == 1 { "" } else { "s" });
+            }
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counts_and_ages_read_well() {
+        assert_eq!(count(0), "0");
+        assert_eq!(count(1234567), "1 234 567");
+        assert_eq!(count(-1000), "-1 000");
+        assert_eq!(age(3.25), "3.2s");
+        assert_eq!(age(95.0), "1m 35s");
+        assert_eq!(age(7260.0), "2h 1m");
+        assert_eq!(age(90000.0), "1d 1h");
+    }
+
+    #[test]
+    fn sparkline_scales_to_its_maximum() {
+        let line = sparkline([0, 1, 4, 8].into_iter());
+        assert_eq!(line.chars().count(), 4);
+        assert!(line.starts_with(' '));
+        assert!(line.ends_with('█'));
+    }
+
+    #[test]
+    fn selections_need_a_selector() {
+        assert!(Cli::try_parse_from(["churnzero-forwarder", "dead", "replay"]).is_err());
+        assert!(
+            Cli::try_parse_from(["churnzero-forwarder", "dead", "replay", "--all", "3"]).is_err()
+        );
+        assert!(
+            Cli::try_parse_from(["churnzero-forwarder", "dead", "purge", "--since", "2h"]).is_ok()
+        );
+        assert!(
+            Cli::try_parse_from([
+                "churnzero-forwarder",
+                "dead",
+                "replay",
+                "--since",
+                "2h",
+                "--until",
+                "1h"
+            ])
+            .is_ok()
+        );
+    }
 }

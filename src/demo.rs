@@ -159,9 +159,11 @@ async fn run_in(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         }
         println!("  {shown}");
     }
+    let status: crate::outbox::OutboxStatus =
+        serde_json::from_value(status).context("reading GET /status")?;
     println!(
-        "\nfinal status (GET /status):\n{}",
-        serde_json::to_string_pretty(&status)?
+        "\nfinal status (GET /status; `status --json` prints it as JSON):\n\n{}",
+        crate::cli::format_status(&status)
     );
     println!(
         "\ndelivered {expected} of {expected} events in {:.2}s",

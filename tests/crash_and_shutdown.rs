@@ -139,9 +139,22 @@ async fn sigterm_while_churnzero_hangs_exits_zero_and_the_next_start_delivers() 
     .await;
     let started = Instant::now();
     server.sigterm();
-    // /readyz turns 503 (or the listener is already closed) while draining.
-    let ready = client().get(format!("{}/readyz", server.base)).send().await;
-    assert!(ready.map(|r| r.status().as_u16() == 503).unwrap_or(true));
+    // /readyz turns 503 (or the listener closes) once the signal is handled.
+    let base = server.base.clone();
+    wait_for(
+        "/readyz to stop answering 200",
+        Duration::from_secs(10),
+        || {
+            let base = base.clone();
+            async move {
+                match client().get(format!("{base}/readyz")).send().await {
+                    Ok(r) if r.status().is_success() => None,
+                    _ => Some(()),
+                }
+            }
+        },
+    )
+    .await;
     let mut child = std::mem::replace(
         &mut server.child,
         std::process::Command::new("true").spawn().unwrap(),

@@ -330,9 +330,10 @@ fn send_isolating<'a>(
             SendOutcome::Accepted { status } => {
                 ctx.gate.success();
                 tracing::info!(
+                    outcome = "delivered",
                     status,
                     actions = actions.len(),
-                    ms = took.as_millis() as u64,
+                    duration_ms = took.as_millis() as u64,
                     "churnzero request delivered"
                 );
                 metrics::counter!("churnzero_requests_total", "outcome" => "delivered")
@@ -347,7 +348,7 @@ fn send_isolating<'a>(
                 retry_after,
             } => {
                 ctx.gate.failure(status, retry_after);
-                tracing::warn!(status, actions = actions.len(), ms = took.as_millis() as u64, %error, "churnzero request failed, will retry");
+                tracing::warn!(outcome = "retry", status, actions = actions.len(), duration_ms = took.as_millis() as u64, %error, "churnzero request failed, will retry");
                 metrics::counter!("churnzero_requests_total", "outcome" => "retry").increment(1);
                 for u in &units {
                     fates[u.index] = Some(Fate::Retry {
@@ -359,7 +360,7 @@ fn send_isolating<'a>(
             }
             SendOutcome::Rejected { status, error } => {
                 ctx.gate.success();
-                tracing::warn!(status, actions = actions.len(), ms = took.as_millis() as u64, %error, "churnzero refused the request");
+                tracing::warn!(outcome = "rejected", status, actions = actions.len(), duration_ms = took.as_millis() as u64, %error, "churnzero refused the request");
                 metrics::counter!("churnzero_requests_total", "outcome" => "rejected").increment(1);
                 if units.len() == 1 {
                     fates[units[0].index] =
@@ -404,7 +405,11 @@ fn settlements(ctx: &Context, batch: &[ClaimedEvent], fates: Vec<Fate>) -> Vec<S
             };
             match &outcome {
                 SettleOutcome::Delivered => {
-                    metrics::counter!("events_delivered_total").increment(1)
+                    metrics::counter!("events_delivered_total").increment(1);
+                    // Acceptance to delivery, replays and retries included:
+                    // what a user of the data waits.
+                    metrics::histogram!("delivery_latency_seconds")
+                        .record((now - e.accepted_at).max(0) as f64 / 1000.0);
                 }
                 SettleOutcome::Dead { .. } => metrics::counter!("events_dead_total").increment(1),
                 SettleOutcome::Retry { .. } => {

@@ -1,55 +1,374 @@
-//! Prometheus exposition. Counters are recorded where things happen; the
-//! outbox gauges are refreshed from the status counters at scrape time, so a
-//! scrape costs the same as `/status`.
+//! Prometheus exposition. Counters and histograms are recorded where things
+//! happen (ingest, delivery); the outbox gauges are refreshed from the status
+//! counters at scrape time, so a scrape costs the same as `/status` and never
+//! scans the backlog.
+//!
+//! Every metric is exported under the `churnzero_forwarder_` prefix (the
+//! recorder adds it, so the code records short names such as
+//! `events_accepted_total`). [`METRICS`] lists them all with their help text.
 
 use super::OperatorState;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+use metrics_exporter_prometheus::{
+    Matcher, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+};
 use std::sync::OnceLock;
+use std::time::Duration;
+
+/// The namespace of every exported metric.
+pub const PREFIX: &str = "churnzero_forwarder_";
+
+/// What a metric is, for its `# TYPE` line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric this service exports (without the prefix), its kind and its
+/// help text. Kept in one place so the docs and the `# HELP` lines agree.
+pub const METRICS: &[(&str, Kind, &str)] = &[
+    (
+        "ingest_requests_total",
+        Kind::Counter,
+        "Segment API requests answered, by HTTP status.",
+    ),
+    (
+        "events_accepted_total",
+        Kind::Counter,
+        "Events durably stored in the outbox.",
+    ),
+    (
+        "events_rejected_total",
+        Kind::Counter,
+        "Events refused by validation (not stored).",
+    ),
+    (
+        "events_filtered_total",
+        Kind::Counter,
+        "Events acknowledged but not forwarded because of their integrations object.",
+    ),
+    (
+        "events_duplicate_total",
+        Kind::Counter,
+        "Events acknowledged but not stored again: messageId seen within the dedup window.",
+    ),
+    (
+        "events_delivered_total",
+        Kind::Counter,
+        "Events settled as delivered to ChurnZero.",
+    ),
+    (
+        "events_retried_total",
+        Kind::Counter,
+        "Failed delivery attempts scheduled for another try.",
+    ),
+    (
+        "events_dead_total",
+        Kind::Counter,
+        "Events that became dead letters.",
+    ),
+    (
+        "events_held_total",
+        Kind::Counter,
+        "Times an event was held waiting for its identity.",
+    ),
+    (
+        "churnzero_requests_total",
+        Kind::Counter,
+        "Requests to ChurnZero, by outcome: delivered, retry or rejected.",
+    ),
+    (
+        "churnzero_request_duration_seconds",
+        Kind::Histogram,
+        "Duration of one request to ChurnZero.",
+    ),
+    (
+        "churnzero_pauses_total",
+        Kind::Counter,
+        "Times the delivery pool paused because ChurnZero was failing or rate limiting.",
+    ),
+    (
+        "delivery_latency_seconds",
+        Kind::Histogram,
+        "Time from acceptance to delivery of an event.",
+    ),
+    (
+        "outbox_events",
+        Kind::Gauge,
+        "Events in the outbox by state: pending, in_flight, held, dead.",
+    ),
+    (
+        "outbox_oldest_pending_age_seconds",
+        Kind::Gauge,
+        "Age of the oldest event waiting for delivery (0 when none).",
+    ),
+    (
+        "outbox_oldest_held_age_seconds",
+        Kind::Gauge,
+        "Age of the oldest event waiting for its identity (0 when none).",
+    ),
+    (
+        "last_delivery_timestamp_seconds",
+        Kind::Gauge,
+        "Unix time of the last delivery (0 before the first).",
+    ),
+    (
+        "sync_pending_contacts",
+        Kind::Gauge,
+        "Contacts with audience updates waiting for the next sync.",
+    ),
+    (
+        "sync_last_run_sent",
+        Kind::Gauge,
+        "Attribute updates the last audience sync sent.",
+    ),
+    (
+        "sync_last_run_skipped",
+        Kind::Gauge,
+        "Attribute updates the last audience sync skipped as unchanged.",
+    ),
+    (
+        "sync_last_run_timestamp_seconds",
+        Kind::Gauge,
+        "Unix time of the last audience sync (0 before the first).",
+    ),
+    (
+        "sync_next_run_timestamp_seconds",
+        Kind::Gauge,
+        "Unix time of the next scheduled audience sync (0 when unknown).",
+    ),
+    (
+        "outbox_commit_duration_seconds",
+        Kind::Histogram,
+        "Duration of one outbox transaction (a group commit of many requests), fsync included.",
+    ),
+    (
+        "sync_runs_total",
+        Kind::Counter,
+        "Audience sync windows run.",
+    ),
+    (
+        "sync_run_duration_seconds",
+        Kind::Histogram,
+        "Duration of one audience sync window, pacing included.",
+    ),
+    (
+        "sync_requests_total",
+        Kind::Counter,
+        "Audience sync requests to ChurnZero, by outcome.",
+    ),
+    (
+        "sync_actions_sent_total",
+        Kind::Counter,
+        "Contact setAttribute actions the audience sync delivered.",
+    ),
+    (
+        "sync_values_sent_total",
+        Kind::Counter,
+        "Audience attribute values delivered.",
+    ),
+    (
+        "sync_values_skipped_total",
+        Kind::Counter,
+        "Audience attribute values not sent because ChurnZero already has them.",
+    ),
+    (
+        "sync_values_dropped_total",
+        Kind::Counter,
+        "Audience attribute values ChurnZero refused for good.",
+    ),
+    (
+        "sync_unresolved_users",
+        Kind::Gauge,
+        "Users with audience updates whose ids are not known yet.",
+    ),
+];
+
+/// Buckets of the ChurnZero request duration: milliseconds to the timeout.
+const REQUEST_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+/// Buckets of the acceptance-to-delivery latency: from a flush interval to
+/// the retry budget.
+/// Buckets of one outbox transaction: sub-millisecond to a slow disk.
+const COMMIT_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+/// Buckets of one audience sync window: seconds to hours.
+const SYNC_RUN_BUCKETS: &[f64] = &[
+    1.0, 10.0, 60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0,
+];
+const LATENCY_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0, 14400.0, 86400.0,
+];
+
+/// Adds [`PREFIX`] to every metric name on its way to the exporter.
+struct Prefixed(PrometheusRecorder);
+
+fn prefixed(name: &str) -> String {
+    format!("{PREFIX}{name}")
+}
+
+impl Recorder for Prefixed {
+    fn describe_counter(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0
+            .describe_counter(prefixed(key.as_str()).into(), unit, description)
+    }
+    fn describe_gauge(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0
+            .describe_gauge(prefixed(key.as_str()).into(), unit, description)
+    }
+    fn describe_histogram(&self, key: KeyName, unit: Option<Unit>, description: SharedString) {
+        self.0
+            .describe_histogram(prefixed(key.as_str()).into(), unit, description)
+    }
+    fn register_counter(&self, key: &Key, metadata: &Metadata<'_>) -> Counter {
+        self.0.register_counter(
+            &Key::from_parts(prefixed(key.name()), key.labels()),
+            metadata,
+        )
+    }
+    fn register_gauge(&self, key: &Key, metadata: &Metadata<'_>) -> Gauge {
+        self.0.register_gauge(
+            &Key::from_parts(prefixed(key.name()), key.labels()),
+            metadata,
+        )
+    }
+    fn register_histogram(&self, key: &Key, metadata: &Metadata<'_>) -> Histogram {
+        self.0.register_histogram(
+            &Key::from_parts(prefixed(key.name()), key.labels()),
+            metadata,
+        )
+    }
+}
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
 /// Installs the process-wide recorder once; later calls return the same
-/// handle (tests start many servers in one process).
+/// handle (tests start many servers in one process). Counters start at zero
+/// so that dashboards and alerts see every series from the first scrape.
 pub fn install() -> Option<PrometheusHandle> {
     HANDLE
         .get_or_init(|| {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
-                    metrics_exporter_prometheus::Matcher::Suffix("seconds".into()),
-                    &[
-                        0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                        300.0, 1800.0,
-                    ],
+                    Matcher::Full(prefixed("churnzero_request_duration_seconds")),
+                    REQUEST_BUCKETS,
+                )
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full(prefixed("delivery_latency_seconds")),
+                    LATENCY_BUCKETS,
+                )
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full(prefixed("outbox_commit_duration_seconds")),
+                    COMMIT_BUCKETS,
+                )
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full(prefixed("sync_run_duration_seconds")),
+                    SYNC_RUN_BUCKETS,
                 )
                 .ok()?
                 .build_recorder();
             let handle = recorder.handle();
-            metrics::set_global_recorder(recorder).ok()?;
+            metrics::set_global_recorder(Prefixed(recorder)).ok()?;
+            describe_all();
+            // Histogram samples are buffered until upkeep folds them in;
+            // without a scrape they would pile up, so fold them regularly.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("metrics-upkeep".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Duration::from_secs(5));
+                        upkeep.run_upkeep();
+                    }
+                })
+                .ok()?;
             Some(handle)
         })
         .clone()
+}
+
+fn describe_all() {
+    for (name, kind, help) in METRICS {
+        let unit = name.ends_with("_seconds").then_some(Unit::Seconds);
+        let name = KeyName::from_const_str(name);
+        metrics::with_recorder(|r| match kind {
+            Kind::Counter => r.describe_counter(name, unit, (*help).into()),
+            Kind::Gauge => r.describe_gauge(name, unit, (*help).into()),
+            Kind::Histogram => r.describe_histogram(name, unit, (*help).into()),
+        });
+    }
+    for name in [
+        "events_accepted_total",
+        "events_rejected_total",
+        "events_filtered_total",
+        "events_duplicate_total",
+        "events_delivered_total",
+        "events_retried_total",
+        "events_dead_total",
+        "events_held_total",
+        "churnzero_pauses_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for outcome in ["delivered", "retry", "rejected"] {
+        metrics::counter!("churnzero_requests_total", "outcome" => outcome).increment(0);
+    }
+}
+
+fn unix_seconds(t: &Option<String>) -> f64 {
+    t.as_deref()
+        .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+        .map(|t| t.timestamp_millis() as f64 / 1000.0)
+        .unwrap_or(0.0)
 }
 
 pub(super) async fn render(State(state): State<OperatorState>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
     };
-    if let Ok(s) = state.outbox.reader.status().await {
-        metrics::gauge!("outbox_events", "state" => "pending").set(s.pending as f64);
-        metrics::gauge!("outbox_events", "state" => "in_flight").set(s.in_flight as f64);
-        metrics::gauge!("outbox_events", "state" => "held").set(s.held as f64);
-        metrics::gauge!("outbox_events", "state" => "dead").set(s.dead as f64);
-        metrics::gauge!("outbox_delivered_total").set(s.delivered as f64);
-        metrics::gauge!("outbox_oldest_pending_age_seconds").set(s.oldest_pending_age_seconds);
-        metrics::gauge!("sync_pending_contacts").set(s.sync.pending_contacts as f64);
-        metrics::gauge!("sync_last_run_sent").set(s.sync.last_run_sent as f64);
-        metrics::gauge!("sync_last_run_skipped").set(s.sync.last_run_skipped as f64);
+    match state.outbox.reader.status().await {
+        Ok(s) => {
+            for (label, n) in [
+                ("pending", s.pending),
+                ("in_flight", s.in_flight),
+                ("held", s.held),
+                ("dead", s.dead),
+            ] {
+                metrics::gauge!("outbox_events", "state" => label).set(n as f64);
+            }
+            metrics::gauge!("outbox_oldest_pending_age_seconds").set(s.oldest_pending_age_seconds);
+            metrics::gauge!("outbox_oldest_held_age_seconds").set(s.oldest_held_age_seconds);
+            metrics::gauge!("last_delivery_timestamp_seconds")
+                .set(unix_seconds(&s.last_delivery_at));
+            metrics::gauge!("sync_pending_contacts").set(s.sync.pending_contacts as f64);
+            metrics::gauge!("sync_last_run_sent").set(s.sync.last_run_sent as f64);
+            metrics::gauge!("sync_last_run_skipped").set(s.sync.last_run_skipped as f64);
+            metrics::gauge!("sync_last_run_timestamp_seconds")
+                .set(unix_seconds(&s.sync.last_run_at));
+            metrics::gauge!("sync_next_run_timestamp_seconds")
+                .set(unix_seconds(&s.sync.next_run_at));
+        }
+        Err(e) => {
+            // Still serve the counters: a scrape that fails entirely hides
+            // the very errors an operator needs to see.
+            tracing::warn!(error = %e, "reading the outbox for /metrics failed");
+        }
     }
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
         handle.render(),
     )
         .into_response()

@@ -71,9 +71,52 @@ async fn status(State(state): State<OperatorState>) -> Response {
     }
 }
 
+/// The status page: one static file compiled into the binary, so it works
+/// on a machine without network access and needs no build step.
+const PAGE: &str = include_str!("status_page.html");
+
+/// The page's Content-Security-Policy: its own inline script (by hash) and
+/// styles, and requests to this server only.
+fn page_csp() -> &'static str {
+    static CSP: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    CSP.get_or_init(|| {
+        use base64::Engine;
+        use sha2::Digest;
+        let script = PAGE
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map(|(script, _)| script)
+            .unwrap_or_default();
+        let hash = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(script));
+        format!(
+            "default-src 'none'; script-src 'sha256-{hash}'; style-src 'unsafe-inline'; \
+             connect-src 'self'; img-src 'self' data:; base-uri 'none'; frame-ancestors 'none'"
+        )
+    })
+}
+
 async fn page() -> impl IntoResponse {
     (
-        [(header::CACHE_CONTROL, "no-store")],
-        Html(include_str!("status_page.html")),
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::CONTENT_SECURITY_POLICY, page_csp()),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(PAGE),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn page_has_one_inline_script_and_no_external_resources() {
+        assert_eq!(PAGE.matches("<script").count(), 1);
+        for needle in ["src=\"http", "href=\"http", "url(http", "@import", "//cdn"] {
+            assert!(!PAGE.contains(needle), "page must not load {needle}");
+        }
+        assert!(page_csp().contains("script-src 'sha256-"));
+    }
 }

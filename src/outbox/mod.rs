@@ -4,11 +4,12 @@
 
 mod audience;
 mod read;
+mod recent_errors;
 mod writer;
 
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
-
-pub use read::{DeadLetter, DeadListFilter, OutboxStatus, Reader, SyncStatus};
+pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, SyncStatus};
+pub use recent_errors::RecentError;
 pub use writer::{
     ClaimedEvent, IdentityUpdate, IngestReceipt, NewEvent, SettleOutcome, Settlement, Writer,
     WriterConfig,

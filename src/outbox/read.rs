@@ -1,8 +1,9 @@
 //! Reads that never block the writer: status from counters (never a scan of
 //! the backlog), identity look-ups for delivery, dead letters for operators.
 
+use super::recent_errors::{self, RecentError};
 use super::{StoreError, now_ms, reader_pool};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::{Row, SqlitePool};
 use std::collections::HashMap;
@@ -15,7 +16,7 @@ pub struct Reader {
 }
 
 /// The sync lane's schedule and backlog.
-#[derive(Debug, Clone, Serialize, Default, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
 pub struct SyncStatus {
     pub last_run_at: Option<String>,
     pub next_run_at: Option<String>,
@@ -25,17 +26,26 @@ pub struct SyncStatus {
 }
 
 /// One minute of activity, for the status page's chart.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MinuteStat {
+    /// Start of the minute (RFC 3339).
     pub minute: String,
+    /// Events stored by ingest.
     pub accepted: i64,
+    /// Events settled as delivered.
     pub delivered: i64,
+    /// Failed attempts: events set to retry or dead.
     pub failed: i64,
 }
 
+/// Minutes in `per_minute`: the last hour, the current minute included.
+pub const PER_MINUTE_WINDOW: i64 = 60;
+
 /// The fields of `GET /status` and `status --json`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct OutboxStatus {
+    /// When these figures were read (RFC 3339), so a client can age them.
+    pub generated_at: String,
     /// Waiting for delivery (due now or queued behind their user's earlier events).
     pub pending: i64,
     pub in_flight: i64,
@@ -44,15 +54,26 @@ pub struct OutboxStatus {
     pub dead: i64,
     /// Waiting for identity resolution.
     pub held: i64,
+    /// Age of the oldest event waiting for delivery (pending, queued or in
+    /// flight; held events are counted apart). 0 when nothing waits.
     pub oldest_pending_age_seconds: f64,
+    /// Age of the oldest event waiting for its identity. 0 when none.
+    pub oldest_held_age_seconds: f64,
     pub last_delivery_at: Option<String>,
     pub last_error: Option<String>,
     pub last_error_at: Option<String>,
+    /// The last errors, newest first; runs of the same error are merged.
+    pub recent_errors: Vec<RecentError>,
+    /// Events stored since the database was created.
     pub accepted: i64,
+    /// Events acknowledged but not forwarded (`integrations`).
     pub filtered: i64,
+    /// Repeated `messageId`s acknowledged and not stored again.
     pub duplicates: i64,
+    /// Failed attempts that were scheduled for another try.
     pub retries: i64,
     pub sync: SyncStatus,
+    /// The last hour, one entry per minute, oldest first (zeros included).
     pub per_minute: Vec<MinuteStat>,
 }
 
@@ -143,46 +164,59 @@ impl Reader {
                 .await?
                 .into_iter()
                 .collect();
-        let oldest: Option<i64> = sqlx::query_scalar(
-            "SELECT MIN(t) FROM ( \
-               SELECT (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1) AS t \
-               UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 1 ORDER BY id LIMIT 1) \
-               UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1) \
-               UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 5 ORDER BY id LIMIT 1))",
+        // One probe of the (state, id) index per state: ids grow with
+        // acceptance time, so the first id of a state is its oldest event.
+        let (oldest, oldest_held): (Option<i64>, Option<i64>) = sqlx::query_as(
+            "SELECT (SELECT MIN(t) FROM ( \
+                 SELECT (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1) AS t \
+                 UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 1 ORDER BY id LIMIT 1) \
+                 UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 5 ORDER BY id LIMIT 1))), \
+               (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1)",
         )
         .fetch_one(&mut *conn)
         .await?;
         let now = now_ms();
-        let since = now.div_euclid(60_000) - 59;
-        let per_minute = sqlx::query(
+        let this_minute = now.div_euclid(60_000);
+        let since = this_minute - (PER_MINUTE_WINDOW - 1);
+        let rows: HashMap<i64, (i64, i64, i64)> = sqlx::query(
             "SELECT minute, accepted, delivered, failed FROM minute_stats WHERE minute >= ? ORDER BY minute",
         )
         .bind(since)
         .fetch_all(&mut *conn)
         .await?
         .into_iter()
-        .map(|r| MinuteStat {
-            minute: ms_to_rfc3339(r.get::<i64, _>(0) * 60_000),
-            accepted: r.get(1),
-            delivered: r.get(2),
-            failed: r.get(3),
-        })
+        .map(|r| (r.get::<i64, _>(0), (r.get(1), r.get(2), r.get(3))))
         .collect();
+        let per_minute = (since..=this_minute)
+            .map(|m| {
+                let (accepted, delivered, failed) = rows.get(&m).copied().unwrap_or_default();
+                MinuteStat {
+                    minute: ms_to_rfc3339(m * 60_000),
+                    accepted,
+                    delivered,
+                    failed,
+                }
+            })
+            .collect();
+        let age = |t: Option<i64>| t.map(|o| ((now - o).max(0) as f64) / 1000.0).unwrap_or(0.0);
         let c = |s: i64| counts.get(&s).copied().unwrap_or(0);
         let t = |n: &str| totals.get(n).copied().unwrap_or(0);
         let m = |n: &str| meta.get(n).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
         Ok(OutboxStatus {
+            generated_at: ms_to_rfc3339(now),
             pending: c(0) + c(5),
             in_flight: c(1),
             delivered: t("delivered"),
             dead: c(3),
             held: c(4),
-            oldest_pending_age_seconds: oldest
-                .map(|o| ((now - o).max(0) as f64) / 1000.0)
-                .unwrap_or(0.0),
+            oldest_pending_age_seconds: age(oldest),
+            oldest_held_age_seconds: age(oldest_held),
             last_delivery_at: meta_time(&meta, "last_delivery_at"),
             last_error: meta.get("last_error").cloned(),
             last_error_at: meta_time(&meta, "last_error_at"),
+            recent_errors: recent_errors::parse(
+                meta.get(recent_errors::META_NAME).map(String::as_str),
+            ),
             accepted: t("accepted"),
             filtered: t("filtered"),
             duplicates: t("duplicates"),
@@ -269,15 +303,34 @@ impl Reader {
         Ok(row.as_ref().map(Self::dead_from_row))
     }
 
-    /// Ids of dead letters matching a filter, for replay and purge by range.
+    /// Which of `ids` are dead letters now, so operator tools can refuse a
+    /// selection naming an id that is not (and change nothing).
+    pub async fn dead_existing(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
+        let json = serde_json::to_string(ids).expect("ids serialise");
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM events WHERE state = 3 AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
+        )
+        .bind(json)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// Ids of every dead letter matching a filter (paging ignored), for
+    /// replay and purge by range. Reads ids only, never payloads.
     pub async fn dead_ids(&self, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
-        let mut f = f.clone();
-        f.limit = i64::MAX;
-        Ok(self
-            .dead_list(&f)
-            .await?
-            .into_iter()
-            .map(|d| d.id)
-            .collect())
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM events WHERE state = 3 \
+             AND (? IS NULL OR finished_at >= ?) AND (? IS NULL OR finished_at < ?) \
+             AND (? IS NULL OR instr(lower(reason), lower(?)) > 0) \
+             ORDER BY id",
+        )
+        .bind(f.since_ms)
+        .bind(f.since_ms)
+        .bind(f.until_ms)
+        .bind(f.until_ms)
+        .bind(&f.reason_contains)
+        .bind(&f.reason_contains)
+        .fetch_all(&self.pool)
+        .await?)
     }
 }

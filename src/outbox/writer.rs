@@ -817,6 +817,7 @@ async fn settle(
     let (mut failed, mut retries) = (0i64, 0i64);
     let mut delivered_ids: Vec<(i64, i64)> = Vec::new();
     let mut last_error: Option<&str> = None;
+    let mut reports: Vec<(String, &'static str, i64)> = Vec::new();
     for s in items {
         match &s.outcome {
             SettleOutcome::Delivered => {
@@ -844,6 +845,7 @@ async fn settle(
                 failed += 1;
                 retries += 1;
                 last_error = Some(error);
+                note_error(&mut reports, error, "retry");
             }
             SettleOutcome::Held { error } => {
                 let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
@@ -875,6 +877,7 @@ async fn settle(
                 .map_err(db)?;
                 failed += 1;
                 last_error = Some(reason);
+                note_error(&mut reports, reason, "dead");
             }
         }
     }
@@ -905,7 +908,19 @@ async fn settle(
         set_meta(conn, "last_error", e).await?;
         set_meta(conn, "last_error_at", &now.to_string()).await?;
     }
+    super::recent_errors::record(conn, &reports, now).await?;
     Ok(())
+}
+
+/// Counts one event under its (error, outcome) for the recent-errors ring.
+fn note_error(reports: &mut Vec<(String, &'static str, i64)>, error: &str, outcome: &'static str) {
+    match reports
+        .iter_mut()
+        .find(|(e, o, _)| e == error && *o == outcome)
+    {
+        Some(r) => r.2 += 1,
+        None => reports.push((error.to_string(), outcome, 1)),
+    }
 }
 
 /// Makes the earliest queued event of each key the head when the key has
@@ -918,6 +933,8 @@ async fn promote<'a>(
     let keys: Vec<&str> = keys.collect();
     for chunk in keys.chunks(2000) {
         let json = serde_json::to_string(chunk).expect("strings serialise");
+        // Both probes go through the partial index events_key: O(keys),
+        // whatever the backlog.
         sqlx::query(
             "UPDATE events SET state = 0, next_attempt_at = ? WHERE id IN ( \
                SELECT (SELECT e.id FROM events e INDEXED BY events_key \
@@ -984,6 +1001,14 @@ async fn maintain(
         .map_err(db)?;
     }
     report.held_expired = expired.len() as u64;
+    if !expired.is_empty() {
+        let reports = [(
+            "unresolved identity".to_string(),
+            "dead",
+            expired.len() as i64,
+        )];
+        super::recent_errors::record(conn, &reports, now).await?;
+    }
     promote(conn, expired.iter().map(|(_, k)| k.as_str()), now).await?;
 
     let r = sqlx::query(
@@ -1032,12 +1057,13 @@ async fn replay(
             .await
             .map_err(db)?,
     };
-    // Replayed events go back as queued with a fresh budget; promotion then
+    // Replayed events go back as queued with a fresh budget and a fresh
+    // backoff (their history keeps the earlier attempts); promotion then
     // makes the earliest of each idle key its head, so order holds.
     for (id, _) in &targets {
         sqlx::query(
             "UPDATE events SET state = 5, next_attempt_at = ?, first_attempt_at = NULL, reason = NULL, \
-             finished_at = NULL WHERE id = ? AND state = 3",
+             finished_at = NULL, attempts = 0 WHERE id = ? AND state = 3",
         )
         .bind(now)
         .bind(id)

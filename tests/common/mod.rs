@@ -254,3 +254,152 @@ pub fn send_signal(pid: i32, signal: &str) {
         .arg(pid.to_string())
         .status();
 }
+
+impl Binary {
+    /// Like [`Binary::serve`], with extra environment variables (for example
+    /// `RUST_LOG`) and without the admin token unless `extra` passes one.
+    pub async fn serve_with_env(
+        db: &Path,
+        churnzero_url: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Binary {
+        let port = free_port();
+        let log = db.with_extension(format!("log.{port}"));
+        let logfile = std::fs::File::create(&log).unwrap();
+        let mut cmd = Command::new(binary_path());
+        cmd.arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .arg("--database")
+            .arg(db)
+            .args([
+                "--write-key",
+                WRITE_KEY,
+                "--churnzero-url",
+                churnzero_url,
+                "--churnzero-app-key",
+                APP_KEY,
+            ])
+            .args([
+                "--flush-interval",
+                "50ms",
+                "--retry-initial",
+                "50ms",
+                "--retry-max",
+                "500ms",
+            ])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(logfile);
+        let child = cmd.spawn().expect("binary starts");
+        let base = format!("http://127.0.0.1:{port}");
+        let mut b = Binary { child, base, log };
+        b.wait_ready().await;
+        b
+    }
+}
+
+/// Runs the real binary with `args` to completion, without blocking the
+/// runtime (an in-process mock or server keeps serving meanwhile):
+/// (exit code, stdout, stderr).
+pub async fn run_binary(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::process::Command::new(binary_path())
+        .args(args)
+        .env_remove("RUST_LOG")
+        .output()
+        .await
+        .expect("binary runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Event name the operator scenario's mock rejects with a 400.
+pub const POISON: &str = "Poison Pill";
+
+/// Makes the mock reject (400) every request holding a [`POISON`] event.
+pub fn poison_mock(mock: &MockChurnZero) {
+    mock.state()
+        .set_faults(churnzero_forwarder::mock_churnzero::Faults {
+            poison_event_name: Some(POISON.into()),
+            ..Default::default()
+        });
+}
+
+/// What [`operator_scenario`] leaves in the outbox once it settles.
+pub struct Scenario {
+    pub accepted: i64,
+    pub delivered: i64,
+    pub dead: i64,
+    pub held: i64,
+    pub pending: i64,
+    pub filtered: i64,
+    pub duplicates: i64,
+    pub rejected: i64,
+    /// Requests answered 200, 400 and 401.
+    pub ok_requests: i64,
+    pub bad_requests: i64,
+    pub unauthorized_requests: i64,
+}
+
+/// A known mix for operator tests (the mock must be poisoned with
+/// [`poison_mock`]): 6 delivered, 2 dead (poison, user `u-poison`), 1 held
+/// (user `nobody` has no ids) with 2 pending queued behind it, 1 filtered,
+/// 1 duplicate, 2 rejected. Waits until delivery has settled.
+pub async fn operator_scenario(base: &str) -> Scenario {
+    let mut batch: Vec<Value> = (1..=5).map(|n| track("u-good", "Good", n)).collect();
+    batch.push(track("u-poison", POISON, 1));
+    batch.push(track("u-poison", POISON, 2));
+    for n in 1..=3 {
+        batch.push(json!({"type": "track", "userId": "nobody", "event": "Unknown", "properties": {"seq": n}}));
+    }
+    batch.push(
+        json!({"type": "track", "userId": "u-filtered", "event": "Filtered",
+                      "integrations": {"All": false}}),
+    );
+    batch.push(json!({"type": "track", "userId": "u-invalid"}));
+    let (code, body) = post(base, "/v1/batch", &json!({ "batch": batch })).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["rejected"].as_array().map(Vec::len), Some(1), "{body}");
+
+    let mut dup = track("u-dup", "Good", 9);
+    dup["messageId"] = json!("dup-1");
+    for _ in 0..2 {
+        let (code, body) = post(base, "/v1/track", &dup).await;
+        assert_eq!(code, 200, "{body}");
+    }
+    let (code, _) = post(base, "/v1/track", &json!({"userId": "u-x"})).await;
+    assert_eq!(code, 400);
+    let r = client()
+        .post(format!("{base}/v1/track"))
+        .basic_auth("wrong-key", Some(""))
+        .json(&track("u-x", "E", 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+
+    let s = Scenario {
+        accepted: 11,
+        delivered: 6,
+        dead: 2,
+        held: 1,
+        pending: 2,
+        filtered: 1,
+        duplicates: 1,
+        rejected: 2,
+        ok_requests: 3,
+        bad_requests: 1,
+        unauthorized_requests: 1,
+    };
+    wait_status(base, "delivered", s.delivered).await;
+    wait_status(base, "dead", s.dead).await;
+    wait_status(base, "held", s.held).await;
+    wait_status(base, "pending", s.pending).await;
+    wait_status(base, "in_flight", 0).await;
+    s
+}

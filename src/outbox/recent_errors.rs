@@ -1,0 +1,125 @@
+//! The last delivery errors, for operators: a small ring kept as JSON in the
+//! `meta` table and updated in the same transaction as the settlement that
+//! saw the error, so `/status` reads one row instead of scanning events.
+//!
+//! Consecutive reports of the same error with the same outcome merge into
+//! one entry (first and last time, event count): an outage that lasts an
+//! hour is one line, not twenty identical ones that push older, different
+//! errors out of the ring.
+
+use super::StoreError;
+use serde::{Deserialize, Serialize};
+use sqlx::SqliteConnection;
+
+/// Entries kept, newest first.
+pub const KEEP: usize = 20;
+/// The `meta` row holding the ring.
+pub(super) const META_NAME: &str = "recent_errors";
+/// Longest error text kept in one entry.
+const ERROR_CHARS: usize = 500;
+
+/// One error (or one run of the same error) as operators see it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RecentError {
+    /// When it was last seen (RFC 3339).
+    pub at: String,
+    /// When this run of the same error began (RFC 3339).
+    pub first_at: String,
+    pub error: String,
+    /// What happened to the events: `retry` or `dead`.
+    pub outcome: String,
+    /// Events that hit this error during the run.
+    pub events: i64,
+}
+
+fn rfc3339(ms: i64) -> String {
+    crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default(),
+    )
+}
+
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(ERROR_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// Parses the stored ring; a damaged value reads as empty rather than
+/// failing `/status`.
+pub(super) fn parse(value: Option<&str>) -> Vec<RecentError> {
+    value
+        .and_then(|v| serde_json::from_str(v).ok())
+        .unwrap_or_default()
+}
+
+/// Adds `(error, outcome, events)` reports seen at `now` to the ring.
+/// Called by the writer inside the settling transaction.
+pub(super) async fn record(
+    conn: &mut SqliteConnection,
+    reports: &[(String, &'static str, i64)],
+    now: i64,
+) -> Result<(), StoreError> {
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let current: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE name = ?")
+        .bind(META_NAME)
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(StoreError::classify)?
+        .flatten();
+    let mut ring = parse(current.as_deref());
+    let at = rfc3339(now);
+    for (error, outcome, events) in reports {
+        let error = clip(error);
+        match ring.first_mut() {
+            Some(head) if head.error == error && head.outcome == *outcome => {
+                head.at = at.clone();
+                head.events += events;
+            }
+            _ => ring.insert(
+                0,
+                RecentError {
+                    at: at.clone(),
+                    first_at: at.clone(),
+                    error,
+                    outcome: (*outcome).to_string(),
+                    events: *events,
+                },
+            ),
+        }
+    }
+    ring.truncate(KEEP);
+    let json = serde_json::to_string(&ring).expect("entries serialise");
+    sqlx::query(
+        "INSERT INTO meta (name, value) VALUES (?, ?) \
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )
+    .bind(META_NAME)
+    .bind(json)
+    .execute(&mut *conn)
+    .await
+    .map_err(StoreError::classify)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_errors_are_clipped_on_a_char_boundary() {
+        let long = "é".repeat(ERROR_CHARS + 10);
+        let c = clip(&long);
+        assert_eq!(c.chars().count(), ERROR_CHARS + 1);
+        assert!(c.ends_with('…'));
+        assert_eq!(clip("short"), "short");
+    }
+
+    #[test]
+    fn damaged_ring_reads_as_empty() {
+        assert!(parse(Some("not json")).is_empty());
+        assert!(parse(None).is_empty());
+    }
+}

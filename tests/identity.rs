@@ -134,3 +134,39 @@ async fn unresolved_identity_goes_dead_after_the_retry_budget() {
     server.shutdown().await;
     mock.shutdown().await;
 }
+
+#[tokio::test]
+async fn alias_before_identify_links_the_ids_once_they_are_known() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let base = format!("http://{}", server.addr);
+
+    // Segment's signup order: anonymous events, alias, and only then the
+    // identify that carries the account.
+    let (code, _) = post(
+        &base,
+        "/v1/track",
+        &bare_track("anonymousId", "anon-9", "Viewed Pricing"),
+    )
+    .await;
+    assert_eq!(code, 200);
+    wait_status(&base, "held", 1).await;
+    let alias = json!({"type": "alias", "userId": "u9", "previousId": "anon-9"});
+    assert_eq!(post(&base, "/v1/alias", &alias).await.0, 200);
+    // Neither side has ids yet: the track keeps waiting.
+    let st = wait_status(&base, "delivered", 1).await;
+    assert_eq!(st["held"], 1, "{st}");
+
+    post(&base, "/v1/identify", &identify("u9", "acct-9")).await;
+    let st = wait_status(&base, "delivered", 3).await;
+    assert_eq!(st["held"], 0, "{st}");
+    let actions = mock.state().actions();
+    let t = tracks(&actions);
+    assert_eq!(t.len(), 1);
+    assert_eq!(t[0]["eventName"], "Viewed Pricing");
+    assert_eq!(t[0]["accountExternalId"], "acct-9");
+    assert_eq!(t[0]["contactExternalId"], "u9");
+    server.shutdown().await;
+    mock.shutdown().await;
+}

@@ -43,6 +43,9 @@ struct Context {
     mapping: Arc<MappingConfig>,
     config: DeliveryConfig,
     gate: Gate,
+    /// Lets a worker waiting at a closed gate give its events back at
+    /// shutdown instead of holding the process up.
+    shutdown: watch::Receiver<bool>,
 }
 
 /// Runs the dispatcher until `shutdown` turns true, then waits for in-flight
@@ -61,6 +64,7 @@ pub async fn run(
         mapping,
         config,
         gate,
+        shutdown: shutdown.clone(),
     });
     let permits = Arc::new(Semaphore::new(ctx.config.workers));
     let lease = ctx.config.lease();
@@ -152,17 +156,13 @@ pub async fn run(
 
 /// Gives a claimed but unsent batch back at once (used at shutdown).
 async fn release(ctx: &Context, batch: Vec<ClaimedEvent>) {
-    let now = now_ms();
     let items = batch
         .into_iter()
         .map(|e| Settlement {
             id: e.id,
             lease: e.lease,
             order_key: e.order_key,
-            outcome: SettleOutcome::Retry {
-                at: now,
-                error: "released at shutdown".into(),
-            },
+            outcome: SettleOutcome::Release,
         })
         .collect();
     settle_with_retries(ctx, items).await;
@@ -201,6 +201,15 @@ enum Fate {
     },
     Dead(String),
     Held(String),
+    /// Never sent: shutdown came while the gate was closed.
+    Release,
+}
+
+/// Why the rest of a batch is not sent.
+#[derive(Clone)]
+enum Stop {
+    Retry(String, Option<Duration>),
+    Release,
 }
 
 /// Resolves the ids an event needs: its own, else the identity map's.
@@ -258,6 +267,16 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
         }
         let own = mapping::ids_from_event(&ctx.mapping, event);
         let Some(ids) = resolve(own, known.get(&claimed.order_key)) else {
+            // Nothing to send in real time (an audience-only identify, a
+            // page with page events off): there is nothing to wait for.
+            let probe = Ids {
+                account: String::new(),
+                contact: String::new(),
+            };
+            if mapping::map_event(&ctx.mapping, event, &probe).is_empty() {
+                fates[i] = Some(Fate::Delivered);
+                continue;
+            }
             blocked.insert(claimed.order_key.as_str());
             fates[i] = Some(Fate::Held(
                 "unresolved identity: no accountExternalId/contactExternalId known yet".into(),
@@ -283,7 +302,7 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
         size += u.actions.len();
         chunks.last_mut().expect("pushed").push(u);
     }
-    let mut stop: Option<(String, Option<Duration>)> = None;
+    let mut stop: Option<Stop> = None;
     for chunk in chunks {
         send_isolating(ctx, chunk, &mut fates, &mut stop).await;
     }
@@ -302,22 +321,36 @@ fn send_isolating<'a>(
     ctx: &'a Context,
     units: Vec<Unit>,
     fates: &'a mut [Option<Fate>],
-    stop: &'a mut Option<(String, Option<Duration>)>,
+    stop: &'a mut Option<Stop>,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
         if units.is_empty() {
             return;
         }
-        if let Some((error, retry_after)) = stop.clone() {
+        if let Some(stop) = stop.clone() {
             for u in &units {
-                fates[u.index] = Some(Fate::Retry {
-                    error: error.clone(),
-                    retry_after,
+                fates[u.index] = Some(match &stop {
+                    Stop::Retry(error, retry_after) => Fate::Retry {
+                        error: error.clone(),
+                        retry_after: *retry_after,
+                    },
+                    Stop::Release => Fate::Release,
                 });
             }
             return;
         }
-        ctx.gate.wait_open().await;
+        let mut shutdown = ctx.shutdown.clone();
+        let open = tokio::select! {
+            _ = ctx.gate.wait_open() => true,
+            _ = shutdown.wait_for(|s| *s) => false,
+        };
+        if !open {
+            for u in &units {
+                fates[u.index] = Some(Fate::Release);
+            }
+            *stop = Some(Stop::Release);
+            return;
+        }
         let actions: Vec<Map<String, Value>> = units
             .iter()
             .flat_map(|u| u.actions.iter().cloned())
@@ -356,7 +389,7 @@ fn send_isolating<'a>(
                         retry_after,
                     });
                 }
-                *stop = Some((error, retry_after));
+                *stop = Some(Stop::Retry(error, retry_after));
             }
             SendOutcome::Rejected { status, error } => {
                 ctx.gate.success();
@@ -386,6 +419,7 @@ fn settlements(ctx: &Context, batch: &[ClaimedEvent], fates: Vec<Fate>) -> Vec<S
                 Fate::Delivered => SettleOutcome::Delivered,
                 Fate::Dead(reason) => SettleOutcome::Dead { reason },
                 Fate::Held(error) => SettleOutcome::Held { error },
+                Fate::Release => SettleOutcome::Release,
                 Fate::Retry { error, retry_after } => {
                     let unit: f64 = rand::random();
                     let attempt = e.attempts.clamp(1, u32::MAX as i64) as u32;
@@ -416,6 +450,7 @@ fn settlements(ctx: &Context, batch: &[ClaimedEvent], fates: Vec<Fate>) -> Vec<S
                     metrics::counter!("events_retried_total").increment(1)
                 }
                 SettleOutcome::Held { .. } => metrics::counter!("events_held_total").increment(1),
+                SettleOutcome::Release => {}
             }
             Settlement {
                 id: e.id,

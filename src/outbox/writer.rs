@@ -102,6 +102,9 @@ pub enum SettleOutcome {
     Held {
         error: String,
     },
+    /// Claimed but never sent (shutdown): due again at once, and neither the
+    /// attempt nor a failure is counted.
+    Release,
 }
 
 #[derive(Debug, Clone)]
@@ -680,7 +683,36 @@ async fn apply_identity(
             .map_err(db)?;
     }
     let mut released = vec![id.user_id.clone()];
+    if id.account.is_some() || id.contact.is_some() {
+        // Earlier ids aliased to this user learn what it now knows.
+        let aliased: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT a.previous_id, i.account_id, i.contact_id, ? FROM aliases a \
+             JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = ? AND a.previous_id <> a.user_id \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(identities.account_id, excluded.account_id), \
+             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+             updated_at = excluded.updated_at \
+             RETURNING user_id",
+        )
+        .bind(now)
+        .bind(&id.user_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        released.extend(aliased);
+    }
     if let Some(prev) = &id.previous_id {
+        sqlx::query(
+            "INSERT INTO aliases (previous_id, user_id, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (previous_id) DO UPDATE SET user_id = excluded.user_id",
+        )
+        .bind(prev)
+        .bind(&id.user_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
         // Alias: whichever side is known teaches the other.
         let known: Option<(Option<String>, Option<String>)> =
             sqlx::query_as("SELECT account_id, contact_id FROM identities WHERE user_id = ?")
@@ -808,7 +840,7 @@ async fn settle(
     for s in items {
         if matches!(
             s.outcome,
-            SettleOutcome::Retry { .. } | SettleOutcome::Held { .. }
+            SettleOutcome::Retry { .. } | SettleOutcome::Held { .. } | SettleOutcome::Release
         ) {
             let h = head_of.entry(s.order_key.as_str()).or_insert(s.id);
             *h = (*h).min(s.id);
@@ -846,6 +878,22 @@ async fn settle(
                 retries += 1;
                 last_error = Some(error);
                 note_error(&mut reports, error, "retry");
+            }
+            SettleOutcome::Release => {
+                let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
+                sqlx::query(
+                    "UPDATE events SET state = ?, next_attempt_at = ?, lease_until = NULL, \
+                     attempts = MAX(attempts - 1, 0), \
+                     first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END \
+                     WHERE id = ? AND state = 1 AND lease_until = ?",
+                )
+                .bind(if head { state::PENDING } else { state::QUEUED })
+                .bind(now)
+                .bind(s.id)
+                .bind(s.lease)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
             }
             SettleOutcome::Held { error } => {
                 let head = head_of.get(s.order_key.as_str()) == Some(&s.id);

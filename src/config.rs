@@ -116,6 +116,11 @@ pub struct ServeArgs {
     /// ingest alone and to build a backlog.
     #[arg(long, hide = true)]
     pub no_delivery: bool,
+
+    /// How often leases, held events, retention, dedup ids and free pages
+    /// are looked after. Tests shorten it.
+    #[arg(long, hide = true, env = "FORWARDER_MAINTENANCE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub maintenance_interval: Duration,
 }
 
 /// Validated serve settings.
@@ -143,6 +148,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// False only for `bench`'s ingest phases.
     pub deliver: bool,
+    pub maintenance_interval: Duration,
 }
 
 /// A setting that is missing or out of range, named by flag and variable.
@@ -245,6 +251,7 @@ impl ServeArgs {
             mapping: self.mapping,
             log_format: self.log_format,
             deliver: !self.no_delivery,
+            maintenance_interval: self.maintenance_interval,
         })
     }
 }

@@ -22,8 +22,6 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
-/// How often leases, held events, retention and dedup ids are looked after.
-const MAINTENANCE_EVERY: Duration = Duration::from_secs(5);
 
 /// Why `serve` could not start.
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +98,7 @@ impl Server {
         };
         let mut workers = vec![tokio::spawn(maintenance(
             outbox.clone(),
+            settings.maintenance_interval,
             settings.retention,
             delivery::held_budget(&delivery_config),
             shutdown_rx.clone(),
@@ -191,13 +190,14 @@ impl Server {
 
 async fn maintenance(
     outbox: Outbox,
+    every: Duration,
     retention: Duration,
     held_budget: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(MAINTENANCE_EVERY) => {}
+            _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
         match outbox.writer.maintain(retention, held_budget).await {
@@ -209,6 +209,12 @@ async fn maintenance(
                         "maintenance"
                     );
                 }
+                tracing::debug!(
+                    pruned_events = r.pruned_events,
+                    pruned_message_ids = r.pruned_message_ids,
+                    pages_vacuumed = r.pages_vacuumed,
+                    "maintenance pass"
+                );
             }
             Err(e) => tracing::warn!(error = %e, "maintenance pass failed"),
         }

@@ -93,7 +93,15 @@ fn connect_options(path: &Path, read_only: bool) -> Result<SqliteConnectOptions,
         .statement_cache_capacity(256)
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
-    Ok(opts)
+    if read_only {
+        return Ok(opts);
+    }
+    // Pruned pages go back to the file system in maintenance
+    // (incremental_vacuum), and a checkpointed WAL is cut back to 64 MB, so
+    // the files reach a steady size under constant load.
+    Ok(opts
+        .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
+        .pragma("journal_size_limit", "67108864"))
 }
 
 /// Opened outbox: the writer handle and the reader pool.

@@ -118,6 +118,7 @@ pub struct Settlement {
 /// Figures reported by a maintenance pass.
 #[derive(Debug, Clone, Default)]
 pub struct MaintenanceReport {
+    pub pages_vacuumed: u64,
     pub leases_released: u64,
     pub held_expired: u64,
     pub pruned_events: u64,
@@ -1083,6 +1084,23 @@ async fn maintain(
         .execute(&mut *conn)
         .await
         .map_err(db)?;
+    // Give free pages back once there are enough to matter; a few stay for
+    // the next inserts.
+    let free: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+    if free > 256 {
+        sqlx::query("PRAGMA incremental_vacuum(4096)")
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        let left: i64 = sqlx::query_scalar("PRAGMA freelist_count")
+            .fetch_one(&mut *conn)
+            .await
+            .map_err(db)?;
+        report.pages_vacuumed = (free - left).max(0) as u64;
+    }
     Ok(report)
 }
 

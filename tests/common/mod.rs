@@ -52,6 +52,7 @@ pub fn settings(db: &Path, churnzero_url: &str) -> Settings {
         mapping: None,
         log_format: LogFormat::Text,
         deliver: true,
+        maintenance_interval: Duration::from_millis(200),
     }
 }
 

@@ -300,6 +300,20 @@ pub fn normalise_event(
         }
     }
 
+    // The limit holds on the event as the client sent it (with the batch's
+    // context merged in), before the fields added here (an assigned
+    // messageId, the normalised timestamp, receivedAt, sentAt): the official
+    // libraries check 32 KB on their own form of the event, so one they
+    // accept at the limit must not be refused for what the forwarder adds.
+    let size = serde_json::to_vec(&obj)
+        .map(|v| v.len())
+        .unwrap_or(usize::MAX);
+    if size > LIMIT_EVENT_BYTES {
+        return Err(err(format!(
+            "event is {size} bytes, more than the limit of {LIMIT_EVENT_BYTES}"
+        )));
+    }
+
     let message_id = match obj.get("messageId") {
         None | Some(Value::Null) => assign_id(),
         Some(Value::String(s)) if !s.is_empty() && s.len() <= 256 => s.clone(),
@@ -339,14 +353,6 @@ pub fn normalise_event(
     }
 
     let forward = forwards_to_churnzero(obj.get("integrations").and_then(Value::as_object));
-    let size = serde_json::to_vec(&obj)
-        .map(|v| v.len())
-        .unwrap_or(usize::MAX);
-    if size > LIMIT_EVENT_BYTES {
-        return Err(err(format!(
-            "event is {size} bytes, more than the limit of {LIMIT_EVENT_BYTES}"
-        )));
-    }
     Ok(ValidEvent {
         call,
         message_id,
@@ -458,5 +464,32 @@ mod tests {
         let big = "x".repeat(LIMIT_EVENT_BYTES);
         let e = one(json!({"type":"track","userId":"u","event":"E","properties":{"p":big}}));
         assert!(e.unwrap_err().0.contains("limit"));
+    }
+
+    /// An event of exactly the limit, as sent, is accepted although the
+    /// stored form (receivedAt, sentAt, normalised timestamp) is larger; one
+    /// byte more is refused.
+    #[test]
+    fn limit_holds_on_the_event_as_sent() {
+        let env = BatchEnvelope {
+            sent_at: Some(json!("2026-11-28T11:59:59.000Z")),
+            ..Default::default()
+        };
+        let event = |pad: usize| {
+            json!({"type":"track","userId":"u","event":"E","messageId":"m-1",
+                "timestamp":"2026-11-28T11:00:00.000Z","properties":{"p":"x".repeat(pad)}})
+        };
+        let base = serde_json::to_vec(&event(0)).unwrap().len();
+        let at_limit = event(LIMIT_EVENT_BYTES - base);
+        assert_eq!(
+            serde_json::to_vec(&at_limit).unwrap().len(),
+            LIMIT_EVENT_BYTES
+        );
+        let ok = normalise_event(at_limit, &env, now(), || "x".into()).unwrap();
+        assert!(serde_json::to_vec(&ok.event).unwrap().len() > LIMIT_EVENT_BYTES);
+        let over = normalise_event(event(LIMIT_EVENT_BYTES - base + 1), &env, now(), || {
+            "x".into()
+        });
+        assert!(over.unwrap_err().0.contains("32768"));
     }
 }

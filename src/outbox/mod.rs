@@ -5,11 +5,13 @@
 mod audience;
 mod read;
 mod recent_errors;
+mod reserve;
 mod writer;
 
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
 pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, SyncStatus};
 pub use recent_errors::RecentError;
+pub use reserve::RESERVE_BYTES;
 pub use writer::{
     ClaimedEvent, IdentityUpdate, IngestReceipt, NewEvent, SettleOutcome, Settlement, Writer,
     WriterConfig,
@@ -93,7 +95,21 @@ fn connect_options(path: &Path, read_only: bool) -> Result<SqliteConnectOptions,
         .statement_cache_capacity(256)
         .log_statements(tracing::log::LevelFilter::Trace)
         .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
-    Ok(opts)
+    Ok(match max_page_count() {
+        Some(pages) if !read_only => opts.pragma("max_page_count", pages.to_string()),
+        _ => opts,
+    })
+}
+
+/// Caps the database at this many pages (SQLite's `max_page_count`; 4 KiB
+/// each). Undocumented on purpose: it exists so that the disk-full path
+/// (SQLITE_FULL on commit) can be exercised for real on any machine, without
+/// a small filesystem; it is read from `FORWARDER_SQLITE_MAX_PAGE_COUNT`.
+fn max_page_count() -> Option<u64> {
+    std::env::var("FORWARDER_SQLITE_MAX_PAGE_COUNT")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| *n > 0)
 }
 
 /// Opened outbox: the writer handle and the reader pool.
@@ -114,7 +130,8 @@ impl Outbox {
         }
         let mut conn = connect_options(path, false)?.connect().await?;
         MIGRATOR.run(&mut conn).await?;
-        let writer = Writer::start(conn, config).await?;
+        let reserve = reserve::Reserve::beside(path).await;
+        let writer = Writer::start(conn, config, reserve).await?;
         let reader = Reader::open(path).await?;
         Ok(Outbox { writer, reader })
     }
@@ -152,7 +169,7 @@ impl Outbox {
         config.release_leases_at_start = false;
         let mut conn = connect_options(path, false)?.connect().await?;
         MIGRATOR.run(&mut conn).await?;
-        let writer = Writer::start(conn, config).await?;
+        let writer = Writer::start(conn, config, reserve::Reserve::none()).await?;
         let reader = Reader::open(path).await?;
         Ok(Outbox { writer, reader })
     }

@@ -50,7 +50,7 @@ impl Reserve {
             held: false,
             last_try: None,
         };
-        reserve.try_acquire().await;
+        reserve.try_acquire(RESERVE_BYTES).await;
         reserve
     }
 
@@ -63,7 +63,8 @@ impl Reserve {
         if self.last_try.is_some_and(|t| t.elapsed() < RETRY_EVERY) {
             return false;
         }
-        self.try_acquire().await
+        // Twice the reserve must be free before ingest may use the rest.
+        self.try_acquire(2 * RESERVE_BYTES).await
     }
 
     /// Frees the reserve after SQLite reported the disk full.
@@ -82,13 +83,14 @@ impl Reserve {
         }
     }
 
-    async fn try_acquire(&mut self) -> bool {
+    /// Writes `proof` bytes (at least the reserve) and keeps the reserve.
+    async fn try_acquire(&mut self, proof: u64) -> bool {
         let Some(path) = self.path.clone() else {
             self.held = true;
             return true;
         };
         self.last_try = Some(Instant::now());
-        let result = tokio::task::spawn_blocking(move || write_reserve(&path))
+        let result = tokio::task::spawn_blocking(move || write_reserve(&path, proof))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match result {
@@ -119,9 +121,11 @@ fn is_out_of_space(e: &std::io::Error) -> bool {
     ) || matches!(e.raw_os_error(), Some(28) | Some(122))
 }
 
-/// Writes twice the reserve (proving that much room), then gives half of it
-/// back. Real zeros, not a sparse file, so the blocks are really taken.
-fn write_reserve(path: &std::path::Path) -> std::io::Result<()> {
+/// Writes `proof` bytes (proving that much room), then gives back what
+/// exceeds the reserve. Real zeros, not a sparse file, so that the blocks
+/// are really taken; filesystems account for them at write time, so no
+/// fsync is needed to know the space is there.
+fn write_reserve(path: &std::path::Path, proof: u64) -> std::io::Result<()> {
     let attempt = (|| {
         let mut f = std::fs::OpenOptions::new()
             .create(true)
@@ -130,13 +134,11 @@ fn write_reserve(path: &std::path::Path) -> std::io::Result<()> {
             .open(path)?;
         let chunk = vec![0u8; 64 * 1024];
         let mut written = 0u64;
-        while written < 2 * RESERVE_BYTES {
+        while written < proof.max(RESERVE_BYTES) {
             f.write_all(&chunk)?;
             written += chunk.len() as u64;
         }
-        f.sync_all()?;
-        f.set_len(RESERVE_BYTES)?;
-        f.sync_all()
+        f.set_len(RESERVE_BYTES)
     })();
     if attempt.is_err() {
         let _ = std::fs::remove_file(path);

@@ -128,7 +128,7 @@ async fn secrets_never_appear_in_logs_status_metrics_or_cli_output() {
     let mut bin = Binary::serve_with_env(
         &db,
         &url,
-        &["--batch-size", "10"],
+        &["--batch-size", "10", "--admin-token", ADMIN_TOKEN],
         &[(
             "RUST_LOG",
             "debug,churnzero_forwarder=trace,sqlx=trace,tower_http=trace",

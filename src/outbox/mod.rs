@@ -47,6 +47,11 @@ pub enum StoreError {
     Backlog(u64),
     #[error("the outbox writer has stopped")]
     WriterGone,
+    /// SQLITE_BUSY: another process (an offline CLI command) held the
+    /// database longer than the busy timeout. Kept apart from `Full` so that
+    /// a lock is not mistaken for a full disk.
+    #[error("the database is busy: {0}")]
+    Busy(String),
 }
 
 impl StoreError {
@@ -55,7 +60,10 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Full(_) | StoreError::Backlog(_) | StoreError::WriterGone
+            StoreError::Full(_)
+                | StoreError::Backlog(_)
+                | StoreError::WriterGone
+                | StoreError::Busy(_)
         )
     }
 
@@ -64,8 +72,11 @@ impl StoreError {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
             // SQLITE_FULL (13), SQLITE_IOERR (10 and its extended codes), SQLITE_BUSY (5).
             let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
-            if primary == 13 || primary == 10 || primary == 5 {
+            if primary == 13 || primary == 10 {
                 return StoreError::Full(db.message().to_string());
+            }
+            if primary == 5 {
+                return StoreError::Busy(db.message().to_string());
             }
         }
         if let sqlx::Error::Io(io) = &e {

@@ -22,6 +22,21 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
+/// How long a client may take to send a request's line and headers, counted
+/// from the moment the server starts waiting for them (a fresh connection, or
+/// an idle keep-alive one). A client that trickles headers, or connects and
+/// sends nothing, loses its connection after this; it cannot hold a socket
+/// and a task forever (slowloris).
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest time one request may take from its headers to its answer, body
+/// upload included: a client that trickles its body gets `408` and the
+/// connection is closed. Ingest bounds the body read itself more tightly
+/// ([`crate::ingest::BODY_READ_TIMEOUT`]) so that its refusal is a clear one.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for open connections to finish their requests.
+const CONNECTION_DRAIN: Duration = Duration::from_secs(35);
 
 /// Why `serve` could not start.
 #[derive(Debug, thiserror::Error)]
@@ -147,23 +162,12 @@ impl Server {
             }))
             .layer(TimeoutLayer::with_status_code(
                 axum::http::StatusCode::REQUEST_TIMEOUT,
-                Duration::from_secs(30),
+                REQUEST_TIMEOUT,
             ))
             .layer(CatchPanicLayer::new())
             .layer(TraceLayer::new_for_http());
 
-        let mut http_shutdown = shutdown_rx.clone();
-        let http = tokio::spawn(async move {
-            let graceful = async move {
-                let _ = http_shutdown.wait_for(|s| *s).await;
-            };
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(graceful)
-                .await
-            {
-                tracing::error!(error = %e, "http server failed");
-            }
-        });
+        let http = tokio::spawn(serve_http(listener, app, shutdown_rx.clone()));
         tracing::info!(%addr, database = %settings.database.display(), churnzero = %settings.churnzero_url,
             workers = settings.workers, batch_size = settings.batch_size, "churnzero-forwarder serving");
         Ok(Server {
@@ -185,6 +189,62 @@ impl Server {
             let _ = w.await;
         }
         tracing::info!("churnzero-forwarder stopped");
+    }
+}
+
+/// The HTTP accept loop. It replaces `axum::serve` because that offers no
+/// header read deadline: each connection here is served by hyper's HTTP/1.1
+/// server with a timer and [`HEADER_READ_TIMEOUT`], so a connection that
+/// sends nothing, or headers a byte at a time, is closed when the deadline
+/// passes. HTTP/1.1 only: Segment's libraries speak it, and TLS or HTTP/2 is
+/// the job of the reverse proxy in front; the version sniffing that serving
+/// both would need reads the first bytes with no deadline at all.
+///
+/// On shutdown it stops accepting, lets open requests finish (idle
+/// connections close at once) and waits at most [`CONNECTION_DRAIN`].
+async fn serve_http(listener: TcpListener, app: Router, mut shutdown: watch::Receiver<bool>) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors or a connection reset before it was
+                // accepted: neither is fatal; back off briefly (as axum does).
+                tracing::warn!(error = %e, "accepting a connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let conn = builder.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                // Header timeouts, resets and malformed requests end here:
+                // the client's problem, not an operator's.
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(CONNECTION_DRAIN, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain period; closing them");
     }
 }
 

@@ -11,7 +11,8 @@ use std::time::Duration;
 
 fn file_size(db: &std::path::Path) -> u64 {
     let wal = db.with_extension("db-wal");
-    std::fs::metadata(db).map(|m| m.len()).unwrap_or(0) + std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
+    std::fs::metadata(db).map(|m| m.len()).unwrap_or(0)
+        + std::fs::metadata(wal).map(|m| m.len()).unwrap_or(0)
 }
 
 #[tokio::test]
@@ -35,7 +36,11 @@ async fn database_reaches_a_steady_size_under_constant_load() {
         for b in 0..per_round / 100 {
             let batch: Vec<Value> = (0..100)
                 .map(|i| {
-                    let mut e = track(&format!("user-{i}"), "Load", round * per_round + b * 100 + i);
+                    let mut e = track(
+                        &format!("user-{i}"),
+                        "Load",
+                        round * per_round + b * 100 + i,
+                    );
                     e["properties"]["padding"] = json!(padding);
                     e
                 })
@@ -49,7 +54,10 @@ async fn database_reaches_a_steady_size_under_constant_load() {
             let url = url.clone();
             async move {
                 let mut conn = sqlx::SqliteConnection::connect(&url).await.ok()?;
-                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(&mut conn).await.ok()?;
+                let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+                    .fetch_one(&mut conn)
+                    .await
+                    .ok()?;
                 (n == 0).then_some(())
             }
         })
@@ -63,6 +71,9 @@ async fn database_reaches_a_steady_size_under_constant_load() {
     let late = *sizes[rounds - 4..].iter().max().unwrap();
     eprintln!("database + WAL size per round (bytes): {sizes:?}; payload written {written}");
     assert!(late <= early + early / 2, "size keeps growing: {sizes:?}");
-    assert!(late < written, "pruned space is reused or returned: {late} vs {written} written");
+    assert!(
+        late < written,
+        "pruned space is reused or returned: {late} vs {written} written"
+    );
     server.shutdown().await;
 }

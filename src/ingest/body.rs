@@ -6,6 +6,7 @@ use crate::segment::LIMIT_REQUEST_BYTES;
 use axum::http::{HeaderMap, header};
 use http_body_util::BodyExt;
 use std::io::Read;
+use std::time::Duration;
 
 /// Why a body could not be read.
 #[derive(Debug, thiserror::Error)]
@@ -18,14 +19,26 @@ pub enum BodyError {
     UnsupportedEncoding(String),
     #[error("could not read the request body: {0}")]
     Read(String),
+    #[error("the request body did not arrive within {} seconds", .0.as_secs())]
+    Timeout(Duration),
 }
 
-/// Reads at most the wire limit, then inflates gzip up to the same limit.
+/// Longest time the body of one request may take to arrive. 500 KB in 20
+/// seconds is 25 KB/s, slower than any link a tracking library sits behind;
+/// a client slower than that is holding a connection open, and gets `408`.
+pub const BODY_READ_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// Reads at most the wire limit within [`BODY_READ_TIMEOUT`], then inflates
+/// gzip up to the same limit.
 pub async fn read_body(headers: &HeaderMap, body: axum::body::Body) -> Result<Vec<u8>, BodyError> {
     let limit = LIMIT_REQUEST_BYTES;
-    let wire = http_body_util::Limited::new(body, limit)
-        .collect()
-        .await
+    let collected = tokio::time::timeout(
+        BODY_READ_TIMEOUT,
+        http_body_util::Limited::new(body, limit).collect(),
+    )
+    .await
+    .map_err(|_| BodyError::Timeout(BODY_READ_TIMEOUT))?;
+    let wire = collected
         .map_err(|e| {
             if e.downcast_ref::<http_body_util::LengthLimitError>()
                 .is_some()

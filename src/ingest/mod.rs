@@ -19,7 +19,7 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-pub use body::{BodyError, read_body};
+pub use body::{BODY_READ_TIMEOUT, BodyError, MAX_DEPTH, parse_json, read_body};
 
 /// A configured write key and the short hash that stands for it in storage.
 #[derive(Clone, Debug)]
@@ -152,7 +152,7 @@ async fn ingest(
     // Size and encoding errors reveal nothing about the body: report them
     // even before the body's own write key is known.
     let bytes = read_body(&headers, body).await?;
-    let parsed: Result<Value, _> = body::parse_json(&bytes);
+    let parsed: Result<Value, _> = parse_json(&bytes);
     let parsed = match (parsed, &header_key) {
         (Ok(v), _) => v,
         (Err(_), None) => return Err(unauthorized()),
@@ -321,6 +321,7 @@ impl From<BodyError> for ApiError {
             BodyError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
+            BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         };
         ApiError::new(status, e.to_string())
     }

@@ -5,11 +5,13 @@
 mod audience;
 mod read;
 mod recent_errors;
+mod reserve;
 mod writer;
 
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
 pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, SyncStatus};
 pub use recent_errors::RecentError;
+pub use reserve::RESERVE_BYTES;
 pub use writer::{
     ClaimedEvent, IdentityUpdate, IngestReceipt, NewEvent, SettleOutcome, Settlement, Writer,
     WriterConfig,
@@ -45,6 +47,11 @@ pub enum StoreError {
     Backlog(u64),
     #[error("the outbox writer has stopped")]
     WriterGone,
+    /// SQLITE_BUSY: another process (an offline CLI command) held the
+    /// database longer than the busy timeout. Kept apart from `Full` so that
+    /// a lock is not mistaken for a full disk.
+    #[error("the database is busy: {0}")]
+    Busy(String),
 }
 
 impl StoreError {
@@ -53,7 +60,10 @@ impl StoreError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self,
-            StoreError::Full(_) | StoreError::Backlog(_) | StoreError::WriterGone
+            StoreError::Full(_)
+                | StoreError::Backlog(_)
+                | StoreError::WriterGone
+                | StoreError::Busy(_)
         )
     }
 
@@ -62,8 +72,11 @@ impl StoreError {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
             // SQLITE_FULL (13), SQLITE_IOERR (10 and its extended codes), SQLITE_BUSY (5).
             let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
-            if primary == 13 || primary == 10 || primary == 5 {
+            if primary == 13 || primary == 10 {
                 return StoreError::Full(db.message().to_string());
+            }
+            if primary == 5 {
+                return StoreError::Busy(db.message().to_string());
             }
         }
         if let sqlx::Error::Io(io) = &e {
@@ -99,9 +112,24 @@ fn connect_options(path: &Path, read_only: bool) -> Result<SqliteConnectOptions,
     // Pruned pages go back to the file system in maintenance
     // (incremental_vacuum), and a checkpointed WAL is cut back to 64 MB, so
     // the files reach a steady size under constant load.
-    Ok(opts
+    let opts = opts
         .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
-        .pragma("journal_size_limit", "67108864"))
+        .pragma("journal_size_limit", "67108864");
+    Ok(match max_page_count() {
+        Some(pages) => opts.pragma("max_page_count", pages.to_string()),
+        None => opts,
+    })
+}
+
+/// Caps the database at this many pages (SQLite's `max_page_count`; 4 KiB
+/// each). Undocumented on purpose: it exists so that the disk-full path
+/// (SQLITE_FULL on commit) can be exercised for real on any machine, without
+/// a small filesystem; it is read from `FORWARDER_SQLITE_MAX_PAGE_COUNT`.
+fn max_page_count() -> Option<u64> {
+    std::env::var("FORWARDER_SQLITE_MAX_PAGE_COUNT")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .filter(|n| *n > 0)
 }
 
 /// Opened outbox: the writer handle and the reader pool.
@@ -122,7 +150,8 @@ impl Outbox {
         }
         let mut conn = connect_options(path, false)?.connect().await?;
         MIGRATOR.run(&mut conn).await?;
-        let writer = Writer::start(conn, config).await?;
+        let reserve = reserve::Reserve::beside(path).await;
+        let writer = Writer::start(conn, config, reserve).await?;
         let reader = Reader::open(path).await?;
         Ok(Outbox { writer, reader })
     }
@@ -160,7 +189,7 @@ impl Outbox {
         config.release_leases_at_start = false;
         let mut conn = connect_options(path, false)?.connect().await?;
         MIGRATOR.run(&mut conn).await?;
-        let writer = Writer::start(conn, config).await?;
+        let writer = Writer::start(conn, config, reserve::Reserve::none()).await?;
         let reader = Reader::open(path).await?;
         Ok(Outbox { writer, reader })
     }

@@ -5,6 +5,7 @@
 //! commit, so an acknowledgement always means "on disk".
 
 use super::audience::{self, AudienceOp};
+use super::reserve::Reserve;
 use super::{StoreError, now_ms, state};
 use sqlx::{Row, SqliteConnection};
 use std::collections::{HashMap, HashSet};
@@ -185,6 +186,7 @@ impl Writer {
     pub(super) async fn start(
         mut conn: SqliteConnection,
         config: WriterConfig,
+        reserve: Reserve,
     ) -> Result<Writer, StoreError> {
         if config.release_leases_at_start {
             // A previous process is gone: whatever it had in flight comes back now.
@@ -196,6 +198,7 @@ impl Writer {
             conn,
             config,
             stored: stored.clone(),
+            reserve,
         };
         tokio::spawn(task.run(rx));
         Ok(Writer { tx, stored })
@@ -293,6 +296,8 @@ struct WriterTask {
     conn: SqliteConnection,
     config: WriterConfig,
     stored: std::sync::Arc<Notify>,
+    /// Disk space kept for delivery when the disk fills up (see reserve.rs).
+    reserve: Reserve,
 }
 
 impl WriterTask {
@@ -313,6 +318,10 @@ impl WriterTask {
     }
 
     async fn commit_group(&mut self, ops: Vec<Op>) {
+        let ops = self.refuse_ingest_while_full(ops).await;
+        if ops.is_empty() {
+            return;
+        }
         let any_ingest = ops.iter().any(|o| matches!(o, Op::Ingest { .. }));
         let started = std::time::Instant::now();
         let result = self.transaction(&ops).await;
@@ -334,14 +343,16 @@ impl WriterTask {
                 }
             }
             Err(e) if ops.len() == 1 => {
+                self.release_reserve_if_full(&e);
                 if let Some(op) = ops.into_iter().next() {
                     reply(op, Err(e));
                 }
             }
-            Err(_) => {
+            Err(e) => {
+                self.release_reserve_if_full(&e);
                 // One request's failure must not fail its neighbours: commit
                 // each alone so only the culprit gets the error.
-                for op in ops {
+                for op in self.refuse_ingest_while_full(ops).await {
                     let single = [op];
                     let result = self.transaction(&single).await;
                     let [op] = single;
@@ -352,6 +363,31 @@ impl WriterTask {
                 }
                 self.stored.notify_waiters();
             }
+        }
+    }
+
+    /// While the disk reserve is released (the disk filled up), ingest is
+    /// answered `Full` without touching the database, so that the room left
+    /// goes to delivery; everything else goes ahead.
+    async fn refuse_ingest_while_full(&mut self, ops: Vec<Op>) -> Vec<Op> {
+        if !ops.iter().any(|o| matches!(o, Op::Ingest { .. })) || self.reserve.ready().await {
+            return ops;
+        }
+        let mut rest = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Ingest { reply, .. } => drop(reply.send(Err(StoreError::Full(
+                    "the disk is full; ingest resumes when space returns".into(),
+                )))),
+                other => rest.push(other),
+            }
+        }
+        rest
+    }
+
+    fn release_reserve_if_full(&mut self, e: &StoreError) {
+        if matches!(e, StoreError::Full(_)) {
+            self.reserve.release();
         }
     }
 

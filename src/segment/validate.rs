@@ -3,7 +3,7 @@
 //! A valid event is normalised into the exact JSON the outbox stores, so
 //! that every later delivery attempt sends an identical payload.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 
 /// Largest single event, measured on its decompressed JSON (Segment's limit).
@@ -138,8 +138,20 @@ pub fn split_request(
     }
 }
 
-/// Parses the ISO 8601 / RFC 3339 timestamps Segment libraries send.
+/// Parses the ISO 8601 / RFC 3339 timestamps Segment libraries send. Years
+/// outside 0000-9999 are refused: RFC 3339 cannot write them, so a stored
+/// event holding one could not be read back (and ChurnZero would get text
+/// that is no date).
 pub fn parse_timestamp(v: &Value) -> Option<DateTime<Utc>> {
+    parse_timestamp_any_year(v).filter(writable)
+}
+
+/// Whether RFC 3339 can write this instant (a four-digit year).
+fn writable(t: &DateTime<Utc>) -> bool {
+    (0..=9999).contains(&t.year())
+}
+
+fn parse_timestamp_any_year(v: &Value) -> Option<DateTime<Utc>> {
     let s = v.as_str()?;
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
@@ -336,7 +348,13 @@ pub fn normalise_event(
     };
     let effective = match (timestamp, original, sent_at) {
         (Some(t), _, _) => t,
-        (None, Some(o), Some(s)) => received_at - (s - o),
+        // The correction of a client whose sentAt is nonsense (year 9999)
+        // would land outside what can be written; its own clock is then the
+        // better guess.
+        (None, Some(o), Some(s)) => received_at
+            .checked_sub_signed(s - o)
+            .filter(writable)
+            .unwrap_or(o),
         (None, Some(o), None) => o,
         (None, None, _) => received_at,
     };
@@ -431,6 +449,35 @@ mod tests {
         assert!(
             one(json!({"type":"track","userId":"u","event":"E","timestamp":"yesterday"})).is_err()
         );
+    }
+
+    #[test]
+    fn timestamps_stay_within_what_rfc3339_can_write() {
+        // Found by the property tests: a sentAt in year 9999 pushed the
+        // corrected timestamp to year -5947, which could not be read back.
+        let e = one(json!({"type":"track","userId":"u","event":"E",
+            "originalTimestamp":"2026-11-28T11:00:00Z","sentAt":"9999-12-31T23:59:59Z"}))
+        .unwrap();
+        assert_eq!(e.event["timestamp"], json!("2026-11-28T11:00:00.000Z"));
+        // Six-digit years parse as naive dates but cannot be written back:
+        // refused, and never an overflow in the skew arithmetic.
+        for bad in [
+            "+262000-01-01T00:00:00",
+            "-262000-01-01T00:00:00",
+            "12345-01-01 00:00:00",
+        ] {
+            assert!(parse_timestamp(&json!(bad)).is_none(), "{bad}");
+            assert!(one(json!({"type":"track","userId":"u","event":"E","timestamp":bad})).is_err());
+            assert!(
+                one(json!({"type":"track","userId":"u","event":"E",
+                    "originalTimestamp":bad,"sentAt":"2026-11-28T11:00:00Z"}))
+                .is_err()
+            );
+        }
+        let early = one(json!({"type":"track","userId":"u","event":"E",
+            "originalTimestamp":"0000-01-01T00:00:00Z","sentAt":"9999-12-31T23:59:59Z"}))
+        .unwrap();
+        assert_eq!(early.event["timestamp"], json!("0000-01-01T00:00:00.000Z"));
     }
 
     #[test]

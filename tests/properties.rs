@@ -1,0 +1,325 @@
+//! Property tests of the ingest path: the body parser, the Segment validator
+//! and the ChurnZero mapping, fed generated input (random bytes, random JSON
+//! and Segment-shaped events with hostile values). None may panic; every
+//! event is either accepted, with the guarantees the outbox relies on, or
+//! refused with a reason. The case count is CI-sized by default; raise it
+//! with `PROPTEST_CASES=200000` for a long run by hand.
+
+use chrono::{DateTime, Utc};
+use churnzero_forwarder::churnzero::mapping::{self, Ids, MappingConfig};
+use churnzero_forwarder::ingest::{MAX_DEPTH, parse_json};
+use churnzero_forwarder::segment::{
+    self, BatchEnvelope, CallType, LIMIT_BATCH_EVENTS, LIMIT_EVENT_BYTES, ValidEvent,
+};
+use proptest::prelude::*;
+use serde_json::{Map, Value, json};
+
+fn config() -> ProptestConfig {
+    let cases = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(256);
+    ProptestConfig {
+        cases,
+        // Failure persistence files would land in the source tree.
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    }
+}
+
+fn received_at() -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339("2026-11-28T12:00:00.000Z")
+        .unwrap()
+        .with_timezone(&Utc)
+}
+
+/// Strings that tend to break things: empty, blank, long, multi-byte,
+/// control characters, timestamps good and bad, numbers as text.
+fn nasty_string() -> impl Strategy<Value = String> {
+    prop_oneof![
+        Just(String::new()),
+        Just(" ".to_string()),
+        Just("\u{0}".to_string()),
+        Just("é🎉\u{202e}".to_string()),
+        Just("2026-11-28T11:00:00Z".to_string()),
+        Just("2026-11-28T11:00:00.123456789+05:30".to_string()),
+        Just("2026-11-28 11:00:00".to_string()),
+        Just("9999-12-31T23:59:59Z".to_string()),
+        Just("0000-01-01T00:00:00Z".to_string()),
+        Just("-262144-01-01T00:00:00Z".to_string()),
+        Just("yesterday".to_string()),
+        Just("1e309".to_string()),
+        "[a-zA-Z0-9 _.-]{1,12}",
+        "\\PC{0,40}",
+        (1usize..400).prop_map(|n| "ü".repeat(n)),
+    ]
+}
+
+fn leaf() -> impl Strategy<Value = Value> {
+    prop_oneof![
+        Just(Value::Null),
+        any::<bool>().prop_map(Value::Bool),
+        any::<i64>().prop_map(Value::from),
+        any::<u64>().prop_map(Value::from),
+        any::<f64>()
+            .prop_filter("JSON numbers are finite", |f| f.is_finite())
+            .prop_map(Value::from),
+        nasty_string().prop_map(Value::String),
+    ]
+}
+
+/// Keys a Segment event, its traits, properties or context may carry.
+fn key() -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => prop::sample::select(vec![
+            "type", "userId", "anonymousId", "event", "groupId", "previousId", "messageId",
+            "timestamp", "originalTimestamp", "sentAt", "traits", "properties", "context",
+            "integrations", "name", "writeKey", "email", "firstName", "lastName",
+            "accountExternalId", "contactExternalId", "account_id", "company", "description",
+            "quantity", "personas", "computation_class", "computation_key", "All", "ChurnZero",
+            "Churnzero", "batch",
+        ])
+        .prop_map(str::to_string),
+        1 => "\\PC{0,10}",
+    ]
+}
+
+fn json_value() -> impl Strategy<Value = Value> {
+    leaf().prop_recursive(4, 48, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+            prop::collection::vec((key(), inner), 0..8)
+                .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+        ]
+    })
+}
+
+fn call_type() -> impl Strategy<Value = String> {
+    prop_oneof![
+        6 => prop::sample::select(vec!["identify", "track", "page", "screen", "group", "alias"])
+            .prop_map(str::to_string),
+        1 => nasty_string(),
+    ]
+}
+
+/// Segment-shaped events: mostly the right fields, with values drawn from
+/// the nasty set, so that both the accept and the refuse paths are walked.
+fn segment_event() -> impl Strategy<Value = Value> {
+    (
+        call_type(),
+        prop::option::of(prop_oneof![nasty_string().prop_map(Value::String), leaf()]),
+        prop::option::of(nasty_string().prop_map(Value::String)),
+        prop::option::of(nasty_string().prop_map(Value::String)),
+        prop::option::of(leaf()),
+        prop::option::of(json_value()),
+        prop::option::of(json_value()),
+        prop::option::of(json_value()),
+        prop::collection::vec((key(), json_value()), 0..4),
+    )
+        .prop_map(|(t, user, anon, event, ts, traits, props, ctx, extra)| {
+            let mut m = Map::new();
+            for (k, v) in extra {
+                m.insert(k, v);
+            }
+            m.insert("type".into(), Value::String(t));
+            for (k, v) in [
+                ("userId", user),
+                ("anonymousId", anon),
+                ("event", event),
+                ("timestamp", ts),
+                ("traits", traits),
+                ("properties", props),
+                ("context", ctx),
+            ] {
+                if let Some(v) = v {
+                    m.insert(k.into(), v);
+                }
+            }
+            // Half the time give it what its type requires, so that the
+            // accept path gets as much traffic as the refusals.
+            m.entry("groupId").or_insert(json!("g-1"));
+            m.entry("previousId").or_insert(json!("p-1"));
+            Value::Object(m)
+        })
+}
+
+/// What an accepted event must satisfy for the outbox and delivery.
+fn check_valid(v: &ValidEvent) -> Result<(), TestCaseError> {
+    prop_assert!(!v.order_key.trim().is_empty());
+    prop_assert!(!v.message_id.is_empty() && v.message_id.chars().count() <= 256);
+    let event = Value::Object(v.event.clone());
+    prop_assert_eq!(event["type"].as_str(), Some(v.call.as_str()));
+    prop_assert_eq!(event["messageId"].as_str(), Some(v.message_id.as_str()));
+    prop_assert!(
+        event.get("writeKey").is_none(),
+        "write keys are never stored"
+    );
+    let ts = event["timestamp"].as_str().unwrap_or_default();
+    prop_assert!(
+        segment::parse_timestamp(&json!(ts)).is_some(),
+        "timestamp {}",
+        ts
+    );
+    let size = serde_json::to_vec(&event).unwrap().len();
+    prop_assert!(size <= LIMIT_EVENT_BYTES);
+    match v.call {
+        CallType::Track => prop_assert!(
+            event["event"]
+                .as_str()
+                .is_some_and(|e| !e.trim().is_empty())
+        ),
+        CallType::Group => prop_assert!(event["groupId"].is_string()),
+        CallType::Alias => {
+            prop_assert!(event["previousId"].is_string() && event["userId"].is_string())
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// What every mapped action must satisfy, for any event and any ids.
+fn check_actions(cfg: &MappingConfig, event: &Value) -> Result<(), TestCaseError> {
+    let ids = Ids {
+        account: "acct".into(),
+        contact: "contact".into(),
+    };
+    let actions = mapping::map_event(cfg, event, &ids);
+    // Stable payloads: mapping the same stored event twice gives the same
+    // bytes (ChurnZero's duplicate filter relies on it).
+    prop_assert_eq!(&actions, &mapping::map_event(cfg, event, &ids));
+    for a in &actions {
+        prop_assert!(
+            a.get("appKey").is_none(),
+            "the app key is added at send time only"
+        );
+        prop_assert!(a["action"].is_string());
+        prop_assert!(a.contains_key("accountExternalId") && a.contains_key("contactExternalId"));
+        if let Some(d) = a.get("description") {
+            prop_assert!(d.as_str().is_some_and(|d| d.chars().count() <= 255));
+        }
+        serde_json::to_vec(a).unwrap();
+    }
+    if event["type"] == "track" {
+        if let Some(name) = event["event"].as_str().filter(|n| !n.is_empty()) {
+            prop_assert_eq!(actions.len(), 1);
+            prop_assert_eq!(actions[0]["eventName"].as_str(), Some(name));
+        }
+    }
+    let ids = mapping::ids_from_event(cfg, event);
+    for id in [&ids.account, &ids.contact].into_iter().flatten() {
+        prop_assert!(!id.is_empty());
+    }
+    let _ = mapping::audience_updates(cfg, event);
+    Ok(())
+}
+
+fn mapping_config() -> MappingConfig {
+    MappingConfig::from_toml_str(
+        "page_events = true\nscreen_events = true\nevent_custom_fields = [\"plan\", \"seats\"]\n\
+         audience_traits = [\"vip\"]\n",
+    )
+    .expect("test mapping parses")
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// Any bytes: parsed or refused with a reason, never a panic.
+    #[test]
+    fn parse_json_takes_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        match parse_json(&bytes) {
+            Ok(_) => prop_assert!(std::str::from_utf8(&bytes).is_ok()),
+            Err(e) => prop_assert!(!e.is_empty()),
+        }
+    }
+
+    /// Serialised JSON parses back to the same value (within the depth limit).
+    #[test]
+    fn parse_json_round_trips(v in json_value()) {
+        let text = serde_json::to_vec(&v).unwrap();
+        prop_assert_eq!(parse_json(&text).expect("valid JSON parses"), v);
+    }
+
+    /// Nesting past the limit is refused whatever the brackets, never a stack
+    /// overflow; at the limit it parses.
+    #[test]
+    fn nesting_is_bounded(depth in 1usize..2000, open in prop::collection::vec(any::<bool>(), 1..8)) {
+        let mut text = String::new();
+        for i in 0..depth {
+            text.push_str(if open[i % open.len()] { "[" } else { "{\"k\":" });
+        }
+        text.push('1');
+        for i in (0..depth).rev() {
+            text.push(if open[i % open.len()] { ']' } else { '}' });
+        }
+        let r = parse_json(text.as_bytes());
+        if depth > MAX_DEPTH {
+            prop_assert!(r.unwrap_err().contains("nesting"));
+        } else {
+            prop_assert!(r.is_ok());
+        }
+    }
+
+    /// Any JSON body at any endpoint: split into events or refused, and every
+    /// event validated or refused with a reason.
+    #[test]
+    fn any_body_is_accepted_or_refused(
+        body in json_value(),
+        path in prop::option::of(prop::sample::select(vec![
+            CallType::Identify, CallType::Track, CallType::Page, CallType::Screen,
+            CallType::Group, CallType::Alias,
+        ])),
+    ) {
+        match segment::split_request(path, body) {
+            Err(e) => prop_assert!(!e.0.is_empty()),
+            Ok((envelope, events)) => {
+                prop_assert!(!events.is_empty() && events.len() <= LIMIT_BATCH_EVENTS);
+                for raw in events {
+                    match segment::normalise_event(raw, &envelope, received_at(), || "assigned".into()) {
+                        Ok(valid) => check_valid(&valid)?,
+                        Err(e) => prop_assert!(!e.0.is_empty()),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Segment-shaped events with hostile values: accepted with the outbox's
+    /// guarantees, or refused with a reason; accepted ones map to well-formed
+    /// ChurnZero actions, and a stored event normalises to itself again (its
+    /// payload is stable across restarts and attempts).
+    #[test]
+    fn segment_events_validate_and_map(
+        raw in segment_event(),
+        sent_at in prop::option::of(nasty_string()),
+        batch_context in prop::option::of(json_value()),
+    ) {
+        let envelope = BatchEnvelope {
+            sent_at: sent_at.map(Value::String),
+            context: batch_context.and_then(|c| c.as_object().cloned()),
+            ..BatchEnvelope::default()
+        };
+        let cfg = mapping_config();
+        check_actions(&cfg, &raw)?;
+        match segment::normalise_event(raw, &envelope, received_at(), || "assigned".into()) {
+            Err(e) => prop_assert!(!e.0.is_empty()),
+            Ok(valid) => {
+                check_valid(&valid)?;
+                let stored = Value::Object(valid.event.clone());
+                check_actions(&cfg, &stored)?;
+                check_actions(&MappingConfig::default(), &stored)?;
+                let again = segment::normalise_event(
+                    stored.clone(), &BatchEnvelope::default(), received_at(), || "other".into(),
+                ).expect("a stored event is valid");
+                prop_assert_eq!(Value::Object(again.event), stored);
+            }
+        }
+    }
+
+    /// Arbitrary JSON where an event belongs: the mapping never panics.
+    #[test]
+    fn mapping_takes_any_json(event in json_value()) {
+        check_actions(&MappingConfig::default(), &event)?;
+        check_actions(&mapping_config(), &event)?;
+    }
+}

@@ -26,8 +26,10 @@ use tower_http::trace::TraceLayer;
 /// from the moment the server starts waiting for them (a fresh connection, or
 /// an idle keep-alive one). A client that trickles headers, or connects and
 /// sends nothing, loses its connection after this; it cannot hold a socket
-/// and a task forever (slowloris).
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// and a task forever (slowloris). It is also the keep-alive idle limit, so
+/// it sits above the 10-second flush interval of Segment's Node library: a
+/// pooled connection is not closed just as the next batch is sent on it.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Longest time one request may take from its headers to its answer, body
 /// upload included: a client that trickles its body gets `408` and the

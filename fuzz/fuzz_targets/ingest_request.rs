@@ -88,7 +88,8 @@ fuzz_target!(|data: &[u8]| {
     };
     for raw in events {
         let _ = mapping::map_event(&f.mapping, &raw, &ids);
-        let Ok(valid) = segment::normalise_event(raw, &envelope, received_at, || "id".into()) else {
+        let Ok(valid) = segment::normalise_event(raw, &envelope, received_at, || "id".into())
+        else {
             continue;
         };
         let event = serde_json::Value::Object(valid.event.clone());

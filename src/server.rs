@@ -162,6 +162,8 @@ impl Server {
                 admin_token: settings.admin_token.clone(),
                 metrics: operator::metrics_export::install(),
             }))
+            .fallback(not_found)
+            .method_not_allowed_fallback(method_not_allowed)
             .layer(TimeoutLayer::with_status_code(
                 axum::http::StatusCode::REQUEST_TIMEOUT,
                 REQUEST_TIMEOUT,
@@ -281,6 +283,25 @@ async fn maintenance(
             Err(e) => tracing::warn!(error = %e, "maintenance pass failed"),
         }
     }
+}
+
+/// Unknown paths get a JSON reason like every other refusal.
+async fn not_found(uri: axum::http::Uri) -> impl axum::response::IntoResponse {
+    let body =
+        serde_json::json!({ "success": false, "error": format!("no endpoint at {}", uri.path()) });
+    (axum::http::StatusCode::NOT_FOUND, axum::Json(body))
+}
+
+/// A known path with the wrong method (a GET of /v1/track, say).
+async fn method_not_allowed(
+    method: axum::http::Method,
+    uri: axum::http::Uri,
+) -> impl axum::response::IntoResponse {
+    let body = serde_json::json!({
+        "success": false,
+        "error": format!("{method} is not allowed on {}", uri.path()),
+    });
+    (axum::http::StatusCode::METHOD_NOT_ALLOWED, axum::Json(body))
 }
 
 /// Resolves on SIGTERM or SIGINT.

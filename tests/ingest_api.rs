@@ -159,8 +159,31 @@ async fn every_endpoint_accepts_its_call() {
         assert_eq!(s, 200, "{path}: {v}");
     }
     assert_eq!(env.accepted().await, 8);
-    let (s, _) = post(&env.base, "/v1/nonsense", &json!({"userId": "u"})).await;
+    let (s, v) = post(&env.base, "/v1/nonsense", &json!({"userId": "u"})).await;
     assert_eq!(s, 404);
+    assert!(
+        v["error"].as_str().unwrap().contains("unknown endpoint"),
+        "{v}"
+    );
+    let r = client()
+        .get(format!("{}/v1/track", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 405);
+    let v: Value = r.json().await.unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("GET is not allowed"),
+        "{v}"
+    );
+    let r = client()
+        .get(format!("{}/nowhere", env.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["success"], json!(false), "{v}");
     env.stop().await;
 }
 

@@ -166,41 +166,7 @@ pub fn free_port() -> u16 {
 impl Binary {
     /// Starts `serve` on a free port and waits for `/readyz`.
     pub async fn serve(db: &Path, churnzero_url: &str, extra: &[&str]) -> Binary {
-        let port = free_port();
-        let log = db.with_extension(format!("log.{port}"));
-        let logfile = std::fs::File::create(&log).unwrap();
-        let child = Command::new(binary_path())
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .arg("--database")
-            .arg(db)
-            .args([
-                "--write-key",
-                WRITE_KEY,
-                "--churnzero-url",
-                churnzero_url,
-                "--churnzero-app-key",
-                APP_KEY,
-            ])
-            .args(["--admin-token", ADMIN_TOKEN])
-            .args([
-                "--flush-interval",
-                "50ms",
-                "--retry-initial",
-                "50ms",
-                "--retry-max",
-                "500ms",
-            ])
-            .args(extra)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(logfile)
-            .spawn()
-            .expect("binary starts");
-        let base = format!("http://127.0.0.1:{port}");
-        let mut b = Binary { child, base, log };
-        b.wait_ready().await;
-        b
+        Binary::serve_with_env(db, churnzero_url, extra, &[]).await
     }
 
     pub async fn wait_ready(&mut self) {

@@ -131,7 +131,10 @@ fn raw_sqlite(path: &Path, rows: u64, per_tx: u64) -> anyhow::Result<f64> {
              finished_at INTEGER, last_error TEXT, reason TEXT, history TEXT);
              CREATE INDEX events_due ON events (next_attempt_at, id) WHERE state = 0;
              CREATE INDEX events_key ON events (order_key, id) WHERE state IN (0, 1, 4, 5);
-             CREATE INDEX events_state ON events (state, id);",
+             CREATE INDEX events_heads ON events (id) WHERE state = 0;
+             CREATE INDEX events_dead ON events (id) WHERE state = 3;
+             CREATE INDEX events_held ON events (id) WHERE state = 4;
+             CREATE INDEX events_finished ON events (finished_at) WHERE state = 2;",
         )?;
         let sql = CString::new(
             "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) \
@@ -217,7 +220,10 @@ impl Forwarder {
                 APP_KEY,
             ])
             .args(["--flush-interval", "100ms", "--dedup-window", "1h"])
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_FORWARDER_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         if !deliver {

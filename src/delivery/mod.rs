@@ -162,6 +162,7 @@ async fn release(ctx: &Context, batch: Vec<ClaimedEvent>) {
             id: e.id,
             lease: e.lease,
             order_key: e.order_key,
+            first_attempt_at: e.first_attempt_at,
             outcome: SettleOutcome::Release,
         })
         .collect();
@@ -227,8 +228,19 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
         .iter()
         .map(|e| serde_json::from_str(&e.payload).unwrap_or(Value::Null))
         .collect();
+    let own_ids: Vec<mapping::PartialIds> = events
+        .iter()
+        .map(|e| mapping::ids_from_event(&ctx.mapping, e))
+        .collect();
+    // Only users with an event lacking its own ids need the identity map:
+    // events that carry both ids (the common case) cost no read.
     let users: Vec<&str> = {
-        let mut u: Vec<&str> = batch.iter().map(|e| e.order_key.as_str()).collect();
+        let mut u: Vec<&str> = batch
+            .iter()
+            .zip(&own_ids)
+            .filter(|(_, own)| own.account.is_none() || own.contact.is_none())
+            .map(|(e, _)| e.order_key.as_str())
+            .collect();
         u.sort_unstable();
         u.dedup();
         u
@@ -249,7 +261,7 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
     let mut fates: Vec<Option<Fate>> = (0..batch.len()).map(|_| None).collect();
     let mut units = Vec::new();
     let mut blocked: HashSet<&str> = HashSet::new();
-    for (i, (claimed, event)) in batch.iter().zip(&events).enumerate() {
+    for (i, ((claimed, event), own)) in batch.iter().zip(&events).zip(own_ids).enumerate() {
         if blocked.contains(claimed.order_key.as_str()) {
             // An earlier event of this user waits for its ids: keep order.
             fates[i] = Some(Fate::Held(
@@ -265,7 +277,6 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
             fates[i] = Some(Fate::Delivered);
             continue;
         }
-        let own = mapping::ids_from_event(&ctx.mapping, event);
         let Some(ids) = resolve(own, known.get(&claimed.order_key)) else {
             // Nothing to send in real time (an audience-only identify, a
             // page with page events off): there is nothing to wait for.
@@ -456,6 +467,7 @@ fn settlements(ctx: &Context, batch: &[ClaimedEvent], fates: Vec<Fate>) -> Vec<S
                 id: e.id,
                 lease: e.lease,
                 order_key: e.order_key.clone(),
+                first_attempt_at: e.first_attempt_at,
                 outcome,
             }
         })

@@ -23,10 +23,11 @@ use std::path::Path;
 use std::str::FromStr;
 use std::time::Duration;
 
-/// Event states as stored in `events.state`.
+/// Event states as stored in `events.state`. In flight is not a state: a
+/// claimed event keeps its state and has a row in `leases` (the counters'
+/// row 1 counts those), so that a claim does not rewrite event rows.
 pub mod state {
     pub const PENDING: i64 = 0;
-    pub const IN_FLIGHT: i64 = 1;
     pub const DELIVERED: i64 = 2;
     pub const DEAD: i64 = 3;
     pub const HELD: i64 = 4;

@@ -164,14 +164,21 @@ impl Reader {
                 .await?
                 .into_iter()
                 .collect();
-        // One probe of the (state, id) index per state: ids grow with
-        // acceptance time, so the first id of a state is its oldest event.
+        // Ids grow with acceptance time. Every waiting key's earliest event
+        // is its head (state 0, in flight or not) unless the head is held;
+        // then the first event queued behind it is that key's oldest
+        // waiting one. So: the first head, and behind the oldest held
+        // heads (few, and probed through their key), the first follower.
+        // Index probes only, whatever the backlog.
         let (oldest, oldest_held): (Option<i64>, Option<i64>) = sqlx::query_as(
             "SELECT (SELECT MIN(t) FROM ( \
-                 SELECT (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1) AS t \
-                 UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 1 ORDER BY id LIMIT 1) \
-                 UNION ALL SELECT (SELECT accepted_at FROM events WHERE state = 5 ORDER BY id LIMIT 1))), \
-               (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1)",
+                 SELECT (SELECT accepted_at FROM events INDEXED BY events_heads WHERE state = 0 ORDER BY id LIMIT 1) AS t \
+                 UNION ALL \
+                 SELECT (SELECT e.accepted_at FROM events e INDEXED BY events_key \
+                         WHERE e.order_key = h.order_key AND e.state IN (0, 1, 4, 5) AND e.state = 5 \
+                         ORDER BY e.id LIMIT 1) \
+                 FROM (SELECT order_key FROM events INDEXED BY events_held WHERE state = 4 ORDER BY id LIMIT 100) h)), \
+               (SELECT accepted_at FROM events INDEXED BY events_held WHERE state = 4 ORDER BY id LIMIT 1)",
         )
         .fetch_one(&mut *conn)
         .await?;
@@ -204,7 +211,9 @@ impl Reader {
         let m = |n: &str| meta.get(n).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
         Ok(OutboxStatus {
             generated_at: ms_to_rfc3339(now),
-            pending: c(0) + c(5),
+            // Leased events keep their state; state_counts row 1 counts the
+            // leases (see migrations/0004_leases.sql).
+            pending: c(0) + c(5) - c(1),
             in_flight: c(1),
             delivered: t("delivered"),
             dead: c(3),
@@ -273,7 +282,7 @@ impl Reader {
     pub async fn dead_list(&self, f: &DeadListFilter) -> Result<Vec<DeadLetter>, StoreError> {
         let rows = sqlx::query(
             "SELECT id, message_id, kind, order_key, reason, attempts, accepted_at, finished_at, history, payload \
-             FROM events WHERE state = 3 AND id > ? \
+             FROM events INDEXED BY events_dead WHERE state = 3 AND id > ? \
              AND (? IS NULL OR finished_at >= ?) AND (? IS NULL OR finished_at < ?) \
              AND (? IS NULL OR instr(lower(reason), lower(?)) > 0) \
              ORDER BY id LIMIT ?",
@@ -319,7 +328,7 @@ impl Reader {
     /// replay and purge by range. Reads ids only, never payloads.
     pub async fn dead_ids(&self, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
         Ok(sqlx::query_scalar(
-            "SELECT id FROM events WHERE state = 3 \
+            "SELECT id FROM events INDEXED BY events_dead WHERE state = 3 \
              AND (? IS NULL OR finished_at >= ?) AND (? IS NULL OR finished_at < ?) \
              AND (? IS NULL OR instr(lower(reason), lower(?)) > 0) \
              ORDER BY id",

@@ -113,6 +113,9 @@ pub struct Settlement {
     pub id: i64,
     pub lease: i64,
     pub order_key: String,
+    /// From the claim: recorded with the attempt's outcome, so that a claim
+    /// itself writes nothing to the event's row.
+    pub first_attempt_at: i64,
     pub outcome: SettleOutcome,
 }
 
@@ -798,9 +801,11 @@ async fn claim(
     lease: Duration,
     now: i64,
 ) -> Result<Vec<ClaimedEvent>, StoreError> {
+    // Leased heads stay in events_due (a claim writes only to `leases`), so
+    // the scan steps over at most the pool's in-flight heads.
     let heads: Vec<(i64, String)> = sqlx::query_as(
         "SELECT id, order_key FROM events INDEXED BY events_due WHERE state = 0 AND next_attempt_at <= ? \
-         ORDER BY next_attempt_at, id LIMIT ?",
+         AND id NOT IN (SELECT id FROM leases) ORDER BY next_attempt_at, id LIMIT ?",
     )
     .bind(now)
     .bind(max as i64)
@@ -810,55 +815,62 @@ async fn claim(
     if heads.is_empty() {
         return Ok(Vec::new());
     }
-    let mut ids: Vec<i64> = heads.iter().map(|(id, _)| *id).collect();
-    // Room left: take the events queued behind these heads, in order, so a
-    // busy user's backlog drains in full batches.
-    let mut room = max.saturating_sub(ids.len());
-    for (_, key) in &heads {
+    // Each head brings the events queued behind it, in order, before the
+    // next head is taken: a backlogged user drains in full batches with one
+    // head to promote per batch, and heads that do not fit stay pending for
+    // the next claim.
+    let mut ids: Vec<i64> = Vec::with_capacity(max);
+    for (head, key) in &heads {
+        if ids.len() >= max {
+            break;
+        }
+        ids.push(*head);
+        let room = max - ids.len();
         if room == 0 {
             break;
         }
         let followers: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM events INDEXED BY events_key \
-             WHERE order_key = ? AND state IN (0, 1, 4, 5) AND state = 5 ORDER BY id LIMIT ?",
+             WHERE order_key = ? AND state IN (0, 1, 4, 5) AND state = 5 \
+             AND id NOT IN (SELECT id FROM leases) ORDER BY id LIMIT ?",
         )
         .bind(key)
         .bind(room as i64)
         .fetch_all(&mut *conn)
         .await
         .map_err(db)?;
-        room -= followers.len();
         ids.extend(followers);
     }
     let lease_until = now + lease.as_millis() as i64;
     let json = serde_json::to_string(&ids).expect("ids serialise");
+    sqlx::query("INSERT INTO leases (id, lease_until) SELECT value, ? FROM json_each(?)")
+        .bind(lease_until)
+        .bind(&json)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
     let rows = sqlx::query(
-        "UPDATE events SET state = 1, lease_until = ?, attempts = attempts + 1, \
-         first_attempt_at = COALESCE(first_attempt_at, ?) \
-         WHERE id IN (SELECT value FROM json_each(?)) \
-         RETURNING id, order_key, kind, payload, attempts, accepted_at, first_attempt_at",
+        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at \
+         FROM events WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
     )
-    .bind(lease_until)
-    .bind(now)
     .bind(json)
     .fetch_all(&mut *conn)
     .await
     .map_err(db)?;
-    let mut claimed: Vec<ClaimedEvent> = rows
+    Ok(rows
         .into_iter()
         .map(|r| ClaimedEvent {
             id: r.get(0),
             order_key: r.get(1),
             kind: r.get(2),
             payload: r.get(3),
-            attempts: r.get(4),
+            // This attempt counts from now; the row records it at settle.
+            attempts: r.get::<i64, _>(4) + 1,
             accepted_at: r.get(5),
-            first_attempt_at: r.get(6),
+            first_attempt_at: r.get::<Option<i64>, _>(6).unwrap_or(now),
             lease: lease_until,
         })
-        .collect();
-    claimed.sort_by_key(|c| c.id);
-    Ok(claimed)
+        .collect())
 }
 
 fn history_entry(now: i64, error: &str) -> String {
@@ -872,9 +884,32 @@ async fn settle(
     items: &[Settlement],
     now: i64,
 ) -> Result<(), StoreError> {
+    // Only outcomes whose lease is still held count: a worker whose lease
+    // expired (and whose events may have been claimed again) is ignored.
+    let mut by_lease: HashMap<i64, Vec<i64>> = HashMap::new();
+    for s in items {
+        by_lease.entry(s.lease).or_default().push(s.id);
+    }
+    let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
+    for (lease, ids) in &by_lease {
+        let json = serde_json::to_string(ids).expect("ids serialise");
+        let released: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM leases WHERE lease_until = ? AND id IN (SELECT value FROM json_each(?)) RETURNING id",
+        )
+        .bind(lease)
+        .bind(json)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        held_lease.extend(released);
+    }
+    let items: Vec<&Settlement> = items
+        .iter()
+        .filter(|s| held_lease.contains(&s.id))
+        .collect();
     // The earliest unsettled-or-retried event of a key becomes its head again.
     let mut head_of: HashMap<&str, i64> = HashMap::new();
-    for s in items {
+    for s in &items {
         if matches!(
             s.outcome,
             SettleOutcome::Retry { .. } | SettleOutcome::Held { .. } | SettleOutcome::Release
@@ -887,27 +922,28 @@ async fn settle(
     let mut delivered_ids: Vec<(i64, i64)> = Vec::new();
     let mut last_error: Option<&str> = None;
     let mut reports: Vec<(String, &'static str, i64)> = Vec::new();
-    for s in items {
+    for s in &items {
         match &s.outcome {
             SettleOutcome::Delivered => {
                 // Collected and marked in one statement below.
-                delivered_ids.push((s.id, s.lease));
+                delivered_ids.push((s.id, s.first_attempt_at));
             }
             SettleOutcome::Retry { at, error } => {
                 let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
                 sqlx::query(
-                    "UPDATE events SET state = ?, next_attempt_at = ?, lease_until = NULL, last_error = ?, \
+                    "UPDATE events SET state = ?, next_attempt_at = ?, attempts = attempts + 1, \
+                     first_attempt_at = ?, last_error = ?, \
                      history = json_insert(CASE WHEN json_array_length(COALESCE(history, '[]')) >= ? \
                        THEN json_remove(history, '$[0]') ELSE COALESCE(history, '[]') END, '$[#]', json(?)) \
-                     WHERE id = ? AND state = 1 AND lease_until = ?",
+                     WHERE id = ?",
                 )
                 .bind(if head { state::PENDING } else { state::QUEUED })
                 .bind(*at)
+                .bind(s.first_attempt_at)
                 .bind(error)
                 .bind(HISTORY_KEEP)
                 .bind(history_entry(now, error))
                 .bind(s.id)
-                .bind(s.lease)
                 .execute(&mut *conn)
                 .await
                 .map_err(db)?;
@@ -917,46 +953,43 @@ async fn settle(
                 note_error(&mut reports, error, "retry");
             }
             SettleOutcome::Release => {
+                // Never sent: neither the attempt nor its time is recorded.
                 let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
-                sqlx::query(
-                    "UPDATE events SET state = ?, next_attempt_at = ?, lease_until = NULL, \
-                     attempts = MAX(attempts - 1, 0), \
-                     first_attempt_at = CASE WHEN attempts <= 1 THEN NULL ELSE first_attempt_at END \
-                     WHERE id = ? AND state = 1 AND lease_until = ?",
-                )
-                .bind(if head { state::PENDING } else { state::QUEUED })
-                .bind(now)
-                .bind(s.id)
-                .bind(s.lease)
-                .execute(&mut *conn)
-                .await
-                .map_err(db)?;
+                sqlx::query("UPDATE events SET state = ?, next_attempt_at = ? WHERE id = ?")
+                    .bind(if head { state::PENDING } else { state::QUEUED })
+                    .bind(now)
+                    .bind(s.id)
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(db)?;
             }
             SettleOutcome::Held { error } => {
                 let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
                 sqlx::query(
-                    "UPDATE events SET state = ?, lease_until = NULL, last_error = ? WHERE id = ? AND state = 1 AND lease_until = ?",
+                    "UPDATE events SET state = ?, attempts = attempts + 1, first_attempt_at = ?, \
+                     last_error = ? WHERE id = ?",
                 )
                 .bind(if head { state::HELD } else { state::QUEUED })
+                .bind(s.first_attempt_at)
                 .bind(error)
                 .bind(s.id)
-                .bind(s.lease)
                 .execute(&mut *conn)
                 .await
                 .map_err(db)?;
             }
             SettleOutcome::Dead { reason } => {
                 sqlx::query(
-                    "UPDATE events SET state = 3, finished_at = ?, lease_until = NULL, reason = ?, last_error = ?, \
+                    "UPDATE events SET state = 3, finished_at = ?, attempts = attempts + 1, \
+                     first_attempt_at = ?, reason = ?, last_error = ?, \
                      history = json_insert(COALESCE(history, '[]'), '$[#]', json(?)) \
-                     WHERE id = ? AND state = 1 AND lease_until = ?",
+                     WHERE id = ?",
                 )
                 .bind(now)
+                .bind(s.first_attempt_at)
                 .bind(reason)
                 .bind(reason)
                 .bind(history_entry(now, reason))
                 .bind(s.id)
-                .bind(s.lease)
                 .execute(&mut *conn)
                 .await
                 .map_err(db)?;
@@ -970,9 +1003,9 @@ async fn settle(
     for chunk in delivered_ids.chunks(5000) {
         let json = serde_json::to_string(chunk).expect("pairs serialise");
         let r = sqlx::query(
-            "UPDATE events SET state = 2, finished_at = ?, lease_until = NULL \
-             FROM (SELECT value ->> 0 AS id, value ->> 1 AS lease FROM json_each(?)) AS t \
-             WHERE events.id = t.id AND +events.state = 1 AND events.lease_until = t.lease",
+            "UPDATE events SET state = 2, finished_at = ?, attempts = attempts + 1, first_attempt_at = t.first \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS first FROM json_each(?)) AS t \
+             WHERE events.id = t.id",
         )
         .bind(now)
         .bind(json)
@@ -1040,19 +1073,13 @@ async fn promote<'a>(
 /// Returns in-flight events whose lease ended before `before` to the queue:
 /// the earliest of each key as head, the rest queued behind it.
 async fn release_leases(conn: &mut SqliteConnection, before: i64) -> Result<u64, StoreError> {
-    let now = now_ms();
-    let r = sqlx::query(
-        "UPDATE events SET \
-           state = CASE WHEN id = (SELECT MIN(e.id) FROM events e INDEXED BY events_key WHERE e.order_key = events.order_key \
-                                   AND e.state IN (0, 1, 4, 5)) THEN 0 ELSE 5 END, \
-           next_attempt_at = ?, lease_until = NULL \
-         WHERE state = 1 AND lease_until < ?",
-    )
-    .bind(now)
-    .bind(before)
-    .execute(&mut *conn)
-    .await
-    .map_err(db)?;
+    // A leased event kept its state (head or queued), so dropping the lease
+    // is all it takes to make it claimable again.
+    let r = sqlx::query("DELETE FROM leases WHERE lease_until < ?")
+        .bind(before)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
     Ok(r.rows_affected())
 }
 
@@ -1068,7 +1095,7 @@ async fn maintain(
         ..Default::default()
     };
     let expired: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, order_key FROM events WHERE state = 4 AND COALESCE(first_attempt_at, accepted_at) < ? LIMIT 1000",
+        "SELECT id, order_key FROM events INDEXED BY events_held WHERE state = 4 AND COALESCE(first_attempt_at, accepted_at) < ? LIMIT 1000",
     )
     .bind(now - held_budget.as_millis() as i64)
     .fetch_all(&mut *conn)
@@ -1154,10 +1181,12 @@ async fn replay(
                 .await
                 .map_err(db)?
         }
-        None => sqlx::query_as("SELECT id, order_key FROM events WHERE state = 3 ORDER BY id")
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(db)?,
+        None => sqlx::query_as(
+            "SELECT id, order_key FROM events INDEXED BY events_dead WHERE state = 3 ORDER BY id",
+        )
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?,
     };
     // Replayed events go back as queued with a fresh budget and a fresh
     // backoff (their history keeps the earlier attempts); promotion then

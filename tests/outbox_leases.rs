@@ -1,0 +1,216 @@
+//! Claims and leases on a real SQLite file, through the outbox's own API:
+//! a claim hands events out without rewriting them, counts them in flight,
+//! keeps a user's order (head first, its queued followers in the same
+//! batch), and an outcome only counts while its lease is held.
+
+use churnzero_forwarder::outbox::{
+    NewEvent, Outbox, SettleOutcome, Settlement, WriterConfig, now_ms,
+};
+use std::time::Duration;
+
+fn event(n: u32, user: &str) -> NewEvent {
+    NewEvent {
+        source: "source-hash".into(),
+        message_id: format!("m-{user}-{n}"),
+        kind: "track",
+        order_key: user.into(),
+        payload: format!(r#"{{"type":"track","userId":"{user}","event":"e{n}"}}"#),
+        forward: true,
+        identity: None,
+        audience: Vec::new(),
+    }
+}
+
+fn settle_all(
+    claimed: &[churnzero_forwarder::outbox::ClaimedEvent],
+    outcome: SettleOutcome,
+) -> Vec<Settlement> {
+    claimed
+        .iter()
+        .map(|e| Settlement {
+            id: e.id,
+            lease: e.lease,
+            order_key: e.order_key.clone(),
+            first_attempt_at: e.first_attempt_at,
+            outcome: outcome.clone(),
+        })
+        .collect()
+}
+
+async fn open(path: &std::path::Path) -> Outbox {
+    Outbox::open(path, WriterConfig::default()).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_claim_takes_a_users_head_with_its_followers_and_counts_them_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir.path().join("o.db")).await;
+    // Interleaved users: a1 b1 a2 b2 a3 b3.
+    let mut events = Vec::new();
+    for n in 1..=3 {
+        events.push(event(n, "a"));
+        events.push(event(n, "b"));
+    }
+    outbox.writer.ingest(events).await.unwrap();
+
+    let first = outbox
+        .writer
+        .claim(4, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let names: Vec<(String, i64)> = first
+        .iter()
+        .map(|e| (e.order_key.clone(), e.attempts))
+        .collect();
+    // User a's whole backlog and b's head, in acceptance order; b's
+    // followers wait behind their in-flight head.
+    assert_eq!(
+        names,
+        vec![
+            ("a".into(), 1),
+            ("b".into(), 1),
+            ("a".into(), 1),
+            ("a".into(), 1)
+        ]
+    );
+    let s = outbox.reader.status().await.unwrap();
+    assert_eq!((s.pending, s.in_flight), (2, 4));
+    // Nothing else is claimable: b's head is in flight, its followers queued.
+    assert!(
+        outbox
+            .writer
+            .claim(4, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    outbox
+        .writer
+        .settle(settle_all(&first, SettleOutcome::Delivered))
+        .await
+        .unwrap();
+    let s = outbox.reader.status().await.unwrap();
+    assert_eq!((s.pending, s.in_flight, s.delivered), (2, 0, 4));
+    // b's next event was promoted and comes with its follower.
+    let second = outbox
+        .writer
+        .claim(4, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let payloads: Vec<&str> = second.iter().map(|e| e.payload.as_str()).collect();
+    assert_eq!(payloads.len(), 2);
+    assert!(payloads[0].contains("\"e2\"") && payloads[1].contains("\"e3\""));
+}
+
+#[tokio::test]
+async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir.path().join("o.db")).await;
+    outbox.writer.ingest(vec![event(1, "u")]).await.unwrap();
+
+    let stale = outbox
+        .writer
+        .claim(10, Duration::from_millis(1))
+        .await
+        .unwrap();
+    assert_eq!(stale.len(), 1);
+    // Wait for the lease to lapse, then let maintenance return it.
+    while now_ms() <= stale[0].lease {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let report = outbox
+        .writer
+        .maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(report.leases_released, 1);
+    assert_eq!(outbox.reader.status().await.unwrap().in_flight, 0);
+
+    let fresh = outbox
+        .writer
+        .claim(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(fresh.len(), 1);
+    assert_eq!(fresh[0].id, stale[0].id);
+    // The first worker comes back late with a failure: it no longer owns
+    // the event, so nothing changes.
+    outbox
+        .writer
+        .settle(settle_all(
+            &stale,
+            SettleOutcome::Dead {
+                reason: "late".into(),
+            },
+        ))
+        .await
+        .unwrap();
+    let s = outbox.reader.status().await.unwrap();
+    assert_eq!((s.dead, s.in_flight), (0, 1));
+    outbox
+        .writer
+        .settle(settle_all(&fresh, SettleOutcome::Delivered))
+        .await
+        .unwrap();
+    let s = outbox.reader.status().await.unwrap();
+    assert_eq!((s.delivered, s.in_flight, s.pending, s.dead), (1, 0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("o.db");
+    {
+        let outbox = open(&path).await;
+        outbox
+            .writer
+            .ingest(vec![event(1, "u"), event(2, "u")])
+            .await
+            .unwrap();
+        let claimed = outbox
+            .writer
+            .claim(10, Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(claimed.len(), 2);
+        // A retry records the attempt on the row.
+        outbox
+            .writer
+            .settle(settle_all(
+                &claimed,
+                SettleOutcome::Retry {
+                    at: now_ms(),
+                    error: "HTTP 503".into(),
+                },
+            ))
+            .await
+            .unwrap();
+        let again = outbox
+            .writer
+            .claim(10, Duration::from_secs(600))
+            .await
+            .unwrap();
+        assert_eq!(
+            again.iter().map(|e| e.attempts).collect::<Vec<_>>(),
+            vec![2, 2]
+        );
+        assert_eq!(outbox.reader.status().await.unwrap().in_flight, 2);
+        // The process goes away with both events in flight.
+    }
+    let outbox = open(&path).await;
+    let s = outbox.reader.status().await.unwrap();
+    assert_eq!((s.pending, s.in_flight), (2, 0));
+    let claimed = outbox
+        .writer
+        .claim(10, Duration::from_secs(600))
+        .await
+        .unwrap();
+    // The attempt cut short by the restart never reached ChurnZero's answer,
+    // so it is not counted: this is the second recorded attempt.
+    assert_eq!(
+        claimed.iter().map(|e| e.attempts).collect::<Vec<_>>(),
+        vec![2, 2]
+    );
+    assert!(claimed[0].payload.contains("\"e1\""));
+}

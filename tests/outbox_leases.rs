@@ -214,3 +214,27 @@ async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest() {
     );
     assert!(claimed[0].payload.contains("\"e1\""));
 }
+
+#[tokio::test]
+async fn events_in_flight_count_once_against_the_backlog_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = WriterConfig {
+        max_backlog: 5,
+        ..WriterConfig::default()
+    };
+    let outbox = Outbox::open(&dir.path().join("o.db"), config)
+        .await
+        .unwrap();
+    let four: Vec<NewEvent> = (1..=4).map(|n| event(n, &format!("u{n}"))).collect();
+    outbox.writer.ingest(four).await.unwrap();
+    let claimed = outbox
+        .writer
+        .claim(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 4);
+    // 4 waiting (all in flight) + 1 fits a limit of 5; a sixth does not.
+    outbox.writer.ingest(vec![event(5, "u5")]).await.unwrap();
+    let refused = outbox.writer.ingest(vec![event(6, "u6")]).await;
+    assert!(refused.is_err(), "the sixth event is over the limit");
+}

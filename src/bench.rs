@@ -279,6 +279,99 @@ impl Forwarder {
     }
 }
 
+/// The body of one load request, written straight into a string: the load
+/// generator shares the machine with the forwarder, so it should spend as
+/// little CPU per request as it can.
+fn request_body(first_id: u64, per_request: u64) -> String {
+    use std::fmt::Write;
+    let mut body = String::with_capacity(400 * per_request as usize + 16);
+    let one = |body: &mut String, i: u64, with_type: bool| {
+        let user = i % 10_000;
+        let _ = write!(
+            body,
+            r#"{{{}"userId":"user-{user}","event":"Report Exported","messageId":"bench-{i}","properties":{{"quantity":1,"description":"export {i}"}},"context":{{"traits":{{"accountExternalId":"acct-{}","contactExternalId":"user-{user}"}},"library":{{"name":"analytics-node","version":"2.1.0"}}}}}}"#,
+            if with_type { r#""type":"track","# } else { "" },
+            user % 50,
+        );
+    };
+    if per_request == 1 {
+        one(&mut body, first_id, false);
+    } else {
+        body.push_str(r#"{"batch":["#);
+        for k in 0..per_request {
+            if k > 0 {
+                body.push(',');
+            }
+            one(&mut body, first_id + k, true);
+        }
+        body.push_str("]}");
+    }
+    body
+}
+
+/// One keep-alive HTTP/1.1 connection of the load generator: writes a
+/// request, reads the status line, the headers and a Content-Length body.
+struct LoadConnection {
+    stream: tokio::io::BufReader<tokio::net::TcpStream>,
+    head: String,
+}
+
+impl LoadConnection {
+    async fn open(addr: &str) -> anyhow::Result<LoadConnection> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        Ok(LoadConnection {
+            stream: tokio::io::BufReader::new(stream),
+            head: String::new(),
+        })
+    }
+
+    async fn post(
+        &mut self,
+        host: &str,
+        path: &str,
+        auth: &str,
+        body: &[u8],
+    ) -> anyhow::Result<u16> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let request = format!(
+            "POST {path} HTTP/1.1\r\nhost: {host}\r\nauthorization: {auth}\r\n\
+             content-type: application/json\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        let stream = self.stream.get_mut();
+        stream.write_all(request.as_bytes()).await?;
+        stream.write_all(body).await?;
+        self.head.clear();
+        if self.stream.read_line(&mut self.head).await? == 0 {
+            bail!("the forwarder closed the connection");
+        }
+        let status: u16 = self
+            .head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .context("malformed status line")?;
+        let mut length = 0usize;
+        loop {
+            self.head.clear();
+            self.stream.read_line(&mut self.head).await?;
+            let line = self.head.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().context("bad content-length")?;
+                }
+            }
+        }
+        let mut sink = vec![0u8; length];
+        self.stream.read_exact(&mut sink).await?;
+        Ok(status)
+    }
+}
+
 /// Sends `total` events from `connections` concurrent connections, `per_request`
 /// at a time, and returns events/s and per-request latencies.
 async fn load(
@@ -289,46 +382,31 @@ async fn load(
     connections: usize,
     first_id: u64,
 ) -> anyhow::Result<(f64, Latency)> {
+    use base64::Engine;
     let next = Arc::new(AtomicU64::new(0));
     let requests = total.div_ceil(per_request);
+    let host = base.trim_start_matches("http://").to_string();
+    let auth = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:"))
+    );
     let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..connections {
         let next = next.clone();
-        let url = format!("{base}{path}");
+        let (host, auth, path) = (host.clone(), auth.clone(), path.to_string());
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::builder()
-                .pool_max_idle_per_host(1)
-                .build()?;
+            let mut conn = LoadConnection::open(&host).await?;
             let mut samples = Vec::new();
             loop {
                 let r = next.fetch_add(1, Ordering::Relaxed);
                 if r >= requests {
                     break;
                 }
-                let base_id = first_id + r * per_request;
-                let body = if per_request == 1 {
-                    let mut e = sample_event(base_id, base_id % 10_000);
-                    e.as_object_mut().expect("object").remove("type");
-                    e
-                } else {
-                    let batch: Vec<Value> = (0..per_request)
-                        .map(|k| sample_event(base_id + k, (base_id + k) % 10_000))
-                        .collect();
-                    json!({ "batch": batch })
-                };
-                let body = serde_json::to_vec(&body)?;
+                let body = request_body(first_id + r * per_request, per_request);
                 let t = Instant::now();
-                let resp = http
-                    .post(&url)
-                    .basic_auth(WRITE_KEY, Some(""))
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await?;
-                let status = resp.status();
-                let _ = resp.bytes().await?;
-                if !status.is_success() {
+                let status = conn.post(&host, &path, &auth, body.as_bytes()).await?;
+                if !(200..300).contains(&status) {
                     bail!("ingest answered {status}");
                 }
                 samples.push(t.elapsed().as_secs_f64() * 1000.0);

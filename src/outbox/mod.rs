@@ -113,7 +113,12 @@ fn connect_options(path: &Path, read_only: bool) -> Result<SqliteConnectOptions,
     // Pruned pages go back to the file system in maintenance
     // (incremental_vacuum), and a checkpointed WAL is cut back to 64 MB, so
     // the files reach a steady size under constant load.
+    // The writer reads whole result sets (RETURNING of a group's message
+    // ids, a claim's payloads): with sqlx's default 50-row buffer its
+    // database thread stalled every 50 rows until the writer task was
+    // scheduled again.
     let opts = opts
+        .row_buffer_size(4096)
         .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
         .pragma("journal_size_limit", "67108864");
     Ok(match max_page_count() {
@@ -151,11 +156,43 @@ impl Outbox {
         }
         let mut conn = connect_options(path, false)?.connect().await?;
         MIGRATOR.run(&mut conn).await?;
+        // The writer checkpoints only as a safety net (every 40 MB of WAL);
+        // the checkpointer below does it beside the writer.
+        sqlx::query("PRAGMA wal_autocheckpoint = 10000")
+            .execute(&mut conn)
+            .await?;
         let reserve = reserve::Reserve::beside(path).await;
         let writer = Writer::start(conn, config, reserve).await?;
         let reader = Reader::open(path).await?;
+        let checkpointer = connect_options(path, false)?.connect().await?;
+        tokio::spawn(checkpoint_loop(checkpointer, writer.downgrade()));
         Ok(Outbox { writer, reader })
     }
+}
+
+/// Copies committed WAL pages into the database file from a connection of
+/// its own, a few times a second. Left to SQLite's automatic checkpoint,
+/// the writer itself would copy and fsync the database file inside the
+/// commit that crossed the threshold, and every request waiting on that
+/// commit would wait for it too. Passive: it never blocks the writer or
+/// readers, and simply leaves what it cannot copy yet for the next round.
+async fn checkpoint_loop(mut conn: sqlx::SqliteConnection, writer: writer::WeakWriter) {
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if !writer.alive() {
+            break;
+        }
+        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
+            .execute(&mut conn)
+            .await
+        {
+            tracing::warn!(error = %e, "WAL checkpoint failed; the writer's own checkpoint takes over");
+        }
+    }
+    use sqlx::Connection;
+    let _ = conn.close().await;
 }
 
 /// Opens the reader side only, for the offline CLI commands (`status`,

@@ -185,6 +185,15 @@ pub struct Writer {
     pub stored: std::sync::Arc<Notify>,
 }
 
+/// Tells background helpers when the writer (and so the outbox) is gone.
+pub(super) struct WeakWriter(mpsc::WeakSender<Op>);
+
+impl WeakWriter {
+    pub(super) fn alive(&self) -> bool {
+        self.0.upgrade().is_some()
+    }
+}
+
 impl Writer {
     pub(super) async fn start(
         mut conn: SqliteConnection,
@@ -203,8 +212,25 @@ impl Writer {
             stored: stored.clone(),
             reserve,
         };
-        tokio::spawn(task.run(rx));
+        // The writer gets a thread and a runtime of its own. Each statement
+        // is a round trip to SQLite's thread; on the shared runtime every
+        // round trip could wait behind request tasks parsing large bodies,
+        // and the writer (the one path every event takes) spent most of a
+        // group's time waiting to be polled rather than writing.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
+        std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || runtime.block_on(task.run(rx)))
+            .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         Ok(Writer { tx, stored })
+    }
+
+    /// A handle that does not keep the writer alive.
+    pub(super) fn downgrade(&self) -> WeakWriter {
+        WeakWriter(self.tx.downgrade())
     }
 
     async fn call<T>(
@@ -445,10 +471,19 @@ impl WriterTask {
             let d = match op {
                 Op::Ingest { .. } => Done::Ingest(receipts.next().expect("receipt per request")),
                 Op::Claim { max, lease, .. } => {
-                    Done::Claim(claim(&mut self.conn, *max, *lease, now).await?)
+                    let t = std::time::Instant::now();
+                    let c = claim(&mut self.conn, *max, *lease, now).await?;
+                    tracing::trace!(us = t.elapsed().as_micros() as u64, n = c.len(), "op claim");
+                    Done::Claim(c)
                 }
                 Op::Settle { items, .. } => {
+                    let t = std::time::Instant::now();
                     settle(&mut self.conn, items, now).await?;
+                    tracing::trace!(
+                        us = t.elapsed().as_micros() as u64,
+                        n = items.len(),
+                        "op settle"
+                    );
                     Done::Unit
                 }
                 Op::Maintain {
@@ -803,9 +838,10 @@ async fn claim(
     now: i64,
 ) -> Result<Vec<ClaimedEvent>, StoreError> {
     // Leased heads stay in events_due (a claim writes only to `leases`), so
-    // the scan steps over at most the pool's in-flight heads.
-    let heads: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, order_key FROM events INDEXED BY events_due WHERE state = 0 AND next_attempt_at <= ? \
+    // the scan steps over at most the pool's in-flight heads. Ids only: the
+    // index covers them, and a head's row is read only if the head is used.
+    let heads: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM events INDEXED BY events_due WHERE state = 0 AND next_attempt_at <= ? \
          AND id NOT IN (SELECT id FROM leases) ORDER BY next_attempt_at, id LIMIT ?",
     )
     .bind(now)
@@ -821,21 +857,22 @@ async fn claim(
     // head to promote per batch, and heads that do not fit stay pending for
     // the next claim.
     let mut ids: Vec<i64> = Vec::with_capacity(max);
-    for (head, key) in &heads {
+    for head in heads {
         if ids.len() >= max {
             break;
         }
-        ids.push(*head);
+        ids.push(head);
         let room = max - ids.len();
         if room == 0 {
             break;
         }
         let followers: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM events INDEXED BY events_key \
-             WHERE order_key = ? AND state IN (0, 1, 4, 5) AND state = 5 \
+             WHERE order_key = (SELECT order_key FROM events WHERE id = ?) \
+             AND state IN (0, 1, 4, 5) AND state = 5 \
              AND id NOT IN (SELECT id FROM leases) ORDER BY id LIMIT ?",
         )
-        .bind(key)
+        .bind(head)
         .bind(room as i64)
         .fetch_all(&mut *conn)
         .await

@@ -3,6 +3,7 @@
 //! (status, identity look-ups, dead letters) use their own pool.
 
 mod audience;
+mod direct;
 mod read;
 mod recent_errors;
 mod reserve;
@@ -66,6 +67,17 @@ impl StoreError {
                 | StoreError::WriterGone
                 | StoreError::Busy(_)
         )
+    }
+
+    /// The same classification for an error code from a direct SQLite call.
+    fn from_sqlite_code(code: i32, message: String) -> StoreError {
+        match code & 0xff {
+            13 | 10 => StoreError::Full(message),
+            5 => StoreError::Busy(message),
+            _ => StoreError::Database(sqlx::Error::Protocol(format!(
+                "SQLite error {code}: {message}"
+            ))),
+        }
     }
 
     fn classify(e: sqlx::Error) -> StoreError {

@@ -5,6 +5,7 @@
 //! commit, so an acknowledgement always means "on disk".
 
 use super::audience::{self, AudienceOp};
+use super::direct::{Db, StatementCache, Step};
 use super::reserve::Reserve;
 use super::{StoreError, now_ms, state};
 use sqlx::{Row, SqliteConnection};
@@ -14,8 +15,6 @@ use tokio::sync::{Notify, mpsc, oneshot};
 
 /// How many queued requests one transaction takes at most.
 const GROUP_CAP: usize = 512;
-/// Rows per multi-row INSERT statement.
-const INSERT_CHUNK: usize = 256;
 /// Failed attempts remembered per event for dead-letter inspection.
 const HISTORY_KEEP: i64 = 20;
 
@@ -211,6 +210,7 @@ impl Writer {
             config,
             stored: stored.clone(),
             reserve,
+            statements: StatementCache::default(),
         };
         // The writer gets a thread and a runtime of its own. Each statement
         // is a round trip to SQLite's thread; on the shared runtime every
@@ -327,6 +327,8 @@ struct WriterTask {
     stored: std::sync::Arc<Notify>,
     /// Disk space kept for delivery when the disk fills up (see reserve.rs).
     reserve: Reserve,
+    /// The ingest path's prepared statements (see direct.rs).
+    statements: StatementCache,
 }
 
 impl WriterTask {
@@ -341,6 +343,10 @@ impl WriterTask {
                 }
             }
             self.commit_group(std::mem::take(&mut ops)).await;
+        }
+        // Prepared statements must be finalized before the connection closes.
+        if let Ok(_handle) = self.conn.lock_handle().await {
+            self.statements.clear();
         }
         use sqlx::Connection;
         let _ = self.conn.close().await;
@@ -421,6 +427,9 @@ impl WriterTask {
     }
 
     async fn transaction(&mut self, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
+        if let Some(done) = self.plain_ingest_transaction(ops).await {
+            return done;
+        }
         sqlx::query("BEGIN IMMEDIATE")
             .execute(&mut self.conn)
             .await
@@ -450,6 +459,71 @@ impl WriterTask {
         }
     }
 
+    /// The common group: only ingest, no identity or audience updates.
+    /// BEGIN, the inserts and COMMIT then run under a single lock of the
+    /// connection (one hand-off for the whole transaction). `None` when the
+    /// group needs the general path.
+    async fn plain_ingest_transaction(
+        &mut self,
+        ops: &[Op],
+    ) -> Option<Result<Vec<Done>, StoreError>> {
+        let mut requests: Vec<&[NewEvent]> = Vec::with_capacity(ops.len());
+        for op in ops {
+            match op {
+                Op::Ingest { events, .. }
+                    if events
+                        .iter()
+                        .all(|e| e.identity.is_none() && e.audience.is_empty()) =>
+                {
+                    requests.push(events.as_slice())
+                }
+                _ => return None,
+            }
+        }
+        let now = now_ms();
+        let mut handle = match self.conn.lock_handle().await {
+            Ok(h) => h,
+            Err(e) => return Some(Err(db(e))),
+        };
+        // SAFETY: the handle stays locked while `d` is used (to the end of
+        // this function).
+        let d = unsafe { Db::new(handle.as_raw_handle()) };
+        let t0 = std::time::Instant::now();
+        if let Err(e) = d.exec("BEGIN IMMEDIATE") {
+            return Some(Err(e));
+        }
+        let (mut identities, mut audience) = (Vec::new(), Vec::new());
+        let result = insert_locked(
+            &d,
+            &mut self.statements,
+            &self.config,
+            &requests,
+            now,
+            &mut identities,
+            &mut audience,
+        );
+        debug_assert!(identities.is_empty() && audience.is_empty());
+        let t1 = t0.elapsed();
+        let result = result.and_then(|receipts| {
+            d.exec("COMMIT")?;
+            Ok(receipts)
+        });
+        match result {
+            Ok(receipts) => {
+                tracing::trace!(
+                    apply_us = t1.as_micros() as u64,
+                    commit_us = (t0.elapsed() - t1).as_micros() as u64,
+                    "outbox transaction"
+                );
+                Some(Ok(receipts.into_iter().map(Done::Ingest).collect()))
+            }
+            Err(e) => {
+                let _ = d.exec("ROLLBACK");
+                Some(Err(e))
+            }
+        }
+    }
+
     async fn apply_all(&mut self, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
         let now = now_ms();
         let mut done = Vec::with_capacity(ops.len());
@@ -464,7 +538,14 @@ impl WriterTask {
         let mut receipts = if ingest.is_empty() {
             Vec::new()
         } else {
-            insert_events(&mut self.conn, &self.config, &ingest, now).await?
+            insert_events(
+                &mut self.conn,
+                &mut self.statements,
+                &self.config,
+                &ingest,
+                now,
+            )
+            .await?
         }
         .into_iter();
         for op in ops {
@@ -575,145 +656,35 @@ async fn bump_minute(
     Ok(())
 }
 
-async fn backlog(conn: &mut SqliteConnection) -> Result<u64, StoreError> {
-    let n: i64 = sqlx::query_scalar(
-        // Row 1 counts leases of events already counted under 0 or 5.
-        "SELECT COALESCE(SUM(n), 0) FROM state_counts WHERE state IN (0, 4, 5)",
-    )
-    .fetch_one(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(n.max(0) as u64)
-}
-
 /// Inserts the events of several requests in one pass: deduplicate by
-/// (source, messageId), decide head or queued per ordering key, multi-row
-/// insert, update the identity map and counters.
+/// (source, messageId), decide head or queued per ordering key, insert,
+/// count; then update the identity map and the audience store. The first
+/// part runs as direct SQLite calls under one lock of the connection (see
+/// direct.rs): one hand-off per group instead of one per statement.
 async fn insert_events(
     conn: &mut SqliteConnection,
+    statements: &mut StatementCache,
     config: &WriterConfig,
     requests: &[&[NewEvent]],
     now: i64,
 ) -> Result<Vec<IngestReceipt>, StoreError> {
-    let total: usize = requests.iter().map(|r| r.len()).sum();
-    let current = backlog(conn).await?;
-    if current + total as u64 > config.max_backlog {
-        return Err(StoreError::Backlog(config.max_backlog));
-    }
-
-    // 1. Deduplicate: an upsert that only "wins" for new ids or ids older
-    //    than the window; RETURNING tells which ones won.
-    let cutoff = now - config.dedup_window.as_millis() as i64;
-    let all: Vec<&NewEvent> = requests.iter().flat_map(|r| r.iter()).collect();
-    let mut fresh: HashSet<(String, String)> = HashSet::with_capacity(all.len());
-    for chunk in all.chunks(INSERT_CHUNK) {
-        let mut sql = String::from("INSERT INTO message_ids (source, message_id, seen_at) VALUES ");
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 { "(?, ?, ?)" } else { ", (?, ?, ?)" });
-        }
-        sql.push_str(
-            " ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
-             WHERE message_ids.seen_at < ? RETURNING source, message_id",
-        );
-        let mut q = sqlx::query(&sql);
-        for e in chunk {
-            q = q.bind(&e.source).bind(&e.message_id).bind(now);
-        }
-        let rows = q.bind(cutoff).fetch_all(&mut *conn).await.map_err(db)?;
-        for row in rows {
-            fresh.insert((row.get::<String, _>(0), row.get::<String, _>(1)));
-        }
-    }
-
-    // 2. Which ordering keys already have an active event: new events for
-    //    those queue behind it.
-    let mut keys: Vec<&str> = all
-        .iter()
-        .filter(|e| e.forward)
-        .map(|e| e.order_key.as_str())
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let mut active: HashSet<String> = HashSet::new();
-    for chunk in keys.chunks(2000) {
-        let json = serde_json::to_string(chunk).expect("strings serialise");
-        let rows: Vec<String> = sqlx::query_scalar(
-            "SELECT j.value FROM json_each(?) j WHERE EXISTS \
-             (SELECT 1 FROM events e INDEXED BY events_key WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5))",
-        )
-        .bind(json)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db)?;
-        active.extend(rows);
-    }
-
-    // 3. Insert, request by request, in arrival order.
-    let mut receipts = Vec::with_capacity(requests.len());
-    let mut rows: Vec<(&NewEvent, i64)> = Vec::with_capacity(total);
-    let (mut accepted, mut duplicates, mut filtered) = (0i64, 0i64, 0i64);
     let mut identities: Vec<&IdentityUpdate> = Vec::new();
     let mut audience: Vec<&NewEvent> = Vec::new();
-    for request in requests {
-        let mut receipt = IngestReceipt::default();
-        for e in request.iter() {
-            if !fresh.remove(&(e.source.clone(), e.message_id.clone())) {
-                receipt.duplicates += 1;
-                continue;
-            }
-            if let Some(id) = &e.identity {
-                identities.push(id);
-            }
-            if !e.audience.is_empty() {
-                audience.push(e);
-            }
-            if !e.forward {
-                receipt.filtered += 1;
-                continue;
-            }
-            let st = if active.insert(e.order_key.clone()) {
-                state::PENDING
-            } else {
-                state::QUEUED
-            };
-            rows.push((e, st));
-            receipt.stored += 1;
-        }
-        accepted += receipt.stored as i64;
-        duplicates += receipt.duplicates as i64;
-        filtered += receipt.filtered as i64;
-        receipts.push(receipt);
-    }
-    for chunk in rows.chunks(INSERT_CHUNK) {
-        let mut sql = String::from(
-            "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) VALUES ",
-        );
-        for i in 0..chunk.len() {
-            sql.push_str(if i == 0 {
-                "(?, ?, ?, ?, ?, ?, ?, ?)"
-            } else {
-                ", (?, ?, ?, ?, ?, ?, ?, ?)"
-            });
-        }
-        let mut q = sqlx::query(&sql);
-        for (e, st) in chunk {
-            q = q
-                .bind(&e.source)
-                .bind(&e.message_id)
-                .bind(e.kind)
-                .bind(&e.order_key)
-                .bind(&e.payload)
-                .bind(*st)
-                .bind(now)
-                .bind(now);
-        }
-        q.execute(&mut *conn).await.map_err(db)?;
-    }
-    bump_total(conn, "accepted", accepted).await?;
-    bump_total(conn, "duplicates", duplicates).await?;
-    bump_total(conn, "filtered", filtered).await?;
-    bump_minute(conn, "accepted", now, accepted).await?;
-
+    let receipts = {
+        let mut handle = conn.lock_handle().await.map_err(db)?;
+        // SAFETY: the handle stays locked until `handle` drops at the end of
+        // this block, and `d` does not outlive it.
+        let d = unsafe { Db::new(handle.as_raw_handle()) };
+        insert_locked(
+            &d,
+            statements,
+            config,
+            requests,
+            now,
+            &mut identities,
+            &mut audience,
+        )?
+    };
     for id in identities {
         apply_identity(conn, id, now).await?;
     }
@@ -731,6 +702,132 @@ async fn insert_events(
             .await
             .map_err(db)?;
         }
+    }
+    Ok(receipts)
+}
+
+/// The SQL part of `insert_events`, with the connection locked.
+fn insert_locked<'e>(
+    d: &Db,
+    statements: &mut StatementCache,
+    config: &WriterConfig,
+    requests: &[&'e [NewEvent]],
+    now: i64,
+    identities: &mut Vec<&'e IdentityUpdate>,
+    audience: &mut Vec<&'e NewEvent>,
+) -> Result<Vec<IngestReceipt>, StoreError> {
+    let total: usize = requests.iter().map(|r| r.len()).sum();
+    let current = {
+        // Row 1 counts leases of events already counted under 0 or 5.
+        let mut q = d.statement(
+            statements,
+            "SELECT COALESCE(SUM(n), 0) FROM state_counts WHERE state IN (0, 4, 5)",
+        )?;
+        q.step()?;
+        q.column_int(0).max(0) as u64
+    };
+    if current + total as u64 > config.max_backlog {
+        return Err(StoreError::Backlog(config.max_backlog));
+    }
+    let cutoff = now - config.dedup_window.as_millis() as i64;
+    // Ordering keys seen in this group: true when the key has an active
+    // event (in the outbox before, or inserted just now).
+    let mut active: HashMap<&str, bool> = HashMap::new();
+    let mut receipts = Vec::with_capacity(requests.len());
+    let (mut accepted, mut duplicates, mut filtered) = (0i64, 0i64, 0i64);
+    for request in requests {
+        let mut receipt = IngestReceipt::default();
+        for e in request.iter() {
+            // Deduplicate: the upsert "wins" (returns a row) for a new id or
+            // one older than the window.
+            let fresh = {
+                let mut q = d.statement(
+                    statements,
+                    "INSERT INTO message_ids (source, message_id, seen_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
+                     WHERE message_ids.seen_at < ?4 RETURNING 1",
+                )?;
+                q.text(1, &e.source)?;
+                q.text(2, &e.message_id)?;
+                q.int(3, now)?;
+                q.int(4, cutoff)?;
+                let won = q.step()? == Step::Row;
+                if won {
+                    q.run()?;
+                }
+                won
+            };
+            if !fresh {
+                receipt.duplicates += 1;
+                continue;
+            }
+            if let Some(id) = &e.identity {
+                identities.push(id);
+            }
+            if !e.audience.is_empty() {
+                audience.push(e);
+            }
+            if !e.forward {
+                receipt.filtered += 1;
+                continue;
+            }
+            let busy = match active.get(e.order_key.as_str()) {
+                Some(b) => *b,
+                None => {
+                    let mut q = d.statement(
+                        statements,
+                        "SELECT 1 FROM events INDEXED BY events_key \
+                         WHERE order_key = ?1 AND state IN (0, 1, 4, 5) LIMIT 1",
+                    )?;
+                    q.text(1, &e.order_key)?;
+                    q.step()? == Step::Row
+                }
+            };
+            active.insert(e.order_key.as_str(), true);
+            let mut q = d.statement(
+                statements,
+                "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            )?;
+            q.text(1, &e.source)?;
+            q.text(2, &e.message_id)?;
+            q.text(3, e.kind)?;
+            q.text(4, &e.order_key)?;
+            q.text(5, &e.payload)?;
+            q.int(6, if busy { state::QUEUED } else { state::PENDING })?;
+            q.int(7, now)?;
+            q.run()?;
+            receipt.stored += 1;
+        }
+        accepted += receipt.stored as i64;
+        duplicates += receipt.duplicates as i64;
+        filtered += receipt.filtered as i64;
+        receipts.push(receipt);
+    }
+    for (name, by) in [
+        ("accepted", accepted),
+        ("duplicates", duplicates),
+        ("filtered", filtered),
+    ] {
+        if by != 0 {
+            let mut q = d.statement(
+                statements,
+                "UPDATE totals SET value = value + ?1 WHERE name = ?2",
+            )?;
+            q.int(1, by)?;
+            q.text(2, name)?;
+            q.run()?;
+        }
+    }
+    if accepted != 0 {
+        let mut q = d.statement(
+            statements,
+            "INSERT INTO minute_stats (minute, accepted) VALUES (?1, ?2) \
+             ON CONFLICT (minute) DO UPDATE SET accepted = accepted + excluded.accepted",
+        )?;
+        q.int(1, minute_of(now))?;
+        q.int(2, accepted)?;
+        q.run()?;
     }
     Ok(receipts)
 }

@@ -220,6 +220,9 @@ impl Forwarder {
                 APP_KEY,
             ])
             .args(["--flush-interval", "100ms", "--dedup-window", "1h"])
+            // The forwarder under test logs warnings only, unless
+            // BENCH_FORWARDER_LOG asks for more (e.g. the writer's trace
+            // lines, to see where a group's time goes).
             .env(
                 "RUST_LOG",
                 std::env::var("BENCH_FORWARDER_LOG").unwrap_or_else(|_| "warn".into()),

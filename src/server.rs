@@ -68,6 +68,7 @@ pub struct Server {
     draining: Arc<AtomicBool>,
     http: JoinHandle<()>,
     workers: Vec<JoinHandle<()>>,
+    outbox: Outbox,
 }
 
 impl Server {
@@ -180,6 +181,7 @@ impl Server {
             draining,
             http,
             workers,
+            outbox,
         })
     }
 
@@ -191,6 +193,11 @@ impl Server {
         let _ = self.http.await;
         for w in self.workers {
             let _ = w.await;
+        }
+        // Nothing writes any more: fold the WAL into the database so the
+        // next start has nothing to read back.
+        if let Err(e) = self.outbox.writer.checkpoint().await {
+            tracing::warn!(error = %e, "final WAL checkpoint failed; the next start recovers the WAL");
         }
         tracing::info!("churnzero-forwarder stopped");
     }

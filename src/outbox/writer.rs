@@ -160,6 +160,11 @@ enum Op {
         value: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Copy the whole WAL into the database file and truncate it; runs
+    /// between groups, outside any transaction.
+    Checkpoint {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// A sync lane write (see `audience.rs`).
     Audience {
         op: AudienceOp,
@@ -226,6 +231,14 @@ impl Writer {
             .spawn(move || runtime.block_on(task.run(rx)))
             .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
         Ok(Writer { tx, stored })
+    }
+
+    /// Folds the WAL into the database file and truncates it. Called at
+    /// shutdown, after the last write, so that the next start has no WAL to
+    /// read back (startup time stays flat whatever the last load was).
+    pub async fn checkpoint(&self) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::Checkpoint { reply }, rx).await
     }
 
     /// A handle that does not keep the writer alive.
@@ -342,7 +355,20 @@ impl WriterTask {
                     Err(_) => break,
                 }
             }
-            self.commit_group(std::mem::take(&mut ops)).await;
+            let (checkpoints, group): (Vec<Op>, Vec<Op>) = std::mem::take(&mut ops)
+                .into_iter()
+                .partition(|o| matches!(o, Op::Checkpoint { .. }));
+            self.commit_group(group).await;
+            for op in checkpoints {
+                if let Op::Checkpoint { reply } = op {
+                    let result = sqlx::query("PRAGMA wal_checkpoint(TRUNCATE)")
+                        .execute(&mut self.conn)
+                        .await
+                        .map(|_| ())
+                        .map_err(db);
+                    let _ = reply.send(result);
+                }
+            }
         }
         // Prepared statements must be finalized before the connection closes.
         if let Ok(_handle) = self.conn.lock_handle().await {
@@ -586,6 +612,8 @@ impl WriterTask {
                     audience::apply(&mut self.conn, op).await?;
                     Done::Unit
                 }
+                // Taken out of every group before it commits (see run).
+                Op::Checkpoint { .. } => Done::Unit,
             };
             done.push(d);
         }
@@ -603,8 +631,10 @@ fn reply(op: Op, result: Result<Done, StoreError>) {
             drop(reply.send(Ok(())))
         }
         (Op::Settle { reply, .. } | Op::SetMeta { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
-        (Op::Audience { reply, .. }, Ok(Done::Unit)) => drop(reply.send(Ok(()))),
-        (Op::Audience { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+        (Op::Audience { reply, .. } | Op::Checkpoint { reply }, Ok(Done::Unit)) => {
+            drop(reply.send(Ok(())))
+        }
+        (Op::Audience { reply, .. } | Op::Checkpoint { reply }, Err(e)) => drop(reply.send(Err(e))),
         (Op::Maintain { reply, .. }, Ok(Done::Maintain(m))) => drop(reply.send(Ok(m))),
         (Op::Maintain { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
         (Op::Replay { reply, .. } | Op::Purge { reply, .. }, Ok(Done::Count(n))) => {

@@ -43,11 +43,13 @@ fn bench_reports_every_figure() {
         "raw_sqlite_rows_per_sec_1_per_tx",
         "batch_ingest_events_per_sec",
         "track_ingest_events_per_sec",
+        "track_ingest_empty_events_per_sec",
         "drain_events_per_sec",
         "drain_peak_rss_mb",
         "startup_with_backlog_ms",
         "ratio_batch_to_raw",
         "ratio_track_to_single_commit",
+        "ratio_track_empty_to_single_commit",
         "ratio_drain_to_batch_ingest",
     ] {
         let v = report[field]
@@ -58,6 +60,7 @@ fn bench_reports_every_figure() {
     for phase in [
         "batch_ingest_latency",
         "track_ingest_latency",
+        "track_ingest_empty_latency",
         "status_latency",
     ] {
         assert!(

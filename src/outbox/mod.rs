@@ -54,6 +54,12 @@ pub enum StoreError {
     /// a lock is not mistaken for a full disk.
     #[error("the database is busy: {0}")]
     Busy(String),
+    /// The file was written by an older version and not yet upgraded.
+    #[error(
+        "the database's schema is at version {found} and this version needs {wanted}: \
+         start `serve` of this version once to upgrade it"
+    )]
+    Outdated { found: i64, wanted: i64 },
 }
 
 impl StoreError {
@@ -216,7 +222,18 @@ pub async fn open_reader(path: &Path) -> Result<Reader, StoreError> {
             path.display()
         )));
     }
-    Reader::open(path).await
+    let reader = Reader::open(path).await?;
+    // A reader never migrates (it runs beside a server that may be of the
+    // older version). Say so plainly instead of failing on a missing index.
+    let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(reader.pool())
+        .await?;
+    let wanted = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+    let found = found.unwrap_or(0);
+    if found < wanted {
+        return Err(StoreError::Outdated { found, wanted });
+    }
+    Ok(reader)
 }
 
 /// Opens a write connection for the offline CLI commands, running

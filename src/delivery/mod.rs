@@ -29,10 +29,13 @@ pub struct DeliveryConfig {
 }
 
 impl DeliveryConfig {
-    /// Long enough for the flush wait and the sequential requests a poison
-    /// split may need; an event whose worker vanished comes back after it.
+    /// Long enough for the flush wait and the sequential requests of one
+    /// claim (up to four requests, each with the few extra requests a poison
+    /// split may need); an event whose worker vanished comes back after it.
     pub fn lease(&self) -> Duration {
-        self.flush_interval + self.request_timeout * 4 + Duration::from_secs(30)
+        self.flush_interval
+            + self.request_timeout * (4 * REQUESTS_PER_CLAIM as u32)
+            + Duration::from_secs(30)
     }
 }
 

@@ -365,22 +365,10 @@ async fn selected_ids(
         return Ok(None);
     }
     if !sel.ids.is_empty() {
-        let mut wanted = sel.ids.clone();
-        wanted.sort_unstable();
-        wanted.dedup();
-        let found = reader.dead_existing(&wanted).await?;
-        let missing: Vec<String> = wanted
-            .iter()
-            .filter(|id| found.binary_search(id).is_err())
-            .map(i64::to_string)
-            .collect();
-        if !missing.is_empty() {
-            bail!(
-                "not dead events: {}; nothing was changed",
-                missing.join(", ")
-            );
-        }
-        return Ok(Some(wanted));
+        return match reader.dead_selection(&sel.ids).await? {
+            Ok(ids) => Ok(Some(ids)),
+            Err(reason) => bail!("{reason}"),
+        };
     }
     let f = DeadListFilter {
         since_ms: parse_time("since", &sel.since)?,

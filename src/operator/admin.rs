@@ -227,32 +227,16 @@ async fn select(state: &OperatorState, body: &Bytes) -> Result<Option<Vec<i64>>,
         return Ok(None);
     }
     if !sel.ids.is_empty() {
-        // All or nothing: an id that is not a dead letter (a typo, or
-        // replayed meanwhile) refuses the whole request.
-        let mut wanted = sel.ids;
-        wanted.sort_unstable();
-        wanted.dedup();
-        let found = state
+        return match state
             .outbox
             .reader
-            .dead_existing(&wanted)
+            .dead_selection(&sel.ids)
             .await
-            .map_err(unavailable)?;
-        let missing: Vec<String> = wanted
-            .iter()
-            .filter(|id| found.binary_search(id).is_err())
-            .map(i64::to_string)
-            .collect();
-        if !missing.is_empty() {
-            return Err(error(
-                StatusCode::NOT_FOUND,
-                format!(
-                    "not dead events: {}; nothing was changed",
-                    missing.join(", ")
-                ),
-            ));
-        }
-        return Ok(Some(wanted));
+            .map_err(unavailable)?
+        {
+            Ok(ids) => Ok(Some(ids)),
+            Err(reason) => Err(error(StatusCode::NOT_FOUND, reason)),
+        };
     }
     let f = filter(&sel.since, &sel.until, &sel.reason)?;
     let ids = state

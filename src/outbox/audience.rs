@@ -18,7 +18,7 @@
 //! keeps showing the last real sync instead of a stream of empty ones.
 
 use super::read::Reader;
-use super::{StoreError, now_ms};
+use super::{StoreError, now_ms, set_meta};
 use sqlx::SqliteConnection;
 use std::collections::HashMap;
 
@@ -121,19 +121,6 @@ async fn settle(conn: &mut SqliteConnection, s: &AudienceSettlement) -> Result<(
         set_meta(conn, "last_error", e).await?;
         set_meta(conn, "last_error_at", &now.to_string()).await?;
     }
-    Ok(())
-}
-
-async fn set_meta(conn: &mut SqliteConnection, name: &str, value: &str) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO meta (name, value) VALUES (?, ?) \
-         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-    )
-    .bind(name)
-    .bind(value)
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::classify)?;
     Ok(())
 }
 

@@ -105,6 +105,25 @@ impl StoreError {
     }
 }
 
+/// Writes one operator fact into `meta` (last delivery, last error, the
+/// recent-errors ring, the sync schedule), inside the caller's transaction.
+pub(crate) async fn set_meta(
+    conn: &mut sqlx::SqliteConnection,
+    name: &str,
+    value: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO meta (name, value) VALUES (?, ?) \
+         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+    )
+    .bind(name)
+    .bind(value)
+    .execute(&mut *conn)
+    .await
+    .map_err(StoreError::classify)?;
+    Ok(())
+}
+
 /// Milliseconds since the Unix epoch: the outbox's clock unit.
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()

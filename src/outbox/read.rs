@@ -5,7 +5,8 @@ use super::recent_errors::{self, RecentError};
 use super::{StoreError, now_ms, reader_pool};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
-use sqlx::{Row, SqlitePool};
+use sqlx::sqlite::SqliteArguments;
+use sqlx::{Arguments, Row, SqlitePool};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -280,23 +281,13 @@ impl Reader {
 
     /// Dead letters, oldest first, with filters and keyset paging.
     pub async fn dead_list(&self, f: &DeadListFilter) -> Result<Vec<DeadLetter>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, message_id, kind, order_key, reason, attempts, accepted_at, finished_at, history, payload \
-             FROM events INDEXED BY events_dead WHERE state = 3 AND id > ? \
-             AND (? IS NULL OR finished_at >= ?) AND (? IS NULL OR finished_at < ?) \
-             AND (? IS NULL OR instr(lower(reason), lower(?)) > 0) \
-             ORDER BY id LIMIT ?",
-        )
-        .bind(f.after_id.unwrap_or(0))
-        .bind(f.since_ms)
-        .bind(f.since_ms)
-        .bind(f.until_ms)
-        .bind(f.until_ms)
-        .bind(&f.reason_contains)
-        .bind(&f.reason_contains)
-        .bind(if f.limit <= 0 { 100 } else { f.limit })
-        .fetch_all(&self.pool)
-        .await?;
+        let sql = format!(
+            "SELECT id, message_id, kind, order_key, reason, attempts, accepted_at, finished_at, history, payload {DEAD_FILTER}"
+        );
+        let limit = if f.limit <= 0 { 100 } else { f.limit };
+        let rows = sqlx::query_with(&sql, filter_args(f, f.after_id.unwrap_or(0), limit))
+            .fetch_all(&self.pool)
+            .await?;
         Ok(rows.iter().map(Self::dead_from_row).collect())
     }
 
@@ -312,34 +303,67 @@ impl Reader {
         Ok(row.as_ref().map(Self::dead_from_row))
     }
 
-    /// Which of `ids` are dead letters now, so operator tools can refuse a
-    /// selection naming an id that is not (and change nothing).
-    pub async fn dead_existing(&self, ids: &[i64]) -> Result<Vec<i64>, StoreError> {
-        let json = serde_json::to_string(ids).expect("ids serialise");
-        Ok(sqlx::query_scalar(
+    /// Checks an explicit selection for replay or purge, all or nothing:
+    /// `Ok(ids)` (sorted, without repeats) when every id is a dead letter
+    /// now, else `Err(reason)` naming the ones that are not (a typo, or
+    /// replayed meanwhile), so operator tools change nothing.
+    pub async fn dead_selection(
+        &self,
+        ids: &[i64],
+    ) -> Result<Result<Vec<i64>, String>, StoreError> {
+        let mut wanted = ids.to_vec();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let json = serde_json::to_string(&wanted).expect("ids serialise");
+        let found: Vec<i64> = sqlx::query_scalar(
             "SELECT id FROM events WHERE state = 3 AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
         )
         .bind(json)
         .fetch_all(&self.pool)
-        .await?)
+        .await?;
+        let missing: Vec<String> = wanted
+            .iter()
+            .filter(|id| found.binary_search(id).is_err())
+            .map(i64::to_string)
+            .collect();
+        Ok(if missing.is_empty() {
+            Ok(wanted)
+        } else {
+            Err(format!(
+                "not dead events: {}; nothing was changed",
+                missing.join(", ")
+            ))
+        })
     }
 
     /// Ids of every dead letter matching a filter (paging ignored), for
     /// replay and purge by range. Reads ids only, never payloads.
     pub async fn dead_ids(&self, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
-        Ok(sqlx::query_scalar(
-            "SELECT id FROM events INDEXED BY events_dead WHERE state = 3 \
-             AND (? IS NULL OR finished_at >= ?) AND (? IS NULL OR finished_at < ?) \
-             AND (? IS NULL OR instr(lower(reason), lower(?)) > 0) \
-             ORDER BY id",
+        // LIMIT -1: no limit.
+        Ok(
+            sqlx::query_scalar_with(&format!("SELECT id {DEAD_FILTER}"), filter_args(f, 0, -1))
+                .fetch_all(&self.pool)
+                .await?,
         )
-        .bind(f.since_ms)
-        .bind(f.since_ms)
-        .bind(f.until_ms)
-        .bind(f.until_ms)
-        .bind(&f.reason_contains)
-        .bind(&f.reason_contains)
-        .fetch_all(&self.pool)
-        .await?)
     }
+}
+
+/// The dead-letter filter shared by listing (with paging) and by replay and
+/// purge over a range (ids only). Parameters: ?1 after id, ?2 since, ?3
+/// until, ?4 reason substring, ?5 limit; see [`filter_args`].
+const DEAD_FILTER: &str = "FROM events INDEXED BY events_dead WHERE state = 3 AND id > ?1 \
+     AND (?2 IS NULL OR finished_at >= ?2) AND (?3 IS NULL OR finished_at < ?3) \
+     AND (?4 IS NULL OR instr(lower(reason), lower(?4)) > 0) \
+     ORDER BY id LIMIT ?5";
+
+fn filter_args(f: &DeadListFilter, after: i64, limit: i64) -> SqliteArguments<'static> {
+    let mut args = SqliteArguments::default();
+    let added = args
+        .add(after)
+        .and_then(|_| args.add(f.since_ms))
+        .and_then(|_| args.add(f.until_ms))
+        .and_then(|_| args.add(f.reason_contains.clone()))
+        .and_then(|_| args.add(limit));
+    added.expect("integers and text always encode");
+    args
 }

@@ -92,16 +92,7 @@ pub(super) async fn record(
     }
     ring.truncate(KEEP);
     let json = serde_json::to_string(&ring).expect("entries serialise");
-    sqlx::query(
-        "INSERT INTO meta (name, value) VALUES (?, ?) \
-         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-    )
-    .bind(META_NAME)
-    .bind(json)
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::classify)?;
-    Ok(())
+    super::set_meta(conn, META_NAME, &json).await
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@
 use super::audience::{self, AudienceOp};
 use super::direct::{Db, StatementCache, Step};
 use super::reserve::Reserve;
-use super::{StoreError, now_ms, state};
+use super::{StoreError, now_ms, set_meta, state};
 use sqlx::{Row, SqliteConnection};
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -1390,14 +1390,4 @@ async fn purge(conn: &mut SqliteConnection, ids: Option<&[i64]>) -> Result<u64, 
     }
     .map_err(db)?;
     Ok(r.rows_affected())
-}
-
-async fn set_meta(conn: &mut SqliteConnection, name: &str, value: &str) -> Result<(), StoreError> {
-    sqlx::query("INSERT INTO meta (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
-        .bind(name)
-        .bind(value)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    Ok(())
 }

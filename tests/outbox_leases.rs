@@ -238,3 +238,57 @@ async fn events_in_flight_count_once_against_the_backlog_limit() {
     let refused = outbox.writer.ingest(vec![event(6, "u6")]).await;
     assert!(refused.is_err(), "the sixth event is over the limit");
 }
+
+#[tokio::test]
+async fn oldest_waiting_age_counts_events_queued_behind_a_held_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let outbox = open(&dir.path().join("o.db")).await;
+    // User h: two events; user p: one event accepted clearly later.
+    outbox
+        .writer
+        .ingest(vec![event(1, "h"), event(2, "h")])
+        .await
+        .unwrap();
+    let h_accepted = std::time::Instant::now();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let p_sent = std::time::Instant::now();
+    outbox.writer.ingest(vec![event(1, "p")]).await.unwrap();
+
+    // h's head waits for its ids (held), its second event queues behind it;
+    // p's event goes back to pending untouched.
+    let claimed = outbox
+        .writer
+        .claim(10, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(claimed.len(), 3);
+    let settlements = claimed
+        .iter()
+        .map(|e| Settlement {
+            id: e.id,
+            lease: e.lease,
+            order_key: e.order_key.clone(),
+            first_attempt_at: e.first_attempt_at,
+            outcome: if e.order_key == "h" {
+                SettleOutcome::Held {
+                    error: "unresolved identity".into(),
+                }
+            } else {
+                SettleOutcome::Release
+            },
+        })
+        .collect();
+    outbox.writer.settle(settlements).await.unwrap();
+
+    let s = outbox.reader.status().await.unwrap();
+    assert_eq!((s.pending, s.held, s.in_flight), (2, 1, 0));
+    let pending_ms = s.oldest_pending_age_seconds * 1000.0;
+    // h's queued event (older than p's) is the oldest waiting one; without
+    // it the age would be p's, under p_sent's elapsed time.
+    assert!(
+        pending_ms + 2.0 >= h_accepted.elapsed().as_millis() as f64 - 5.0
+            && pending_ms > p_sent.elapsed().as_millis() as f64 + 50.0,
+        "oldest pending {pending_ms} ms"
+    );
+    assert!(s.oldest_held_age_seconds * 1000.0 > p_sent.elapsed().as_millis() as f64 + 50.0);
+}

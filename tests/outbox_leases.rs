@@ -4,7 +4,7 @@
 //! batch), and an outcome only counts while its lease is held.
 
 use churnzero_forwarder::outbox::{
-    NewEvent, Outbox, SettleOutcome, Settlement, WriterConfig, now_ms,
+    NewEvent, Outbox, SettleOutcome, Settlement, StoreError, WriterConfig, now_ms,
 };
 use std::time::Duration;
 
@@ -33,6 +33,7 @@ fn settle_all(
             order_key: e.order_key.clone(),
             first_attempt_at: e.first_attempt_at,
             outcome: outcome.clone(),
+            actions: None,
         })
         .collect()
 }
@@ -236,7 +237,10 @@ async fn events_in_flight_count_once_against_the_backlog_limit() {
     // 4 waiting (all in flight) + 1 fits a limit of 5; a sixth does not.
     outbox.writer.ingest(vec![event(5, "u5")]).await.unwrap();
     let refused = outbox.writer.ingest(vec![event(6, "u6")]).await;
-    assert!(refused.is_err(), "the sixth event is over the limit");
+    assert!(
+        matches!(refused, Err(StoreError::Backlog(5))),
+        "the sixth event is over the limit: {refused:?}"
+    );
 }
 
 #[tokio::test]
@@ -272,10 +276,12 @@ async fn oldest_waiting_age_counts_events_queued_behind_a_held_head() {
             outcome: if e.order_key == "h" {
                 SettleOutcome::Held {
                     error: "unresolved identity".into(),
+                    map_as_of: e.claimed_at,
                 }
             } else {
                 SettleOutcome::Release
             },
+            actions: None,
         })
         .collect();
     outbox.writer.settle(settlements).await.unwrap();

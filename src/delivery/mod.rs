@@ -205,6 +205,7 @@ async fn release(ctx: &Context, batch: Vec<ClaimedEvent>) {
             order_key: e.order_key,
             first_attempt_at: e.first_attempt_at,
             outcome: SettleOutcome::Release,
+            actions: None,
         })
         .collect();
     settle_with_retries(ctx, items).await;
@@ -254,33 +255,113 @@ enum Stop {
     Release,
 }
 
+/// Ids the identity map holds for one user: (account, contact).
+pub type KnownIds = (Option<String>, Option<String>);
+
 /// Resolves the ids an event needs: its own, else the identity map's.
-fn resolve(
-    own: mapping::PartialIds,
-    known: Option<&(Option<String>, Option<String>)>,
-) -> Option<Ids> {
+fn resolve(own: mapping::PartialIds, known: Option<&KnownIds>) -> Option<Ids> {
     let account = own.account.or_else(|| known.and_then(|k| k.0.clone()))?;
     let contact = own.contact.or_else(|| known.and_then(|k| k.1.clone()))?;
     Some(Ids { account, contact })
 }
 
+/// What one attempt does with one stored event.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Attempt {
+    /// Send these actions. `first` is set when they were resolved and mapped
+    /// just now (the event had none stored): the JSON to keep with the event
+    /// so that every later attempt sends the same.
+    Send {
+        actions: Vec<Map<String, Value>>,
+        first: Option<String>,
+    },
+    /// Nothing to send to ChurnZero (an alias, a page with page events off,
+    /// an audience-only identify): done.
+    Nothing,
+    /// Its ids are not known yet: hold it.
+    Unresolved,
+    /// The stored event cannot be used at all.
+    Invalid(String),
+}
+
+/// Decides what an attempt sends for an event: the actions stored by its
+/// first attempt when there are some (whatever the identity map or the
+/// mapping file say now), else the event resolved against `known` (the
+/// identity map's entry for its user) and mapped with `cfg`. Pure, so that
+/// the stable-payload property can be checked without a server.
+pub fn attempt(
+    cfg: &MappingConfig,
+    kind: &str,
+    event: &Value,
+    stored: Option<&str>,
+    known: Option<&KnownIds>,
+) -> Attempt {
+    if let Some(stored) = stored {
+        return match serde_json::from_str::<Vec<Map<String, Value>>>(stored) {
+            Ok(actions) if actions.is_empty() => Attempt::Nothing,
+            Ok(actions) => Attempt::Send {
+                actions,
+                first: None,
+            },
+            Err(e) => Attempt::Invalid(format!("stored actions are not valid JSON: {e}")),
+        };
+    }
+    if !event.is_object() {
+        return Attempt::Invalid("stored payload is not a JSON object".into());
+    }
+    if kind == "alias" {
+        return Attempt::Nothing;
+    }
+    let own = mapping::ids_from_event(cfg, event);
+    let Some(ids) = resolve(own, known) else {
+        // Nothing to send in real time (an audience-only identify, a page
+        // with page events off): there is nothing to wait for.
+        let probe = Ids {
+            account: String::new(),
+            contact: String::new(),
+        };
+        if mapping::map_event(cfg, event, &probe).is_empty() {
+            return Attempt::Nothing;
+        }
+        return Attempt::Unresolved;
+    };
+    let actions = mapping::map_event(cfg, event, &ids);
+    if actions.is_empty() {
+        return Attempt::Nothing;
+    }
+    let first = serde_json::to_string(&actions).expect("actions serialise");
+    Attempt::Send {
+        actions,
+        first: Some(first),
+    }
+}
+
 async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
     let events: Vec<Value> = batch
         .iter()
-        .map(|e| serde_json::from_str(&e.payload).unwrap_or(Value::Null))
+        .map(|e| {
+            if e.actions.is_some() {
+                // Sent as stored: the payload is not needed.
+                Value::Null
+            } else {
+                serde_json::from_str(&e.payload).unwrap_or(Value::Null)
+            }
+        })
         .collect();
-    let own_ids: Vec<mapping::PartialIds> = events
-        .iter()
-        .map(|e| mapping::ids_from_event(&ctx.mapping, e))
-        .collect();
-    // Only users with an event lacking its own ids need the identity map:
-    // events that carry both ids (the common case) cost no read.
+    // Only users with an event lacking its own ids (and no stored actions)
+    // need the identity map: events that carry both ids (the common case)
+    // cost no read.
     let users: Vec<&str> = {
         let mut u: Vec<&str> = batch
             .iter()
-            .zip(&own_ids)
-            .filter(|(_, own)| own.account.is_none() || own.contact.is_none())
-            .map(|(e, _)| e.order_key.as_str())
+            .zip(&events)
+            .filter(|(c, e)| {
+                c.actions.is_none() && {
+                    let own = mapping::ids_from_event(&ctx.mapping, e);
+                    own.account.is_none() || own.contact.is_none()
+                }
+            })
+            .map(|(c, _)| c.order_key.as_str())
             .collect();
         u.sort_unstable();
         u.dedup();
@@ -296,13 +377,14 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
                     retry_after: None,
                 })
                 .collect();
-            return settlements(ctx, &batch, fates);
+            return settlements(ctx, &batch, fates, Vec::new());
         }
     };
     let mut fates: Vec<Option<Fate>> = (0..batch.len()).map(|_| None).collect();
+    let mut firsts: Vec<Option<String>> = (0..batch.len()).map(|_| None).collect();
     let mut units = Vec::new();
     let mut blocked: HashSet<&str> = HashSet::new();
-    for (i, ((claimed, event), own)) in batch.iter().zip(&events).zip(own_ids).enumerate() {
+    for (i, (claimed, event)) in batch.iter().zip(&events).enumerate() {
         if blocked.contains(claimed.order_key.as_str()) {
             // An earlier event of this user waits for its ids: keep order.
             fates[i] = Some(Fate::Held(
@@ -310,36 +392,25 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
             ));
             continue;
         }
-        if !event.is_object() {
-            fates[i] = Some(Fate::Dead("stored payload is not a JSON object".into()));
-            continue;
-        }
-        if claimed.kind == "alias" {
-            fates[i] = Some(Fate::Delivered);
-            continue;
-        }
-        let Some(ids) = resolve(own, known.get(&claimed.order_key)) else {
-            // Nothing to send in real time (an audience-only identify, a
-            // page with page events off): there is nothing to wait for.
-            let probe = Ids {
-                account: String::new(),
-                contact: String::new(),
-            };
-            if mapping::map_event(&ctx.mapping, event, &probe).is_empty() {
-                fates[i] = Some(Fate::Delivered);
-                continue;
+        match attempt(
+            &ctx.mapping,
+            &claimed.kind,
+            event,
+            claimed.actions.as_deref(),
+            known.get(&claimed.order_key),
+        ) {
+            Attempt::Send { actions, first } => {
+                firsts[i] = first;
+                units.push(Unit { index: i, actions });
             }
-            blocked.insert(claimed.order_key.as_str());
-            fates[i] = Some(Fate::Held(
-                "unresolved identity: no accountExternalId/contactExternalId known yet".into(),
-            ));
-            continue;
-        };
-        let actions = mapping::map_event(&ctx.mapping, event, &ids);
-        if actions.is_empty() {
-            fates[i] = Some(Fate::Delivered);
-        } else {
-            units.push(Unit { index: i, actions });
+            Attempt::Nothing => fates[i] = Some(Fate::Delivered),
+            Attempt::Invalid(reason) => fates[i] = Some(Fate::Dead(reason)),
+            Attempt::Unresolved => {
+                blocked.insert(claimed.order_key.as_str());
+                fates[i] = Some(Fate::Held(
+                    "unresolved identity: no accountExternalId/contactExternalId known yet".into(),
+                ));
+            }
         }
     }
 
@@ -354,26 +425,35 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
         size += u.actions.len();
         chunks.last_mut().expect("pushed").push(u);
     }
+    // The last moment a request may start: it must end (request timeout)
+    // and its outcome be written (settle margin) before the earliest lease
+    // of the batch runs out, or another worker could claim the same events.
+    let send_by = batch.iter().map(|e| e.lease).min().unwrap_or(0)
+        - (ctx.config.request_timeout + ctx.config.settle_margin()).as_millis() as i64;
     let mut stop: Option<Stop> = None;
     for chunk in chunks {
-        send_isolating(ctx, chunk, &mut fates, &mut stop).await;
+        send_isolating(ctx, chunk, &mut fates, &mut stop, send_by).await;
     }
     let fates = fates
         .into_iter()
         .map(|f| f.unwrap_or(Fate::Delivered))
         .collect();
-    settlements(ctx, &batch, fates)
+    settlements(ctx, &batch, fates, firsts)
 }
 
 /// Sends `units`; on a non-retryable answer splits in halves until the
 /// refused events are alone, so a poison event harms only itself. After a
 /// retryable failure nothing more is sent from this batch (order and
-/// back-pressure): the rest is retried together.
+/// back-pressure): the rest is retried together. Nothing is sent after
+/// `send_by` (ms): a closed gate is waited for only while the lease still
+/// covers the request after it, and what is left then is given back
+/// unsent, so no other worker can claim events this one is still sending.
 fn send_isolating<'a>(
     ctx: &'a Context,
     units: Vec<Unit>,
     fates: &'a mut [Option<Fate>],
     stop: &'a mut Option<Stop>,
+    send_by: i64,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
     Box::pin(async move {
         if units.is_empty() {
@@ -392,8 +472,17 @@ fn send_isolating<'a>(
             return;
         }
         let mut shutdown = ctx.shutdown.clone();
+        let room = Duration::from_millis((send_by - now_ms()).max(0) as u64);
         let open = tokio::select! {
-            _ = ctx.gate.wait_open() => true,
+            r = tokio::time::timeout(room, ctx.gate.wait_open()) => {
+                if r.is_err() {
+                    tracing::info!(
+                        events = units.len(),
+                        "the destination gate stays closed past this claim's lease; giving the unsent events back"
+                    );
+                }
+                r.is_ok()
+            }
             _ = shutdown.wait_for(|s| *s) => false,
         };
         if !open {
@@ -454,23 +543,36 @@ fn send_isolating<'a>(
                 }
                 let mut first = units;
                 let second = first.split_off(first.len() / 2);
-                send_isolating(ctx, first, fates, stop).await;
-                send_isolating(ctx, second, fates, stop).await;
+                send_isolating(ctx, first, fates, stop, send_by).await;
+                send_isolating(ctx, second, fates, stop, send_by).await;
             }
         }
     })
 }
 
-fn settlements(ctx: &Context, batch: &[ClaimedEvent], fates: Vec<Fate>) -> Vec<Settlement> {
+/// Outcomes for a batch; `firsts[i]` is the JSON of the actions event `i`
+/// was resolved to by this attempt (none when it already had them), kept
+/// with every outcome but delivery.
+fn settlements(
+    ctx: &Context,
+    batch: &[ClaimedEvent],
+    fates: Vec<Fate>,
+    mut firsts: Vec<Option<String>>,
+) -> Vec<Settlement> {
     let now = now_ms();
+    firsts.resize(batch.len(), None);
     batch
         .iter()
         .zip(fates)
-        .map(|(e, fate)| {
+        .zip(firsts)
+        .map(|((e, fate), first)| {
             let outcome = match fate {
                 Fate::Delivered => SettleOutcome::Delivered,
                 Fate::Dead(reason) => SettleOutcome::Dead { reason },
-                Fate::Held(error) => SettleOutcome::Held { error },
+                Fate::Held(error) => SettleOutcome::Held {
+                    error,
+                    map_as_of: e.claimed_at,
+                },
                 Fate::Release => SettleOutcome::Release,
                 Fate::Retry { error, retry_after } => {
                     let unit: f64 = rand::random();
@@ -504,12 +606,17 @@ fn settlements(ctx: &Context, batch: &[ClaimedEvent], fates: Vec<Fate>) -> Vec<S
                 SettleOutcome::Held { .. } => metrics::counter!("events_held_total").increment(1),
                 SettleOutcome::Release => {}
             }
+            let actions = match outcome {
+                SettleOutcome::Delivered | SettleOutcome::Held { .. } => None,
+                _ => first,
+            };
             Settlement {
                 id: e.id,
                 lease: e.lease,
                 order_key: e.order_key.clone(),
                 first_attempt_at: e.first_attempt_at,
                 outcome,
+                actions,
             }
         })
         .collect()

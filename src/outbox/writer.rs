@@ -83,6 +83,13 @@ pub struct ClaimedEvent {
     /// The lease this claim holds; settling checks it, so a worker whose
     /// lease expired and was re-claimed cannot overwrite the new owner.
     pub lease: i64,
+    /// When the claim was made (ms): identity-map changes from this moment
+    /// on may have been missed by the worker, so a hold is re-checked
+    /// against them when it is written.
+    pub claimed_at: i64,
+    /// The actions of an earlier attempt (JSON array): sent again as they
+    /// are, so every attempt carries the same ids and mapping.
+    pub actions: Option<String>,
 }
 
 /// The end of one delivery attempt for one event.
@@ -98,9 +105,13 @@ pub enum SettleOutcome {
     Dead {
         reason: String,
     },
-    /// Ids unknown: wait for an identify.
+    /// Ids unknown: wait for an identify. `map_as_of` is when the worker's
+    /// view of the identity map was taken (its claim's `claimed_at`): if the
+    /// user's ids changed since, the event is due again at once instead of
+    /// held, as the identify's own release may have run before this hold.
     Held {
         error: String,
+        map_as_of: i64,
     },
     /// Claimed but never sent (shutdown): due again at once, and neither the
     /// attempt nor a failure is counted.
@@ -116,6 +127,10 @@ pub struct Settlement {
     /// itself writes nothing to the event's row.
     pub first_attempt_at: i64,
     pub outcome: SettleOutcome,
+    /// The actions this attempt resolved the event to, when it had none
+    /// stored: kept with a retry, a release or a dead letter (never
+    /// overwriting earlier ones), so later attempts send the same bytes.
+    pub actions: Option<String>,
 }
 
 /// Figures reported by a maintenance pass.
@@ -124,6 +139,8 @@ pub struct MaintenanceReport {
     pub pages_vacuumed: u64,
     pub leases_released: u64,
     pub held_expired: u64,
+    /// Held heads whose user's ids are both in the identity map now.
+    pub held_released: u64,
     pub pruned_events: u64,
     pub pruned_message_ids: u64,
 }
@@ -216,6 +233,7 @@ impl Writer {
             stored: stored.clone(),
             reserve,
             statements: StatementCache::default(),
+            held_cursor: 0,
         };
         // The writer gets a thread and a runtime of its own. Each statement
         // is a round trip to SQLite's thread; on the shared runtime every
@@ -342,6 +360,8 @@ struct WriterTask {
     reserve: Reserve,
     /// The ingest path's prepared statements (see direct.rs).
     statements: StatementCache,
+    /// Where maintenance's walk over held heads resumes (an event id).
+    held_cursor: i64,
 }
 
 impl WriterTask {
@@ -598,7 +618,15 @@ impl WriterTask {
                     held_budget,
                     ..
                 } => Done::Maintain(
-                    maintain(&mut self.conn, &self.config, *retention, *held_budget, now).await?,
+                    maintain(
+                        &mut self.conn,
+                        &self.config,
+                        *retention,
+                        *held_budget,
+                        now,
+                        &mut self.held_cursor,
+                    )
+                    .await?,
                 ),
                 Op::Replay { ids, .. } => {
                     Done::Count(replay(&mut self.conn, ids.as_deref(), now).await?)
@@ -1015,7 +1043,7 @@ async fn claim(
         .await
         .map_err(db)?;
     let rows = sqlx::query(
-        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at \
+        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
          FROM events WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
     )
     .bind(json)
@@ -1034,6 +1062,8 @@ async fn claim(
             accepted_at: r.get(5),
             first_attempt_at: r.get::<Option<i64>, _>(6).unwrap_or(now),
             lease: lease_until,
+            claimed_at: now,
+            actions: r.get(7),
         })
         .collect())
 }
@@ -1099,7 +1129,8 @@ async fn settle(
                     "UPDATE events SET state = ?, next_attempt_at = ?, attempts = attempts + 1, \
                      first_attempt_at = ?, last_error = ?, \
                      history = json_insert(CASE WHEN json_array_length(COALESCE(history, '[]')) >= ? \
-                       THEN json_remove(history, '$[0]') ELSE COALESCE(history, '[]') END, '$[#]', json(?)) \
+                       THEN json_remove(history, '$[0]') ELSE COALESCE(history, '[]') END, '$[#]', json(?)), \
+                     actions = COALESCE(actions, ?) \
                      WHERE id = ?",
                 )
                 .bind(if head { state::PENDING } else { state::QUEUED })
@@ -1108,6 +1139,7 @@ async fn settle(
                 .bind(error)
                 .bind(HISTORY_KEEP)
                 .bind(history_entry(now, error))
+                .bind(&s.actions)
                 .bind(s.id)
                 .execute(&mut *conn)
                 .await
@@ -1120,21 +1152,47 @@ async fn settle(
             SettleOutcome::Release => {
                 // Never sent: neither the attempt nor its time is recorded.
                 let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
-                sqlx::query("UPDATE events SET state = ?, next_attempt_at = ? WHERE id = ?")
-                    .bind(if head { state::PENDING } else { state::QUEUED })
-                    .bind(now)
-                    .bind(s.id)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(db)?;
-            }
-            SettleOutcome::Held { error } => {
-                let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
                 sqlx::query(
-                    "UPDATE events SET state = ?, attempts = attempts + 1, first_attempt_at = ?, \
-                     last_error = ? WHERE id = ?",
+                    "UPDATE events SET state = ?, next_attempt_at = ?, \
+                     actions = COALESCE(actions, ?) WHERE id = ?",
                 )
-                .bind(if head { state::HELD } else { state::QUEUED })
+                .bind(if head { state::PENDING } else { state::QUEUED })
+                .bind(now)
+                .bind(&s.actions)
+                .bind(s.id)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+            }
+            SettleOutcome::Held { error, map_as_of } => {
+                let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
+                // The identify that teaches this user's ids may have been
+                // committed after the worker read the map, its release
+                // finding nothing held yet: then the event is due again now
+                // rather than held until the budget runs out.
+                let learned = head
+                    && sqlx::query_scalar::<_, i64>(
+                        "SELECT 1 FROM identities WHERE user_id = ? AND updated_at >= ?",
+                    )
+                    .bind(&s.order_key)
+                    .bind(*map_as_of)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db)?
+                    .is_some();
+                let state = match (head, learned) {
+                    (false, _) => state::QUEUED,
+                    (true, true) => state::PENDING,
+                    (true, false) => state::HELD,
+                };
+                // A held event's next_attempt_at records when the map was
+                // read for it, so maintenance can tell later changes apart.
+                sqlx::query(
+                    "UPDATE events SET state = ?, next_attempt_at = ?, attempts = attempts + 1, \
+                     first_attempt_at = ?, last_error = ? WHERE id = ?",
+                )
+                .bind(state)
+                .bind(if learned { now } else { *map_as_of })
                 .bind(s.first_attempt_at)
                 .bind(error)
                 .bind(s.id)
@@ -1146,7 +1204,8 @@ async fn settle(
                 sqlx::query(
                     "UPDATE events SET state = 3, finished_at = ?, attempts = attempts + 1, \
                      first_attempt_at = ?, reason = ?, last_error = ?, \
-                     history = json_insert(COALESCE(history, '[]'), '$[#]', json(?)) \
+                     history = json_insert(COALESCE(history, '[]'), '$[#]', json(?)), \
+                     actions = COALESCE(actions, ?) \
                      WHERE id = ?",
                 )
                 .bind(now)
@@ -1154,6 +1213,7 @@ async fn settle(
                 .bind(reason)
                 .bind(reason)
                 .bind(history_entry(now, reason))
+                .bind(&s.actions)
                 .bind(s.id)
                 .execute(&mut *conn)
                 .await
@@ -1248,15 +1308,59 @@ async fn release_leases(conn: &mut SqliteConnection, before: i64) -> Result<u64,
     Ok(r.rows_affected())
 }
 
+/// Held heads looked at per maintenance pass.
+const HELD_PAGE: i64 = 500;
+
+/// The safety net under the identify's release and the settle's re-check:
+/// held heads whose user now has both ids in the identity map (so they
+/// resolve for certain) are made due again. Walks the held index a page per
+/// pass from `cursor`, wrapping at the end, so a pass costs the same however
+/// many events are held.
+async fn release_resolvable_held(
+    conn: &mut SqliteConnection,
+    cursor: &mut i64,
+    now: i64,
+) -> Result<u64, StoreError> {
+    let page: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM events INDEXED BY events_held WHERE state = 4 AND id > ? ORDER BY id LIMIT ?",
+    )
+    .bind(*cursor)
+    .bind(HELD_PAGE)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    *cursor = match page.last() {
+        Some(last) if page.len() as i64 == HELD_PAGE => *last,
+        _ => 0,
+    };
+    if page.is_empty() {
+        return Ok(0);
+    }
+    let r = sqlx::query(
+        "UPDATE events SET state = 0, next_attempt_at = ? \
+         WHERE id IN (SELECT value FROM json_each(?)) AND state = 4 \
+         AND EXISTS (SELECT 1 FROM identities i WHERE i.user_id = events.order_key \
+                     AND i.account_id IS NOT NULL AND i.contact_id IS NOT NULL)",
+    )
+    .bind(now)
+    .bind(serde_json::to_string(&page).expect("ids serialise"))
+    .execute(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(r.rows_affected())
+}
+
 async fn maintain(
     conn: &mut SqliteConnection,
     config: &WriterConfig,
     retention: Duration,
     held_budget: Duration,
     now: i64,
+    held_cursor: &mut i64,
 ) -> Result<MaintenanceReport, StoreError> {
     let mut report = MaintenanceReport {
         leases_released: release_leases(conn, now).await?,
+        held_released: release_resolvable_held(conn, held_cursor, now).await?,
         ..Default::default()
     };
     let expired: Vec<(i64, String)> = sqlx::query_as(

@@ -233,7 +233,6 @@ async fn settle_with_retries(ctx: &Context, items: Vec<Settlement>) {
 /// One event of a batch, parsed and mapped.
 struct Unit {
     index: usize,
-    actions: Vec<Map<String, Value>>,
 }
 
 enum Fate {
@@ -268,12 +267,13 @@ fn resolve(own: mapping::PartialIds, known: Option<&KnownIds>) -> Option<Ids> {
 /// What one attempt does with one stored event.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Attempt {
-    /// Send these actions. `first` is set when they were resolved and mapped
-    /// just now (the event had none stored): the JSON to keep with the event
-    /// so that every later attempt sends the same.
+    /// Send these actions. `fresh` when they were resolved and mapped just
+    /// now (the event had none stored): unless delivered, they are kept
+    /// with the event in [`stored_form`] so that every later attempt sends
+    /// the same.
     Send {
         actions: Vec<Map<String, Value>>,
-        first: Option<String>,
+        fresh: bool,
     },
     /// Nothing to send to ChurnZero (an alias, a page with page events off,
     /// an audience-only identify): done.
@@ -301,7 +301,7 @@ pub fn attempt(
             Ok(actions) if actions.is_empty() => Attempt::Nothing,
             Ok(actions) => Attempt::Send {
                 actions,
-                first: None,
+                fresh: false,
             },
             Err(e) => Attempt::Invalid(format!("stored actions are not valid JSON: {e}")),
         };
@@ -329,11 +329,18 @@ pub fn attempt(
     if actions.is_empty() {
         return Attempt::Nothing;
     }
-    let first = serde_json::to_string(&actions).expect("actions serialise");
     Attempt::Send {
         actions,
-        first: Some(first),
+        fresh: true,
     }
+}
+
+/// How an attempt's actions are kept with the event (`events.actions`):
+/// the JSON array [`attempt`] reads back as it was, key order included.
+/// Only built for an attempt that was not delivered, so the hot path (one
+/// attempt, delivered) serialises nothing more than the request body.
+pub fn stored_form(actions: &[Map<String, Value>]) -> String {
+    serde_json::to_string(actions).expect("actions serialise")
 }
 
 async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
@@ -381,7 +388,8 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
         }
     };
     let mut fates: Vec<Option<Fate>> = (0..batch.len()).map(|_| None).collect();
-    let mut firsts: Vec<Option<String>> = (0..batch.len()).map(|_| None).collect();
+    let mut fresh = vec![false; batch.len()];
+    let mut actions_of: Vec<Vec<Map<String, Value>>> = vec![Vec::new(); batch.len()];
     let mut units = Vec::new();
     let mut blocked: HashSet<&str> = HashSet::new();
     for (i, (claimed, event)) in batch.iter().zip(&events).enumerate() {
@@ -399,9 +407,13 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
             claimed.actions.as_deref(),
             known.get(&claimed.order_key),
         ) {
-            Attempt::Send { actions, first } => {
-                firsts[i] = first;
-                units.push(Unit { index: i, actions });
+            Attempt::Send {
+                actions,
+                fresh: resolved_now,
+            } => {
+                fresh[i] = resolved_now;
+                actions_of[i] = actions;
+                units.push(Unit { index: i });
             }
             Attempt::Nothing => fates[i] = Some(Fate::Delivered),
             Attempt::Invalid(reason) => fates[i] = Some(Fate::Dead(reason)),
@@ -418,11 +430,12 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
     let mut chunks: Vec<Vec<Unit>> = Vec::new();
     let mut size = 0;
     for u in units {
-        if chunks.is_empty() || size + u.actions.len() > ctx.config.batch_size {
+        let len = actions_of[u.index].len();
+        if chunks.is_empty() || size + len > ctx.config.batch_size {
             chunks.push(Vec::new());
             size = 0;
         }
-        size += u.actions.len();
+        size += len;
         chunks.last_mut().expect("pushed").push(u);
     }
     // The last moment a request may start: it must end (request timeout)
@@ -432,11 +445,19 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
         - (ctx.config.request_timeout + ctx.config.settle_margin()).as_millis() as i64;
     let mut stop: Option<Stop> = None;
     for chunk in chunks {
-        send_isolating(ctx, chunk, &mut fates, &mut stop, send_by).await;
+        send_isolating(ctx, chunk, &actions_of, &mut fates, &mut stop, send_by).await;
     }
-    let fates = fates
+    let fates: Vec<Fate> = fates
         .into_iter()
         .map(|f| f.unwrap_or(Fate::Delivered))
+        .collect();
+    let firsts = fates
+        .iter()
+        .enumerate()
+        .map(|(i, fate)| match fate {
+            Fate::Delivered | Fate::Held(_) => None,
+            _ => fresh[i].then(|| stored_form(&actions_of[i])),
+        })
         .collect();
     settlements(ctx, &batch, fates, firsts)
 }
@@ -451,6 +472,7 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
 fn send_isolating<'a>(
     ctx: &'a Context,
     units: Vec<Unit>,
+    actions_of: &'a [Vec<Map<String, Value>>],
     fates: &'a mut [Option<Fate>],
     stop: &'a mut Option<Stop>,
     send_by: i64,
@@ -494,7 +516,7 @@ fn send_isolating<'a>(
         }
         let actions: Vec<Map<String, Value>> = units
             .iter()
-            .flat_map(|u| u.actions.iter().cloned())
+            .flat_map(|u| actions_of[u.index].iter().cloned())
             .collect();
         let started = Instant::now();
         let outcome = ctx.client.send(&actions).await;
@@ -543,8 +565,8 @@ fn send_isolating<'a>(
                 }
                 let mut first = units;
                 let second = first.split_off(first.len() / 2);
-                send_isolating(ctx, first, fates, stop, send_by).await;
-                send_isolating(ctx, second, fates, stop, send_by).await;
+                send_isolating(ctx, first, actions_of, fates, stop, send_by).await;
+                send_isolating(ctx, second, actions_of, fates, stop, send_by).await;
             }
         }
     })

@@ -393,6 +393,45 @@ async fn a_gate_pause_longer_than_the_lease_sends_nothing_twice() {
     mock.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_claim_whose_requests_would_outlast_its_lease_gives_the_rest_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let state = mock.state();
+    // Four requests of 1 s each would need 4 s; the lease is 3.2 s.
+    let bin = serve(
+        &db,
+        &mock.url(),
+        &[
+            "--batch-size",
+            "1",
+            "--flush-interval",
+            "50ms",
+            "--request-timeout",
+            "1500ms",
+        ],
+        &[("FORWARDER_LEASE", "3200ms")],
+    )
+    .await;
+    set_latency(&state, Duration::from_secs(1));
+    let a: Vec<Value> = (1..=4).map(|n| track("a", &format!("a{n}"), n)).collect();
+    let (code, body) = post(&bin.base, "/v1/batch", &json!({ "batch": a })).await;
+    assert_eq!(code, 200, "{body}");
+    let st = wait_status(&bin.base, "delivered", 4).await;
+    assert_eq!(st["in_flight"], 0, "{st}");
+    let sent: Vec<String> = state
+        .requests()
+        .into_iter()
+        .flat_map(|r| r.actions)
+        .map(|a| a["eventName"].as_str().unwrap().to_string())
+        .collect();
+    let expected: Vec<String> = (1..=4).map(|n| format!("a{n}")).collect();
+    assert_eq!(sent, expected, "each event sent once, in order");
+    stop(bin).await;
+    mock.shutdown().await;
+}
+
 mod outbox_level {
     //! The same guarantees at the outbox's own API, where the interleaving
     //! is chosen step by step.

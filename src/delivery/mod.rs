@@ -494,7 +494,20 @@ fn send_isolating<'a>(
             return;
         }
         let mut shutdown = ctx.shutdown.clone();
-        let room = Duration::from_millis((send_by - now_ms()).max(0) as u64);
+        let left = send_by - now_ms();
+        if left <= 0 {
+            // Even through an open gate: the request could outlast the lease.
+            tracing::info!(
+                events = units.len(),
+                "this claim's lease has no room for another request; giving the unsent events back"
+            );
+            for u in &units {
+                fates[u.index] = Some(Fate::Release);
+            }
+            *stop = Some(Stop::Release);
+            return;
+        }
+        let room = Duration::from_millis(left as u64);
         let open = tokio::select! {
             r = tokio::time::timeout(room, ctx.gate.wait_open()) => {
                 if r.is_err() {

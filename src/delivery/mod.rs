@@ -296,6 +296,20 @@ pub fn attempt(
     stored: Option<&str>,
     known: Option<&KnownIds>,
 ) -> Attempt {
+    let own = || mapping::ids_from_event(cfg, event);
+    attempt_with(cfg, kind, event, stored, own, known)
+}
+
+/// [`attempt`] with the event's own ids computed by the caller, who needed
+/// them already to know whose identities to look up.
+fn attempt_with(
+    cfg: &MappingConfig,
+    kind: &str,
+    event: &Value,
+    stored: Option<&str>,
+    own: impl FnOnce() -> mapping::PartialIds,
+    known: Option<&KnownIds>,
+) -> Attempt {
     if let Some(stored) = stored {
         return match serde_json::from_str::<Vec<Map<String, Value>>>(stored) {
             Ok(actions) if actions.is_empty() => Attempt::Nothing,
@@ -312,8 +326,7 @@ pub fn attempt(
     if kind == "alias" {
         return Attempt::Nothing;
     }
-    let own = mapping::ids_from_event(cfg, event);
-    let Some(ids) = resolve(own, known) else {
+    let Some(ids) = resolve(own(), known) else {
         // Nothing to send in real time (an audience-only identify, a page
         // with page events off): there is nothing to wait for.
         let probe = Ids {
@@ -358,15 +371,22 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
     // Only users with an event lacking its own ids (and no stored actions)
     // need the identity map: events that carry both ids (the common case)
     // cost no read.
+    let mut own_ids: Vec<Option<mapping::PartialIds>> = batch
+        .iter()
+        .zip(&events)
+        .map(|(c, e)| {
+            c.actions
+                .is_none()
+                .then(|| mapping::ids_from_event(&ctx.mapping, e))
+        })
+        .collect();
     let users: Vec<&str> = {
         let mut u: Vec<&str> = batch
             .iter()
-            .zip(&events)
-            .filter(|(c, e)| {
-                c.actions.is_none() && {
-                    let own = mapping::ids_from_event(&ctx.mapping, e);
-                    own.account.is_none() || own.contact.is_none()
-                }
+            .zip(&own_ids)
+            .filter(|(_, own)| {
+                own.as_ref()
+                    .is_some_and(|own| own.account.is_none() || own.contact.is_none())
             })
             .map(|(c, _)| c.order_key.as_str())
             .collect();
@@ -400,11 +420,13 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
             ));
             continue;
         }
-        match attempt(
+        let own = own_ids[i].take();
+        match attempt_with(
             &ctx.mapping,
             &claimed.kind,
             event,
             claimed.actions.as_deref(),
+            || own.unwrap_or_else(|| mapping::ids_from_event(&ctx.mapping, event)),
             known.get(&claimed.order_key),
         ) {
             Attempt::Send {

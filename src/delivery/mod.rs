@@ -1,8 +1,10 @@
 //! Delivery: a dispatcher claims due events from the outbox under a lease and
 //! hands each batch to one of `--workers` concurrent workers, which resolve
-//! identities, map to ChurnZero actions, POST them and settle every event as
-//! delivered, retried, held or dead. A shared gate slows the whole pool when
-//! ChurnZero struggles.
+//! identities, map to ChurnZero actions (or take the actions an earlier
+//! attempt stored, so a retry never drifts), POST them and settle every
+//! event as delivered, retried, held or dead. A shared gate slows the whole
+//! pool when ChurnZero struggles; a worker never waits at it, or sends,
+//! beyond what its lease covers.
 
 pub mod gate;
 pub mod retry;

@@ -145,11 +145,7 @@ async fn an_identify_acknowledged_while_its_users_track_is_in_flight_releases_it
         admitted.elapsed() < Duration::from_millis(1400),
         "the identify must be acknowledged while the slow request is unanswered"
     );
-    assert_eq!(
-        state.request_count(),
-        1,
-        "the slow request is still in flight"
-    );
+    assert_eq!(state.request_count(), 1, "nothing else was sent meanwhile");
 
     // Both of u4's events go out soon after the slow request ends, in
     // order, instead of waiting hours for the held budget.

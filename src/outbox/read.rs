@@ -137,11 +137,14 @@ impl Reader {
     /// Status from counters and single index probes: constant cost whatever
     /// the backlog.
     pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        // One read transaction: all figures from the same snapshot.
-        sqlx::query("BEGIN").execute(&mut *conn).await?;
-        let result = self.status_in(&mut conn).await;
-        let _ = sqlx::query("COMMIT").execute(&mut *conn).await;
+        // One read transaction: all figures from the same snapshot. A
+        // guard, not a raw BEGIN: when this future is dropped part-way (a
+        // client that goes away, a request or scrape timeout) the guard
+        // rolls back before the connection returns to the pool, instead of
+        // leaving it inside the transaction with an old snapshot.
+        let mut tx = self.pool.begin().await?;
+        let result = self.status_in(&mut tx).await;
+        tx.rollback().await?;
         result
     }
 

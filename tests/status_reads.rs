@@ -8,7 +8,7 @@
 use churnzero_forwarder::outbox::{IdentityUpdate, NewEvent, Outbox, WriterConfig};
 use sqlx::{ConnectOptions, Connection};
 use std::future::Future;
-use std::task::{Context, Poll};
+use std::task::Context;
 use std::time::Duration;
 
 fn event(n: u32, user: &str, identity: Option<IdentityUpdate>) -> NewEvent {
@@ -35,7 +35,7 @@ async fn poll_then_drop<F: Future>(fut: F, polls: usize) -> bool {
     let waker = std::task::Waker::noop();
     let mut cx = Context::from_waker(waker);
     for _ in 0..polls {
-        if let Poll::Ready(_) = fut.as_mut().poll(&mut cx) {
+        if fut.as_mut().poll(&mut cx).is_ready() {
             return true;
         }
         tokio::time::sleep(Duration::from_millis(3)).await;

@@ -437,10 +437,7 @@ async fn dead(args: DeadArgs) -> anyhow::Result<()> {
                 after_id: after,
                 limit,
             };
-            let items = reader.dead_list(&f).await?;
-            let next = (items.len() as i64 == limit)
-                .then(|| items.last().map(|d| d.id))
-                .flatten();
+            let (items, next) = reader.dead_page(&f).await?;
             if args.json {
                 let page = serde_json::json!({ "dead": items, "next_after": next });
                 println!("{}", serde_json::to_string_pretty(&page)?);

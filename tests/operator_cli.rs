@@ -164,6 +164,9 @@ async fn dead_list_filters_pages_and_shows() {
     )
     .unwrap();
     assert_eq!(ids_of(&second), vec![ids[1]]);
+    assert!(second["next_after"].is_null(), "the last page: {second}");
+    let full = ok(&db, &["dead", "list", "--limit", "2"]).await;
+    assert!(!full.contains("more:"), "an exactly full last page: {full}");
 
     // Filters: reason text, and death time (RFC 3339 or an age).
     let none = ok(&db, &["dead", "list", "--reason", "no such reason"]).await;

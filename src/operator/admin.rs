@@ -6,7 +6,7 @@
 //! refusals included, is JSON.
 
 use super::OperatorState;
-use crate::outbox::DeadListFilter;
+use crate::outbox::{DeadListFilter, DeadSelection};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -215,8 +215,9 @@ pub struct Selection {
     pub reason: Option<String>,
 }
 
-/// Which dead events a selection means: `None` for all of them.
-async fn select(state: &OperatorState, body: &Bytes) -> Result<Option<Vec<i64>>, AdminError> {
+/// Which dead events a selection means. Ranges and `all` are matched a
+/// chunk at a time as the writer goes, never read whole.
+async fn select(state: &OperatorState, body: &Bytes) -> Result<DeadSelection, AdminError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -237,7 +238,7 @@ async fn select(state: &OperatorState, body: &Bytes) -> Result<Option<Vec<i64>>,
         ));
     }
     if sel.all {
-        return Ok(None);
+        return Ok(DeadSelection::Matching(DeadListFilter::default()));
     }
     if !sel.ids.is_empty() {
         return match state
@@ -247,25 +248,27 @@ async fn select(state: &OperatorState, body: &Bytes) -> Result<Option<Vec<i64>>,
             .await
             .map_err(unavailable)?
         {
-            Ok(ids) => Ok(Some(ids)),
+            Ok(ids) => Ok(DeadSelection::Ids(ids)),
             Err(reason) => Err(error(StatusCode::NOT_FOUND, reason)),
         };
     }
-    let f = filter(&sel.since, &sel.until, &sel.reason)?;
-    let ids = state
-        .outbox
-        .reader
-        .dead_ids(&f)
-        .await
-        .map_err(unavailable)?;
-    Ok(Some(ids))
+    Ok(DeadSelection::Matching(filter(
+        &sel.since,
+        &sel.until,
+        &sel.reason,
+    )?))
 }
 
 async fn replay(State(state): State<OperatorState>, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
         authorize(&state, &headers)?;
-        let ids = select(&state, &body).await?;
-        let n = state.outbox.writer.replay(ids).await.map_err(unavailable)?;
+        let which = select(&state, &body).await?;
+        let n = state
+            .outbox
+            .writer
+            .replay_selected(which)
+            .await
+            .map_err(unavailable)?;
         tracing::info!(replayed = n, "dead events replayed by an operator");
         Ok::<_, AdminError>(axum::Json(json!({ "replayed": n })).into_response())
     };
@@ -275,8 +278,13 @@ async fn replay(State(state): State<OperatorState>, headers: HeaderMap, body: By
 async fn purge(State(state): State<OperatorState>, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
         authorize(&state, &headers)?;
-        let ids = select(&state, &body).await?;
-        let n = state.outbox.writer.purge(ids).await.map_err(unavailable)?;
+        let which = select(&state, &body).await?;
+        let n = state
+            .outbox
+            .writer
+            .purge_selected(which)
+            .await
+            .map_err(unavailable)?;
         tracing::info!(purged = n, "dead events purged by an operator");
         Ok::<_, AdminError>(axum::Json(json!({ "purged": n })).into_response())
     };

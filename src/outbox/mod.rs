@@ -16,8 +16,8 @@ pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, Syn
 pub use recent_errors::RecentError;
 pub use reserve::RESERVE_BYTES;
 pub use writer::{
-    ClaimedEvent, IdentityUpdate, IngestReceipt, NewEvent, SettleOutcome, Settlement, Writer,
-    WriterConfig,
+    ClaimedEvent, DEAD_CHUNK, DeadSelection, IdentityUpdate, IngestReceipt, NewEvent,
+    SettleOutcome, Settlement, Writer, WriterConfig,
 };
 
 use sqlx::ConnectOptions;
@@ -400,7 +400,9 @@ impl Outbox {
             // No server holds the file (we do): upgrading it is safe.
             MIGRATOR.run(&mut conn).await?;
         }
-        let writer = Writer::start(conn, config, reserve::Reserve::none()).await?;
+        let writer = Writer::start(conn, config, reserve::Reserve::none())
+            .await?
+            .pace_chunks(writer::OFFLINE_CHUNK_PAUSE);
         let reader = Reader::open(path).await?;
         Ok(Outbox {
             writer,

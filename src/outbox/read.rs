@@ -361,28 +361,17 @@ impl Reader {
             ))
         })
     }
-
-    /// Ids of every dead letter matching a filter (paging ignored), for
-    /// replay and purge by range. Reads ids only, never payloads.
-    pub async fn dead_ids(&self, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
-        // LIMIT -1: no limit.
-        Ok(
-            sqlx::query_scalar_with(&format!("SELECT id {DEAD_FILTER}"), filter_args(f, 0, -1))
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
 }
 
-/// The dead-letter filter shared by listing (with paging) and by replay and
-/// purge over a range (ids only). Parameters: ?1 after id, ?2 since, ?3
+/// The dead-letter filter shared by listing (with paging) and by the
+/// writer's replay and purge over a range (a chunk of ids at a time). Parameters: ?1 after id, ?2 since, ?3
 /// until, ?4 reason substring, ?5 limit; see [`filter_args`].
-const DEAD_FILTER: &str = "FROM events INDEXED BY events_dead WHERE state = 3 AND id > ?1 \
+pub(super) const DEAD_FILTER: &str = "FROM events INDEXED BY events_dead WHERE state = 3 AND id > ?1 \
      AND (?2 IS NULL OR finished_at >= ?2) AND (?3 IS NULL OR finished_at < ?3) \
      AND (?4 IS NULL OR instr(lower(reason), lower(?4)) > 0) \
      ORDER BY id LIMIT ?5";
 
-fn filter_args(f: &DeadListFilter, after: i64, limit: i64) -> SqliteArguments<'static> {
+pub(super) fn filter_args(f: &DeadListFilter, after: i64, limit: i64) -> SqliteArguments<'static> {
     let mut args = SqliteArguments::default();
     let added = args
         .add(after)

@@ -231,7 +231,13 @@ pub fn format_status(s: &OutboxStatus) -> String {
     } else {
         String::new()
     };
-    let held_note = if s.held > 0 {
+    let held_note = if s.held > 0 && s.held_queued > 0 {
+        format!(
+            "oldest {}, waiting for identity ({} queued behind)",
+            age(s.oldest_held_age_seconds),
+            count(s.held_queued)
+        )
+    } else if s.held > 0 {
         format!(
             "oldest {}, waiting for identity",
             age(s.oldest_held_age_seconds)

@@ -47,16 +47,22 @@ pub const PER_MINUTE_WINDOW: i64 = 60;
 pub struct OutboxStatus {
     /// When these figures were read (RFC 3339), so a client can age them.
     pub generated_at: String,
-    /// Waiting for delivery (due now or queued behind their user's earlier events).
+    /// Waiting for delivery: due now, waiting for a retry, or queued behind
+    /// their user's earlier events, but not behind a held one (those count
+    /// in `held`).
     pub pending: i64,
     pub in_flight: i64,
     /// Delivered since the database was created (pruning keeps this).
     pub delivered: i64,
     pub dead: i64,
-    /// Waiting for identity resolution.
+    /// Waiting for identity resolution: held events, and the events of
+    /// the same users queued behind them (none can be sent before them).
     pub held: i64,
-    /// Age of the oldest event waiting for delivery (pending, queued or in
-    /// flight; held events are counted apart). 0 when nothing waits.
+    /// How many of `held` are queued behind a held event of their user.
+    pub held_queued: i64,
+    /// Age of the oldest event waiting for delivery (pending or in flight;
+    /// held ones, and those queued behind them, are counted apart). 0 when
+    /// nothing waits.
     pub oldest_pending_age_seconds: f64,
     /// Age of the oldest event waiting for its identity. 0 when none.
     pub oldest_held_age_seconds: f64,
@@ -168,20 +174,13 @@ impl Reader {
                 .await?
                 .into_iter()
                 .collect();
-        // Ids grow with acceptance time. Every waiting key's earliest event
-        // is its head (state 0, in flight or not) unless the head is held;
-        // then the first event queued behind it is that key's oldest
-        // waiting one. So: the first head, and behind the oldest held
-        // heads (few, and probed through their key), the first follower.
-        // Index probes only, whatever the backlog.
+        // Ids grow with acceptance time, and a key's head is its earliest
+        // waiting event: the first head not held (state 0, in flight or
+        // not) is the oldest event that can be sent. Events queued behind a
+        // held head cannot be and do not count here. Index probes only,
+        // whatever the backlog.
         let (oldest, oldest_held): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT (SELECT MIN(t) FROM ( \
-                 SELECT (SELECT accepted_at FROM events INDEXED BY events_heads WHERE state = 0 ORDER BY id LIMIT 1) AS t \
-                 UNION ALL \
-                 SELECT (SELECT e.accepted_at FROM events e INDEXED BY events_key \
-                         WHERE e.order_key = h.order_key AND e.state IN (0, 1, 4, 5) AND e.state = 5 \
-                         ORDER BY e.id LIMIT 1) \
-                 FROM (SELECT order_key FROM events INDEXED BY events_held WHERE state = 4 ORDER BY id LIMIT 100) h)), \
+            "SELECT (SELECT accepted_at FROM events INDEXED BY events_heads WHERE state = 0 ORDER BY id LIMIT 1), \
                (SELECT accepted_at FROM events INDEXED BY events_held WHERE state = 4 ORDER BY id LIMIT 1)",
         )
         .fetch_one(&mut *conn)
@@ -216,12 +215,14 @@ impl Reader {
         Ok(OutboxStatus {
             generated_at: ms_to_rfc3339(now),
             // Leased events keep their state; state_counts row 1 counts the
-            // leases (see migrations/0004_leases.sql).
-            pending: c(0) + c(5) - c(1),
+            // leases (see migrations/0004_leases.sql), row 6 the events
+            // queued behind held heads (0006_held_queue.sql).
+            pending: c(0) + c(5) - c(1) - c(6),
             in_flight: c(1),
             delivered: t("delivered"),
             dead: c(3),
-            held: c(4),
+            held: c(4) + c(6),
+            held_queued: c(6),
             oldest_pending_age_seconds: age(oldest),
             oldest_held_age_seconds: age(oldest_held),
             last_delivery_at: meta_time(&meta, "last_delivery_at"),

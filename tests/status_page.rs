@@ -283,7 +283,7 @@ async fn status_page_renders_counts_dead_letters_errors_and_chart() {
         args.extend([
             "--window-size=1280,1000".to_string(),
             format!("--screenshot={}", PathBuf::from(path).display()),
-            format!("{base}/"),
+            format!("{base}/#token={ADMIN_TOKEN}"),
         ]);
         run_browser(&browser, args).await;
     }

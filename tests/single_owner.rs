@@ -197,3 +197,73 @@ async fn status_on_a_file_that_is_no_outbox_says_so_once_and_creates_nothing() {
         "nothing created"
     );
 }
+
+/// The highest migration applied to a file.
+async fn schema_version(db: &Path) -> i64 {
+    use sqlx::{ConnectOptions, Connection};
+    let mut c = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(db)
+        .connect()
+        .await
+        .unwrap();
+    let v: i64 = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+        .fetch_one(&mut c)
+        .await
+        .unwrap();
+    c.close().await.unwrap();
+    v
+}
+
+#[tokio::test]
+async fn offline_writers_never_migrate_beside_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("old.db");
+    // A file of an older schema (the first three migrations only).
+    let migrations = tempfile::tempdir().unwrap();
+    for name in ["0001_outbox.sql", "0002_sync_lane.sql", "0003_aliases.sql"] {
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations")
+                .join(name),
+            migrations.path().join(name),
+        )
+        .unwrap();
+    }
+    {
+        use sqlx::Connection;
+        let url = format!("sqlite://{}?mode=rwc", db.display());
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+        sqlx::migrate::Migrator::new(migrations.path())
+            .await
+            .unwrap()
+            .run(&mut conn)
+            .await
+            .unwrap();
+        conn.close().await.unwrap();
+    }
+    let dbs = db.to_str().unwrap();
+
+    // An older server holds the file (its lock is what tells).
+    let held = churnzero_forwarder::outbox::DatabaseLock::acquire(&db).unwrap();
+    for command in ["replay", "purge"] {
+        let (code, _, err) = run_binary(&["dead", command, "--all", "--database", dbs]).await;
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("schema is at version 3"), "{err}");
+        assert!(
+            err.contains(&format!("serve (pid {}) holds it", std::process::id())),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        schema_version(&db).await,
+        3,
+        "nothing migrated beside the server"
+    );
+
+    // Once no server holds it, the offline command may bring it up to date.
+    drop(held);
+    let (code, out, err) = run_binary(&["dead", "purge", "--all", "--database", dbs]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("purged 0 dead events"), "{out}");
+    assert!(schema_version(&db).await > 3);
+}

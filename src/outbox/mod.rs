@@ -274,29 +274,8 @@ async fn checkpoint_loop(mut conn: sqlx::SqliteConnection, writer: writer::WeakW
 /// file and never migrates (a server of an older version may be running).
 pub async fn open_reader(path: &Path) -> Result<Reader, StoreError> {
     require_outbox_file(path)?;
-    let reader = open_existing_reader(path).await?;
-    schema_check(path, reader.pool()).await?;
-    Ok(reader)
-}
-
-/// The reader pool on a file that is there; a file that is not SQLite at
-/// all is named as such.
-async fn open_existing_reader(path: &Path) -> Result<Reader, StoreError> {
-    match Reader::open(path).await {
-        Err(StoreError::Database(sqlx::Error::Database(e)))
-            if e.code().as_deref() == Some("26") =>
-        {
-            Err(not_an_outbox(path))
-        }
-        other => other,
-    }
-}
-
-fn not_an_outbox(path: &Path) -> StoreError {
-    StoreError::NotAnOutbox(format!(
-        "{} is not a churnzero-forwarder database",
-        path.display()
-    ))
+    schema_check(path).await?;
+    Reader::open(path).await
 }
 
 /// A path that is not there is not created, and an empty file is not an
@@ -319,21 +298,43 @@ fn require_outbox_file(path: &Path) -> Result<(), StoreError> {
     }
 }
 
-/// The schema version a file is at: `Ok(None)` when it has no migrations
-/// table at all (another program's SQLite file, or not SQLite).
-async fn schema_version(pool: &sqlx::SqlitePool) -> Result<Option<i64>, sqlx::Error> {
-    let has_table: Option<i64> = sqlx::query_scalar(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-    )
-    .fetch_optional(pool)
-    .await?;
-    if has_table.is_none() {
-        return Ok(None);
-    }
-    let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
-        .fetch_one(pool)
+fn not_an_outbox(path: &Path) -> StoreError {
+    StoreError::NotAnOutbox(format!(
+        "{} is not a churnzero-forwarder database",
+        path.display()
+    ))
+}
+
+/// The schema version a file is at, read through one plain connection that
+/// changes nothing (no journal mode is set, so another program's file is
+/// left as it was): `Ok(None)` when it has no migrations table at all
+/// (another program's SQLite file, or not SQLite).
+async fn schema_version(path: &Path) -> Result<Option<i64>, sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(false)
+        .pragma("query_only", "1")
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
         .await?;
-    Ok(Some(found.unwrap_or(0)))
+    let found = async {
+        let has_table: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_optional(&mut conn)
+        .await?;
+        if has_table.is_none() {
+            return Ok(None);
+        }
+        let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(Some(found.unwrap_or(0)))
+    }
+    .await;
+    let _ = conn.close().await;
+    found
 }
 
 fn wanted_version() -> i64 {
@@ -341,15 +342,14 @@ fn wanted_version() -> i64 {
 }
 
 /// Checks that `path` is an outbox of this version's schema, for the
-/// commands that never migrate.
-async fn schema_check(path: &Path, pool: &sqlx::SqlitePool) -> Result<(), StoreError> {
-    let not_ours = || not_an_outbox(path);
-    let found = match schema_version(pool).await {
+/// commands that never migrate beside a server.
+async fn schema_check(path: &Path) -> Result<(), StoreError> {
+    let found = match schema_version(path).await {
         Ok(Some(v)) => v,
-        Ok(None) => return Err(not_ours()),
+        Ok(None) => return Err(not_an_outbox(path)),
         // SQLITE_NOTADB (26): not an SQLite file at all.
         Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("26") => {
-            return Err(not_ours());
+            return Err(not_an_outbox(path));
         }
         Err(e) => return Err(e.into()),
     };
@@ -367,8 +367,7 @@ async fn schema_check(path: &Path, pool: &sqlx::SqlitePool) -> Result<(), StoreE
 /// then holds the file's lock while it works).
 pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
     require_outbox_file(path)?;
-    let reader = open_existing_reader(path).await?;
-    let lock = match schema_check(path, reader.pool()).await {
+    let lock = match schema_check(path).await {
         Ok(()) => None,
         Err(StoreError::Outdated { found, wanted }) => match DatabaseLock::acquire(path) {
             Ok(lock) => Some(lock),
@@ -384,7 +383,6 @@ pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox
         },
         Err(e) => return Err(e),
     };
-    reader.pool().close().await;
     Outbox::open_without_recovery(path, config, lock).await
 }
 

@@ -150,8 +150,10 @@ impl Reader {
         // leaving it inside the transaction with an old snapshot.
         let mut tx = self.pool.begin().await?;
         let result = self.status_in(&mut tx).await;
-        tx.rollback().await?;
-        result
+        let ended = tx.rollback().await;
+        let status = result?;
+        ended?;
+        Ok(status)
     }
 
     async fn status_in(

@@ -74,6 +74,22 @@ impl DatabaseLock {
         Ok(DatabaseLock { _file: file, path })
     }
 
+    /// The pid written by the last holder, when that process is still
+    /// alive: most likely a server on this file right now. A hint only
+    /// (a pid may have been reused; nothing is locked or unlocked here),
+    /// for choices that are harmless when it is wrong.
+    pub fn likely_holder(database: &Path) -> Option<u32> {
+        let text = std::fs::read_to_string(lock_path(database)).ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        if pid <= 0 {
+            return None;
+        }
+        // SAFETY: signal 0 only checks that the process exists.
+        let rc = unsafe { libc::kill(pid, 0) };
+        let alive = rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
+        alive.then_some(pid as u32)
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

@@ -58,7 +58,7 @@ pub enum StoreError {
     Busy(String),
     /// Another `serve` owns the file (see lock.rs).
     #[error(
-        "another churnzero-forwarder serve{} holds this database (lock file {lock}); \
+        "another churnzero-forwarder process{} holds this database (lock file {lock}); \
          one server per database file: stop it first or use another --database",
         pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
     )]

@@ -174,3 +174,43 @@ async fn the_cli_replay_of_everything_lets_the_servers_ingest_through() {
         (Some(0), Some(1))
     );
 }
+
+#[tokio::test]
+async fn ingest_is_answered_while_an_admin_replay_of_everything_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let mut s = settings(&db, &mock.url());
+    s.deliver = false;
+    let server = start(s).await;
+    let base = format!("http://{}", server.addr);
+    seed_dead(&db, DEAD).await;
+    wait_status(&base, "dead", DEAD).await;
+
+    let url = format!("{base}/admin/dead/replay");
+    let replay = tokio::spawn(async move {
+        let r = client()
+            .post(url)
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&serde_json::json!({ "all": true }))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    });
+    wait_for("the first chunk", Duration::from_secs(60), || async {
+        let dead = status(&base).await["dead"].as_i64().unwrap();
+        (dead < DEAD || replay.is_finished()).then_some(())
+    })
+    .await;
+    let (code, body) = post(&base, "/v1/track", &track("u-live", "Live", 1)).await;
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        !replay.is_finished(),
+        "ingest got its answer only after the whole replay"
+    );
+    let (code, body) = replay.await.unwrap();
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains(&format!("\"replayed\":{DEAD}")), "{body}");
+    server.shutdown().await;
+}

@@ -76,6 +76,8 @@ pub enum StoreError {
         wanted: i64,
         pid: Option<u32>,
     },
+    /// The lock file beside the database cannot be opened or locked (a
+    /// read-only directory, a file system without locks).
     #[error("the lock file {path}: {error}")]
     LockFile { path: String, error: String },
     /// The file exists but holds no outbox (empty, or another program's).

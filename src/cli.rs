@@ -231,7 +231,13 @@ pub fn format_status(s: &OutboxStatus) -> String {
     } else {
         String::new()
     };
-    let held_note = if s.held > 0 {
+    let held_note = if s.held > 0 && s.held_queued > 0 {
+        format!(
+            "oldest {}, waiting for identity ({} queued behind)",
+            age(s.oldest_held_age_seconds),
+            count(s.held_queued)
+        )
+    } else if s.held > 0 {
         format!(
             "oldest {}, waiting for identity",
             age(s.oldest_held_age_seconds)
@@ -355,28 +361,28 @@ fn parse_time(name: &str, v: &Option<String>) -> anyhow::Result<Option<i64>> {
     bail!("--{name} `{s}` is neither an RFC 3339 time nor an age such as `2h`")
 }
 
-/// The ids a selection names (`None` for every dead event). Explicit ids
-/// must all be dead events: otherwise nothing is changed.
-async fn selected_ids(
+/// What a selection names. Explicit ids must all be dead events: otherwise
+/// nothing is changed. `--all` and ranges are matched chunk by chunk as
+/// the writer goes, never read whole.
+async fn selected(
     reader: &outbox::Reader,
     sel: &DeadSelection,
-) -> anyhow::Result<Option<Vec<i64>>> {
+) -> anyhow::Result<outbox::DeadSelection> {
     if sel.all {
-        return Ok(None);
+        return Ok(outbox::DeadSelection::Matching(DeadListFilter::default()));
     }
     if !sel.ids.is_empty() {
         return match reader.dead_selection(&sel.ids).await? {
-            Ok(ids) => Ok(Some(ids)),
+            Ok(ids) => Ok(outbox::DeadSelection::Ids(ids)),
             Err(reason) => bail!("{reason}"),
         };
     }
-    let f = DeadListFilter {
+    Ok(outbox::DeadSelection::Matching(DeadListFilter {
         since_ms: parse_time("since", &sel.since)?,
         until_ms: parse_time("until", &sel.until)?,
         reason_contains: sel.reason.clone(),
         ..Default::default()
-    };
-    Ok(Some(reader.dead_ids(&f).await?))
+    }))
 }
 
 fn format_dead(d: &crate::outbox::DeadLetter) -> String {
@@ -437,10 +443,7 @@ async fn dead(args: DeadArgs) -> anyhow::Result<()> {
                 after_id: after,
                 limit,
             };
-            let items = reader.dead_list(&f).await?;
-            let next = (items.len() as i64 == limit)
-                .then(|| items.last().map(|d| d.id))
-                .flatten();
+            let (items, next) = reader.dead_page(&f).await?;
             if args.json {
                 let page = serde_json::json!({ "dead": items, "next_after": next });
                 println!("{}", serde_json::to_string_pretty(&page)?);
@@ -477,8 +480,8 @@ async fn dead(args: DeadArgs) -> anyhow::Result<()> {
         }
         DeadCommand::Replay(sel) => {
             let ob = outbox::open_cli_writer(&args.database, Default::default()).await?;
-            let ids = selected_ids(&ob.reader, &sel).await?;
-            let n = ob.writer.replay(ids).await?;
+            let which = selected(&ob.reader, &sel).await?;
+            let n = ob.writer.replay_selected(which).await?;
             if args.json {
                 println!("{}", serde_json::json!({ "replayed": n }));
             } else {
@@ -491,8 +494,8 @@ async fn dead(args: DeadArgs) -> anyhow::Result<()> {
         }
         DeadCommand::Purge(sel) => {
             let ob = outbox::open_cli_writer(&args.database, Default::default()).await?;
-            let ids = selected_ids(&ob.reader, &sel).await?;
-            let n = ob.writer.purge(ids).await?;
+            let which = selected(&ob.reader, &sel).await?;
+            let n = ob.writer.purge_selected(which).await?;
             if args.json {
                 println!("{}", serde_json::json!({ "purged": n }));
             } else {

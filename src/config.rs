@@ -44,7 +44,8 @@ pub struct ServeArgs {
     )]
     pub write_keys: Vec<Secret>,
 
-    /// Bearer token for the mutating operator endpoints (they are refused without one).
+    /// Bearer token for the dead-letter API under /admin/, reads included (dead letters are
+    /// personal data); without one that API is refused.
     #[arg(long, env = "FORWARDER_ADMIN_TOKEN", hide_env_values = true)]
     pub admin_token: Option<Secret>,
 

@@ -92,6 +92,7 @@ async fn a_poison_event_dies_alone_and_the_rest_are_delivered() {
     assert!(delivered.iter().all(|n| n == "Fine"));
     let dead: Value = client()
         .get(format!("{base}/admin/dead"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()

@@ -76,9 +76,14 @@ async fn alias_gives_anonymous_events_the_known_users_ids() {
         .await;
         assert_eq!(code, 200);
     }
-    // The first waits for ids, the second queues behind it (order).
-    let st = wait_status(&base, "held", 1).await;
-    assert_eq!(st["pending"], 1, "{st}");
+    // The first waits for ids, the second queues behind it (order): both
+    // wait for the identity.
+    let st = wait_status(&base, "held", 2).await;
+    assert_eq!(
+        (&st["pending"], &st["held_queued"]),
+        (&json!(0), &json!(1)),
+        "{st}"
+    );
 
     let alias = json!({"type": "alias", "userId": "u7", "previousId": "anon-7"});
     let (code, _) = post(&base, "/v1/alias", &alias).await;
@@ -119,6 +124,7 @@ async fn unresolved_identity_goes_dead_after_the_retry_budget() {
     assert_eq!(st["held"], 0, "{st}");
     let dead: Value = client()
         .get(format!("{base}/admin/dead"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()

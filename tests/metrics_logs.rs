@@ -106,7 +106,8 @@ async fn metrics_after_a_known_scenario() {
     assert_eq!(value(&s, "outbox_events{state=\"in_flight\"}"), 0.0);
     assert_eq!(value(&s, "outbox_events{state=\"held\"}"), sc.held as f64);
     assert_eq!(value(&s, "outbox_events{state=\"dead\"}"), sc.dead as f64);
-    assert!(value(&s, "outbox_oldest_pending_age_seconds") > 0.0);
+    // Only events queued behind the held one wait: no pending age.
+    assert_eq!(value(&s, "outbox_oldest_pending_age_seconds"), 0.0);
     assert!(value(&s, "outbox_oldest_held_age_seconds") > 0.0);
     let last = value(&s, "last_delivery_timestamp_seconds");
     let now = chrono::Utc::now().timestamp() as f64;
@@ -264,4 +265,79 @@ async fn rust_log_filters_text_logs() {
         "colour codes in a log file:\n{log}"
     );
     assert!(!log.contains(APP_KEY));
+}
+
+/// The metrics table of docs/operator.md: (name, type) for every metric it
+/// lists (a row may name several).
+fn documented_metrics() -> Vec<(String, String)> {
+    let doc =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operator.md")).unwrap();
+    let section = doc
+        .split("\n## Metrics")
+        .nth(1)
+        .expect("docs/operator.md has a Metrics section");
+    let section = section.split("\n## ").next().unwrap();
+    let mut out = Vec::new();
+    for line in section.lines().filter(|l| l.starts_with("| `")) {
+        let cells: Vec<&str> = line.split('|').map(str::trim).collect();
+        let kind = cells[2].to_string();
+        for name in cells[1].split('`').skip(1).step_by(2) {
+            out.push((name.to_string(), kind.clone()));
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn every_documented_metric_is_exported_from_the_first_scrape() {
+    let documented = documented_metrics();
+    assert!(documented.len() >= 30, "{documented:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let server = Binary::serve(&dir.path().join("o.db"), &mock.url(), &[]).await;
+    // Right after start: nothing was ingested, sent or synced yet.
+    let text = client()
+        .get(format!("{}/metrics", server.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let s = samples(&text);
+    let mut exported: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .map(|l| {
+            l.split(' ')
+                .next()
+                .unwrap()
+                .trim_start_matches(PREFIX)
+                .to_string()
+        })
+        .collect();
+    exported.sort();
+    let mut names: Vec<String> = documented.iter().map(|(n, _)| n.clone()).collect();
+    names.sort();
+    assert_eq!(
+        names, exported,
+        "docs/operator.md and /metrics list different metrics"
+    );
+    for (name, kind) in &documented {
+        assert!(
+            text.contains(&format!("# TYPE {PREFIX}{name} {kind}\n")),
+            "{name} is documented as a {kind}"
+        );
+        let sample = if kind == "histogram" {
+            format!("{name}_count")
+        } else {
+            name.clone()
+        };
+        let full = format!("{PREFIX}{sample}");
+        assert!(
+            s.keys()
+                .any(|k| k == &full || k.starts_with(&format!("{full}{{"))),
+            "no sample of {name} at start (an absent() alert would fire): {text}"
+        );
+    }
 }

@@ -41,8 +41,20 @@ impl Env {
     }
 }
 
+/// GETs an admin read with the admin token.
 async fn get(base: &str, path: &str) -> (u16, Value) {
-    let r = client().get(format!("{base}{path}")).send().await.unwrap();
+    let (code, body, _) = get_as(base, path, Some(&bearer())).await;
+    (code, body)
+}
+
+/// GETs with the given Authorization header (or none): status, JSON body
+/// and WWW-Authenticate.
+async fn get_as(base: &str, path: &str, auth: Option<&str>) -> (u16, Value, Option<String>) {
+    let mut req = client().get(format!("{base}{path}"));
+    if let Some(a) = auth {
+        req = req.header("authorization", a);
+    }
+    let r = req.send().await.unwrap();
     let code = r.status().as_u16();
     let ct = r
         .headers()
@@ -50,12 +62,16 @@ async fn get(base: &str, path: &str) -> (u16, Value) {
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_string();
+    let www = r
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap().to_string());
     let v = r.json().await.unwrap_or(Value::Null);
     assert!(
         ct.starts_with("application/json"),
         "GET {path} answered {code} with {ct}, not JSON"
     );
-    (code, v)
+    (code, v, www)
 }
 
 /// POSTs a raw body to an admin endpoint: (status, JSON body, WWW-Authenticate).
@@ -114,11 +130,10 @@ async fn status_reports_a_known_scenario() {
     ] {
         assert_eq!(s[field].as_i64(), Some(want), "{field} in {s}");
     }
-    // The two queued behind the held event have waited since acceptance.
-    assert!(
-        s["oldest_pending_age_seconds"].as_f64().unwrap() > 0.0,
-        "{s}"
-    );
+    // The two queued behind the held event wait for it: held, not
+    // pending, and no pending age grows for them.
+    assert_eq!(s["held_queued"], 2, "{s}");
+    assert_eq!(s["oldest_pending_age_seconds"], 0.0, "{s}");
     assert!(s["oldest_held_age_seconds"].as_f64().unwrap() > 0.0, "{s}");
     assert!(s["last_delivery_at"].as_str().is_some(), "{s}");
     assert!(
@@ -194,10 +209,30 @@ async fn recent_errors_record_retries_and_merge_runs() {
 }
 
 #[tokio::test]
-async fn admin_reads_are_open_and_answer_json_errors() {
+async fn admin_reads_need_the_token_and_answer_json_errors() {
     let env = env_with(|_| {}).await;
     poison_mock(&env.mock);
     operator_scenario(&env.base).await;
+
+    // Dead letters are personal data: no token, another scheme or a wrong
+    // token is a 401, and the answer carries none of it.
+    for path in ["/admin/dead", "/admin/dead?limit=1", "/admin/dead/1"] {
+        for auth in [
+            None,
+            Some("Bearer wrong-token".to_string()),
+            Some(format!("Basic {ADMIN_TOKEN}")),
+            Some(format!("Bearer {ADMIN_TOKEN}x")),
+        ] {
+            let (code, body, www) = get_as(&env.base, path, auth.as_deref()).await;
+            assert_eq!(code, 401, "{path} with {auth:?}: {body}");
+            assert!(www.unwrap().starts_with("Bearer"), "{path}");
+            let text = body.to_string();
+            assert!(
+                !text.contains("u-poison") && !text.contains(POISON),
+                "{text}"
+            );
+        }
+    }
 
     let (code, list) = get(&env.base, "/admin/dead").await;
     assert_eq!(code, 200);
@@ -216,12 +251,20 @@ async fn admin_reads_are_open_and_answer_json_errors() {
     assert_eq!(d["event"]["event"], POISON);
     assert_eq!(d["attempts"], 1);
 
-    // Paging and filters.
+    // Paging and filters. The last page says there is no next one, also
+    // when it is exactly full.
     let (_, page) = get(&env.base, "/admin/dead?limit=1").await;
     assert_eq!(dead_ids(&page), vec![ids[0]]);
     assert_eq!(page["next_after"], ids[0]);
     let (_, page) = get(&env.base, &format!("/admin/dead?limit=1&after={}", ids[0])).await;
     assert_eq!(dead_ids(&page), vec![ids[1]]);
+    assert!(page["next_after"].is_null(), "last page: {page}");
+    let (_, page) = get(&env.base, "/admin/dead?limit=2").await;
+    assert_eq!(dead_ids(&page), ids);
+    assert!(
+        page["next_after"].is_null(),
+        "exactly full last page: {page}"
+    );
     let (_, none) = get(&env.base, "/admin/dead?reason=no-such-reason").await;
     assert!(dead_ids(&none).is_empty());
     let (_, some) = get(&env.base, "/admin/dead?reason=REJECTED").await;
@@ -322,7 +365,7 @@ async fn admin_mutations_need_the_bearer_token() {
     assert_eq!(s["dead"], 0);
     // Purging dead letters does not touch what was delivered or waits.
     assert_eq!(s["delivered"], 6);
-    assert_eq!(s["pending"], 2);
+    assert_eq!(s["held"], 3);
     env.stop().await;
 }
 
@@ -338,10 +381,16 @@ async fn admin_mutations_are_refused_without_a_configured_token() {
             assert!(body["error"].as_str().unwrap().contains("--admin-token"));
         }
     }
-    // Reads still work, and nothing changed.
-    let (code, list) = get(&env.base, "/admin/dead").await;
-    assert_eq!(code, 200);
-    assert_eq!(dead_ids(&list).len(), 2);
+    // Reads of dead letters are off too (they are personal data); the
+    // counts stay open.
+    for path in ["/admin/dead", "/admin/dead/1"] {
+        for auth in [None, Some(bearer())] {
+            let (code, body, _) = get_as(&env.base, path, auth.as_deref()).await;
+            assert_eq!(code, 403, "{path}: {body}");
+            assert!(body["error"].as_str().unwrap().contains("--admin-token"));
+            assert!(!body.to_string().contains("u-poison"));
+        }
+    }
     assert_eq!(status(&env.base).await["dead"], 2);
     env.stop().await;
 }

@@ -1,8 +1,9 @@
 //! The status page in a real browser: headless Chromium loads `GET /` from a
 //! running server that holds delivered, pending, held and dead events, runs
 //! the page's JavaScript (which reads only this server's API) and the test
-//! asserts on the rendered DOM: counts, a dead letter's reason, the errors
-//! and the chart with its data.
+//! asserts on the rendered DOM: counts, the errors and the chart with its
+//! data without the admin token, and no dead letter (they are personal
+//! data) until the page has the token; then each dead letter's reason.
 //!
 //! Chromium is required (Debian package `chromium`). Without it the test
 //! fails, unless `CHURNZERO_SKIP_BROWSER=1` says to skip it. With
@@ -163,6 +164,7 @@ async fn status_page_renders_counts_dead_letters_errors_and_chart() {
     let seeded = seed_history(&db).await;
     let dead_ids: Vec<i64> = client()
         .get(format!("{base}/admin/dead"))
+        .bearer_auth(ADMIN_TOKEN)
         .send()
         .await
         .unwrap()
@@ -176,9 +178,42 @@ async fn status_page_renders_counts_dead_letters_errors_and_chart() {
         .collect();
     assert_eq!(dead_ids.len(), 2);
 
-    let mut args = browser_args(&dir.path().join("profile"));
+    // Without the token: counts, chart and errors, but no dead letter.
+    let mut args = browser_args(&dir.path().join("profile-locked"));
     args.extend(["--dump-dom".to_string(), format!("{base}/")]);
+    let locked = run_browser(&browser, args).await;
+    assert!(
+        locked.contains("<body data-state=\"ready\""),
+        "the page's script did not finish rendering:\n{locked}"
+    );
+    assert_eq!(text_of(&locked, "count-dead"), sc.dead.to_string());
+    assert!(
+        !locked.contains("data-dead-id=\""),
+        "dead letters listed without the token"
+    );
+    assert!(
+        !locked.contains("u-poison"),
+        "a user id shown without the token"
+    );
+    assert!(
+        attr(tag_of(&locked, "dead-locked"), "hidden").is_none(),
+        "asks for the token"
+    );
+    assert!(text_of(&locked, "dead-locked-text").contains("admin token"));
+    let chart = tag_of(&locked, "chart");
+    assert_eq!(attr(chart, "data-points"), Some("60"), "{chart}");
+
+    // With the token (given in the fragment, which no request carries).
+    let mut args = browser_args(&dir.path().join("profile"));
+    args.extend([
+        "--dump-dom".to_string(),
+        format!("{base}/#token={ADMIN_TOKEN}"),
+    ]);
     let dom = run_browser(&browser, args).await;
+    assert!(
+        attr(tag_of(&dom, "dead-locked"), "hidden").is_some(),
+        "unlocked"
+    );
 
     assert!(
         dom.contains("<body data-state=\"ready\""),
@@ -196,7 +231,12 @@ async fn status_page_renders_counts_dead_letters_errors_and_chart() {
     ] {
         assert_eq!(text_of(&dom, id), want.to_string(), "#{id}");
     }
-    assert_ne!(text_of(&dom, "oldest-pending"), "–", "two events wait");
+    // The two waiting events are queued behind the held one: no pending age.
+    assert_eq!(text_of(&dom, "oldest-pending"), "–");
+    assert!(
+        text_of(&dom, "sub-held").contains("2 queued behind"),
+        "{dom}"
+    );
     // The sync lane schedules its first window one interval after start.
     let next = text_of(&dom, "sync-next");
     assert!(next.starts_with("in "), "sync schedule shown: {next}");
@@ -243,7 +283,7 @@ async fn status_page_renders_counts_dead_letters_errors_and_chart() {
         args.extend([
             "--window-size=1280,1000".to_string(),
             format!("--screenshot={}", PathBuf::from(path).display()),
-            format!("{base}/"),
+            format!("{base}/#token={ADMIN_TOKEN}"),
         ]);
         run_browser(&browser, args).await;
     }

@@ -9,6 +9,12 @@ use std::time::Duration;
 
 /// Longest excerpt of an answer body kept in a dead letter's reason.
 const BODY_EXCERPT: usize = 300;
+/// Most bytes of an error answer read to cut that excerpt from. The rest is
+/// never read: an error page of megabytes (or one that never ends) costs
+/// neither memory nor the time to download it.
+pub const ERROR_BODY_READ: usize = 4096;
+/// Most bytes of a success answer (a 43-byte GIF from ChurnZero) read.
+const SUCCESS_BODY_READ: usize = 64 * 1024;
 
 /// How ChurnZero answered one request.
 #[derive(Debug, Clone, PartialEq)]
@@ -57,6 +63,22 @@ pub fn parse_retry_after(value: &str, now: chrono::DateTime<chrono::Utc>) -> Opt
         .ok()?
         .with_timezone(&chrono::Utc);
     Some((at - now).to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The first `limit` bytes of a body (fewer if it ends first or fails);
+/// the connection is dropped rather than drained when more would follow.
+async fn read_at_most(mut response: reqwest::Response, limit: usize) -> Vec<u8> {
+    let mut head = Vec::new();
+    while head.len() < limit {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = limit - head.len();
+                head.extend_from_slice(&chunk[..chunk.len().min(room)]);
+            }
+            Ok(None) | Err(_) => break,
+        }
+    }
+    head
 }
 
 impl ChurnZeroClient {
@@ -147,14 +169,13 @@ impl ChurnZeroClient {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, chrono::Utc::now()));
         if (200..300).contains(&status) {
-            // Drain the GIF so the connection goes back to the pool.
-            let _ = response.bytes().await;
+            // Drain the GIF so the connection goes back to the pool; an
+            // answer far larger than a GIF is cut off with its connection.
+            let _ = read_at_most(response, SUCCESS_BODY_READ).await;
             return SendOutcome::Accepted { status };
         }
-        let body = match response.bytes().await {
-            Ok(b) => String::from_utf8_lossy(&b[..b.len().min(4096)]).into_owned(),
-            Err(_) => String::new(),
-        };
+        let head = read_at_most(response, ERROR_BODY_READ).await;
+        let body = String::from_utf8_lossy(&head).into_owned();
         let excerpt: String = body
             .chars()
             .filter(|c| !c.is_control())

@@ -1,10 +1,12 @@
-//! Dead-letter admin API under `/admin/`. Reads (list, show) are open like
-//! `/status`; replay and purge change the outbox, so they need
-//! `Authorization: Bearer <admin token>` and are refused outright when no
-//! token is configured. Every answer, refusals included, is JSON.
+//! Dead-letter admin API under `/admin/`. Dead letters are personal data
+//! (event payloads, user ids, emails), so every endpoint here, reads
+//! included, needs `Authorization: Bearer <admin token>` and is refused
+//! outright when no token is configured. The counts, ages and reasons that
+//! carry no payload stay open on `/status` and `/metrics`. Every answer,
+//! refusals included, is JSON.
 
 use super::OperatorState;
-use crate::outbox::DeadListFilter;
+use crate::outbox::{DeadListFilter, DeadSelection};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
@@ -63,7 +65,7 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Checks the bearer token in constant time. Without a configured token the
-/// mutating endpoints are off: 403, whatever the request carries.
+/// admin API is off: 403, whatever the request carries.
 fn authorize(state: &OperatorState, headers: &HeaderMap) -> Result<(), AdminError> {
     let Some(token) = &state.admin_token else {
         return Err(error(
@@ -126,14 +128,23 @@ fn filter(
     })
 }
 
-async fn list(State(state): State<OperatorState>, RawQuery(query): RawQuery) -> Response {
-    match list_inner(&state, query.as_deref().unwrap_or("")).await {
+async fn list(
+    State(state): State<OperatorState>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+) -> Response {
+    match list_inner(&state, &headers, query.as_deref().unwrap_or("")).await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
 }
 
-async fn list_inner(state: &OperatorState, query: &str) -> Result<Response, AdminError> {
+async fn list_inner(
+    state: &OperatorState,
+    headers: &HeaderMap,
+    query: &str,
+) -> Result<Response, AdminError> {
+    authorize(state, headers)?;
     let q: ListQuery = serde_urlencoded_query(query)?;
     let limit = q.limit.unwrap_or(DEFAULT_PAGE);
     if !(1..=MAX_PAGE).contains(&limit) {
@@ -145,17 +156,12 @@ async fn list_inner(state: &OperatorState, query: &str) -> Result<Response, Admi
     let mut f = filter(&q.since, &q.until, &q.reason)?;
     f.after_id = q.after;
     f.limit = limit;
-    let items = state
+    let (items, next) = state
         .outbox
         .reader
-        .dead_list(&f)
+        .dead_page(&f)
         .await
         .map_err(unavailable)?;
-    let next = if items.len() as i64 == limit {
-        items.last().map(|d| d.id)
-    } else {
-        None
-    };
     Ok(axum::Json(json!({ "dead": items, "next_after": next })).into_response())
 }
 
@@ -170,7 +176,14 @@ fn serde_urlencoded_query<T: serde::de::DeserializeOwned>(query: &str) -> Result
     .map_err(|e| error(StatusCode::BAD_REQUEST, e.body_text()))
 }
 
-async fn show(State(state): State<OperatorState>, Path(id): Path<String>) -> Response {
+async fn show(
+    State(state): State<OperatorState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
+    if let Err(e) = authorize(&state, &headers) {
+        return e.into_response();
+    }
     let Ok(id) = id.parse::<i64>() else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -202,8 +215,9 @@ pub struct Selection {
     pub reason: Option<String>,
 }
 
-/// Which dead events a selection means: `None` for all of them.
-async fn select(state: &OperatorState, body: &Bytes) -> Result<Option<Vec<i64>>, AdminError> {
+/// Which dead events a selection means. Ranges and `all` are matched a
+/// chunk at a time as the writer goes, never read whole.
+async fn select(state: &OperatorState, body: &Bytes) -> Result<DeadSelection, AdminError> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Err(error(
             StatusCode::BAD_REQUEST,
@@ -224,7 +238,7 @@ async fn select(state: &OperatorState, body: &Bytes) -> Result<Option<Vec<i64>>,
         ));
     }
     if sel.all {
-        return Ok(None);
+        return Ok(DeadSelection::Matching(DeadListFilter::default()));
     }
     if !sel.ids.is_empty() {
         return match state
@@ -234,25 +248,27 @@ async fn select(state: &OperatorState, body: &Bytes) -> Result<Option<Vec<i64>>,
             .await
             .map_err(unavailable)?
         {
-            Ok(ids) => Ok(Some(ids)),
+            Ok(ids) => Ok(DeadSelection::Ids(ids)),
             Err(reason) => Err(error(StatusCode::NOT_FOUND, reason)),
         };
     }
-    let f = filter(&sel.since, &sel.until, &sel.reason)?;
-    let ids = state
-        .outbox
-        .reader
-        .dead_ids(&f)
-        .await
-        .map_err(unavailable)?;
-    Ok(Some(ids))
+    Ok(DeadSelection::Matching(filter(
+        &sel.since,
+        &sel.until,
+        &sel.reason,
+    )?))
 }
 
 async fn replay(State(state): State<OperatorState>, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
         authorize(&state, &headers)?;
-        let ids = select(&state, &body).await?;
-        let n = state.outbox.writer.replay(ids).await.map_err(unavailable)?;
+        let which = select(&state, &body).await?;
+        let n = state
+            .outbox
+            .writer
+            .replay_selected(which)
+            .await
+            .map_err(unavailable)?;
         tracing::info!(replayed = n, "dead events replayed by an operator");
         Ok::<_, AdminError>(axum::Json(json!({ "replayed": n })).into_response())
     };
@@ -262,8 +278,13 @@ async fn replay(State(state): State<OperatorState>, headers: HeaderMap, body: By
 async fn purge(State(state): State<OperatorState>, headers: HeaderMap, body: Bytes) -> Response {
     let result = async {
         authorize(&state, &headers)?;
-        let ids = select(&state, &body).await?;
-        let n = state.outbox.writer.purge(ids).await.map_err(unavailable)?;
+        let which = select(&state, &body).await?;
+        let n = state
+            .outbox
+            .writer
+            .purge_selected(which)
+            .await
+            .map_err(unavailable)?;
         tracing::info!(purged = n, "dead events purged by an operator");
         Ok::<_, AdminError>(axum::Json(json!({ "purged": n })).into_response())
     };

@@ -307,21 +307,53 @@ fn describe_all() {
             Kind::Histogram => r.describe_histogram(name, unit, (*help).into()),
         });
     }
-    for name in [
-        "events_accepted_total",
-        "events_rejected_total",
-        "events_filtered_total",
-        "events_duplicate_total",
-        "events_delivered_total",
-        "events_retried_total",
-        "events_dead_total",
-        "events_held_total",
-        "churnzero_pauses_total",
-    ] {
-        metrics::counter!(name).increment(0);
-    }
-    for outcome in ["delivered", "retry", "rejected"] {
-        metrics::counter!("churnzero_requests_total", "outcome" => outcome).increment(0);
+    register_all_at_zero();
+}
+
+/// Label values each labelled series starts with, so every series exists
+/// from the first scrape (an `absent()` alert must not fire on a quiet
+/// instance, and a rate needs its zero).
+const STARTING_LABELS: &[(&str, &str, &[&str])] = &[
+    ("ingest_requests_total", "status", &["200"]),
+    (
+        "churnzero_requests_total",
+        "outcome",
+        &["delivered", "retry", "rejected"],
+    ),
+    (
+        "sync_requests_total",
+        "outcome",
+        &["delivered", "retry", "rejected"],
+    ),
+    (
+        "outbox_events",
+        "state",
+        &["pending", "in_flight", "held", "dead"],
+    ),
+];
+
+/// Registers every series of [`METRICS`] at zero: counters and gauges
+/// with value 0, histograms with empty buckets.
+fn register_all_at_zero() {
+    for (name, kind, _) in METRICS {
+        let labelled = STARTING_LABELS.iter().find(|(n, _, _)| n == name);
+        let keys: Vec<Key> = match labelled {
+            Some((_, label, values)) => values
+                .iter()
+                .map(|v| Key::from_parts(*name, vec![metrics::Label::new(*label, *v)]))
+                .collect(),
+            None => vec![Key::from_static_name(name)],
+        };
+        for key in keys {
+            let meta = Metadata::new(module_path!(), metrics::Level::INFO, None);
+            metrics::with_recorder(|r| match kind {
+                Kind::Counter => r.register_counter(&key, &meta).increment(0),
+                // Raised by zero: registered without overwriting a value.
+                Kind::Gauge => r.register_gauge(&key, &meta).increment(0.0),
+                // Registering is enough: the exporter renders its buckets.
+                Kind::Histogram => drop(r.register_histogram(&key, &meta)),
+            });
+        }
     }
 }
 

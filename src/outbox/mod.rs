@@ -4,18 +4,20 @@
 
 mod audience;
 mod direct;
+mod lock;
 mod read;
 mod recent_errors;
 mod reserve;
 mod writer;
 
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
+pub use lock::{DatabaseLock, lock_path};
 pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, SyncStatus};
 pub use recent_errors::RecentError;
 pub use reserve::RESERVE_BYTES;
 pub use writer::{
-    ClaimedEvent, IdentityUpdate, IngestReceipt, NewEvent, SettleOutcome, Settlement, Writer,
-    WriterConfig,
+    ClaimedEvent, DEAD_CHUNK, DeadSelection, IdentityUpdate, IngestReceipt, NewEvent,
+    SettleOutcome, Settlement, Writer, WriterConfig,
 };
 
 use sqlx::ConnectOptions;
@@ -54,6 +56,33 @@ pub enum StoreError {
     /// a lock is not mistaken for a full disk.
     #[error("the database is busy: {0}")]
     Busy(String),
+    /// Another `serve` owns the file (see lock.rs).
+    #[error(
+        "another churnzero-forwarder process{} holds this database (lock file {lock}); \
+         one server per database file: stop it first or use another --database",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    Locked { lock: String, pid: Option<u32> },
+    /// An offline command found the schema outdated while a server holds
+    /// the file: upgrading beside it is not safe.
+    #[error(
+        "{database}'s schema is at version {found} and this version needs {wanted}, \
+         and a serve{} holds it: stop it and start `serve` of this version to upgrade",
+        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+    )]
+    OutdatedBesideServer {
+        database: String,
+        found: i64,
+        wanted: i64,
+        pid: Option<u32>,
+    },
+    /// The lock file beside the database cannot be opened or locked (a
+    /// read-only directory, a file system without locks).
+    #[error("the lock file {path}: {error}")]
+    LockFile { path: String, error: String },
+    /// The file exists but holds no outbox (empty, or another program's).
+    #[error("{0}")]
+    NotAnOutbox(String),
     /// The file was written by an older version and not yet upgraded.
     #[error(
         "the database's schema is at version {found} and this version needs {wanted}: \
@@ -180,17 +209,23 @@ fn max_page_count() -> Option<u64> {
 pub struct Outbox {
     pub writer: Writer,
     pub reader: Reader,
+    /// The file's owner lock, held while any clone lives (`serve`'s
+    /// outbox); `None` for the offline commands that work beside a server.
+    _lock: Option<std::sync::Arc<DatabaseLock>>,
 }
 
 impl Outbox {
-    /// Opens (creating and migrating) the database, releases the leases a
-    /// previous process left behind and starts the writer task.
+    /// Opens (creating and migrating) the database as its one owner: takes
+    /// the file's lock first (a second server is refused before it touches
+    /// anything), then releases the leases a previous process left behind
+    /// and starts the writer task.
     pub async fn open(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| StoreError::Full(e.to_string()))?;
             }
         }
+        let lock = DatabaseLock::acquire(path)?;
         let mut conn = connect_options(path, false)?.connect().await?;
         MIGRATOR.run(&mut conn).await?;
         // The writer checkpoints only as a safety net (every 40 MB of WAL);
@@ -203,7 +238,11 @@ impl Outbox {
         let reader = Reader::open(path).await?;
         let checkpointer = connect_options(path, false)?.connect().await?;
         tokio::spawn(checkpoint_loop(checkpointer, writer.downgrade()));
-        Ok(Outbox { writer, reader })
+        Ok(Outbox {
+            writer,
+            reader,
+            _lock: Some(std::sync::Arc::new(lock)),
+        })
     }
 }
 
@@ -233,51 +272,145 @@ async fn checkpoint_loop(mut conn: sqlx::SqliteConnection, writer: writer::WeakW
 }
 
 /// Opens the reader side only, for the offline CLI commands (`status`,
-/// `dead ...`) that run beside a server or without one.
+/// `dead ...`) that run beside a server or without one. It never creates a
+/// file and never migrates (a server of an older version may be running).
 pub async fn open_reader(path: &Path) -> Result<Reader, StoreError> {
-    if !path.exists() {
-        return Err(StoreError::Full(format!(
-            "no database at {}",
+    require_outbox_file(path)?;
+    schema_check(path).await?;
+    Reader::open(path).await
+}
+
+/// A path that is not there is not created, and an empty file is not an
+/// outbox yet: both said in one sentence rather than as an SQL error.
+fn require_outbox_file(path: &Path) -> Result<(), StoreError> {
+    match std::fs::metadata(path) {
+        Err(_) => Err(StoreError::NotAnOutbox(format!(
+            "no database at {} (set --database or FORWARDER_DATABASE)",
             path.display()
-        )));
+        ))),
+        Ok(m) if m.is_dir() => Err(StoreError::NotAnOutbox(format!(
+            "{} is a directory, not a churnzero-forwarder database",
+            path.display()
+        ))),
+        Ok(m) if m.len() == 0 => Err(StoreError::NotAnOutbox(format!(
+            "{} has no outbox yet: start `serve` on it once",
+            path.display()
+        ))),
+        Ok(_) => Ok(()),
     }
-    let reader = Reader::open(path).await?;
-    // A reader never migrates (it runs beside a server that may be of the
-    // older version). Say so plainly instead of failing on a missing index.
-    let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
-        .fetch_one(reader.pool())
+}
+
+fn not_an_outbox(path: &Path) -> StoreError {
+    StoreError::NotAnOutbox(format!(
+        "{} is not a churnzero-forwarder database",
+        path.display()
+    ))
+}
+
+/// The schema version a file is at, read through one plain connection that
+/// changes nothing (no journal mode is set, so another program's file is
+/// left as it was): `Ok(None)` when it has no migrations table at all
+/// (another program's SQLite file, or not SQLite).
+async fn schema_version(path: &Path) -> Result<Option<i64>, sqlx::Error> {
+    use sqlx::Connection;
+    let mut conn = SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(false)
+        .pragma("query_only", "1")
+        .busy_timeout(Duration::from_secs(10))
+        .connect()
         .await?;
-    let wanted = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-    let found = found.unwrap_or(0);
+    let found = async {
+        let has_table: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
+        )
+        .fetch_optional(&mut conn)
+        .await?;
+        if has_table.is_none() {
+            return Ok(None);
+        }
+        let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(&mut conn)
+            .await?;
+        Ok(Some(found.unwrap_or(0)))
+    }
+    .await;
+    let _ = conn.close().await;
+    found
+}
+
+fn wanted_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Checks that `path` is an outbox of this version's schema, for the
+/// commands that never migrate beside a server.
+async fn schema_check(path: &Path) -> Result<(), StoreError> {
+    let found = match schema_version(path).await {
+        Ok(Some(v)) => v,
+        Ok(None) => return Err(not_an_outbox(path)),
+        // SQLITE_NOTADB (26): not an SQLite file at all.
+        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("26") => {
+            return Err(not_an_outbox(path));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let wanted = wanted_version();
     if found < wanted {
         return Err(StoreError::Outdated { found, wanted });
     }
-    Ok(reader)
+    Ok(())
 }
 
-/// Opens a write connection for the offline CLI commands, running
-/// migrations first so an old database is brought up to date.
+/// Opens a write connection for the offline CLI commands (`dead replay`,
+/// `dead purge`), beside a running server or without one. It never runs
+/// migrations beside a server: a file of the current schema is used as is;
+/// an outdated one is upgraded only when no server holds it (the command
+/// then holds the file's lock while it works).
 pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
-    if !path.exists() {
-        return Err(StoreError::Full(format!(
-            "no database at {}",
-            path.display()
-        )));
-    }
-    Outbox::open_without_recovery(path, config).await
+    require_outbox_file(path)?;
+    let lock = match schema_check(path).await {
+        Ok(()) => None,
+        Err(StoreError::Outdated { found, wanted }) => match DatabaseLock::acquire(path) {
+            Ok(lock) => Some(lock),
+            Err(StoreError::Locked { pid, .. }) => {
+                return Err(StoreError::OutdatedBesideServer {
+                    database: path.display().to_string(),
+                    found,
+                    wanted,
+                    pid,
+                });
+            }
+            Err(e) => return Err(e),
+        },
+        Err(e) => return Err(e),
+    };
+    Outbox::open_without_recovery(path, config, lock).await
 }
 
 impl Outbox {
     async fn open_without_recovery(
         path: &Path,
         mut config: WriterConfig,
+        lock: Option<DatabaseLock>,
     ) -> Result<Outbox, StoreError> {
         config.release_leases_at_start = false;
         let mut conn = connect_options(path, false)?.connect().await?;
-        MIGRATOR.run(&mut conn).await?;
-        let writer = Writer::start(conn, config, reserve::Reserve::none()).await?;
+        if lock.is_some() {
+            // No server holds the file (we do): upgrading it is safe.
+            MIGRATOR.run(&mut conn).await?;
+        }
+        let mut writer = Writer::start(conn, config, reserve::Reserve::none()).await?;
+        if lock.is_none() && DatabaseLock::likely_holder(path).is_some() {
+            // A server writes beside this command: let it in between chunks.
+            writer = writer.pace_chunks(writer::OFFLINE_CHUNK_PAUSE);
+        }
         let reader = Reader::open(path).await?;
-        Ok(Outbox { writer, reader })
+        Ok(Outbox {
+            writer,
+            reader,
+            _lock: lock.map(std::sync::Arc::new),
+        })
     }
 }
 

@@ -47,16 +47,22 @@ pub const PER_MINUTE_WINDOW: i64 = 60;
 pub struct OutboxStatus {
     /// When these figures were read (RFC 3339), so a client can age them.
     pub generated_at: String,
-    /// Waiting for delivery (due now or queued behind their user's earlier events).
+    /// Waiting for delivery: due now, waiting for a retry, or queued behind
+    /// their user's earlier events, but not behind a held one (those count
+    /// in `held`).
     pub pending: i64,
     pub in_flight: i64,
     /// Delivered since the database was created (pruning keeps this).
     pub delivered: i64,
     pub dead: i64,
-    /// Waiting for identity resolution.
+    /// Waiting for identity resolution: held events, and the events of
+    /// the same users queued behind them (none can be sent before them).
     pub held: i64,
-    /// Age of the oldest event waiting for delivery (pending, queued or in
-    /// flight; held events are counted apart). 0 when nothing waits.
+    /// How many of `held` are queued behind a held event of their user.
+    pub held_queued: i64,
+    /// Age of the oldest event waiting for delivery (pending or in flight;
+    /// held ones, and those queued behind them, are counted apart). 0 when
+    /// nothing waits.
     pub oldest_pending_age_seconds: f64,
     /// Age of the oldest event waiting for its identity. 0 when none.
     pub oldest_held_age_seconds: f64,
@@ -137,12 +143,17 @@ impl Reader {
     /// Status from counters and single index probes: constant cost whatever
     /// the backlog.
     pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
-        let mut conn = self.pool.acquire().await?;
-        // One read transaction: all figures from the same snapshot.
-        sqlx::query("BEGIN").execute(&mut *conn).await?;
-        let result = self.status_in(&mut conn).await;
-        let _ = sqlx::query("COMMIT").execute(&mut *conn).await;
-        result
+        // One read transaction: all figures from the same snapshot. A
+        // guard, not a raw BEGIN: when this future is dropped part-way (a
+        // client that goes away, a request or scrape timeout) the guard
+        // rolls back before the connection returns to the pool, instead of
+        // leaving it inside the transaction with an old snapshot.
+        let mut tx = self.pool.begin().await?;
+        let result = self.status_in(&mut tx).await;
+        let ended = tx.rollback().await;
+        let status = result?;
+        ended?;
+        Ok(status)
     }
 
     async fn status_in(
@@ -165,20 +176,13 @@ impl Reader {
                 .await?
                 .into_iter()
                 .collect();
-        // Ids grow with acceptance time. Every waiting key's earliest event
-        // is its head (state 0, in flight or not) unless the head is held;
-        // then the first event queued behind it is that key's oldest
-        // waiting one. So: the first head, and behind the oldest held
-        // heads (few, and probed through their key), the first follower.
-        // Index probes only, whatever the backlog.
+        // Ids grow with acceptance time, and a key's head is its earliest
+        // waiting event: the first head not held (state 0, in flight or
+        // not) is the oldest event that can be sent. Events queued behind a
+        // held head cannot be and do not count here. Index probes only,
+        // whatever the backlog.
         let (oldest, oldest_held): (Option<i64>, Option<i64>) = sqlx::query_as(
-            "SELECT (SELECT MIN(t) FROM ( \
-                 SELECT (SELECT accepted_at FROM events INDEXED BY events_heads WHERE state = 0 ORDER BY id LIMIT 1) AS t \
-                 UNION ALL \
-                 SELECT (SELECT e.accepted_at FROM events e INDEXED BY events_key \
-                         WHERE e.order_key = h.order_key AND e.state IN (0, 1, 4, 5) AND e.state = 5 \
-                         ORDER BY e.id LIMIT 1) \
-                 FROM (SELECT order_key FROM events INDEXED BY events_held WHERE state = 4 ORDER BY id LIMIT 100) h)), \
+            "SELECT (SELECT accepted_at FROM events INDEXED BY events_heads WHERE state = 0 ORDER BY id LIMIT 1), \
                (SELECT accepted_at FROM events INDEXED BY events_held WHERE state = 4 ORDER BY id LIMIT 1)",
         )
         .fetch_one(&mut *conn)
@@ -213,12 +217,14 @@ impl Reader {
         Ok(OutboxStatus {
             generated_at: ms_to_rfc3339(now),
             // Leased events keep their state; state_counts row 1 counts the
-            // leases (see migrations/0004_leases.sql).
-            pending: c(0) + c(5) - c(1),
+            // leases (see migrations/0004_leases.sql), row 6 the events
+            // queued behind held heads (0006_held_queue.sql).
+            pending: c(0) + c(5) - c(1) - c(6),
             in_flight: c(1),
             delivered: t("delivered"),
             dead: c(3),
-            held: c(4),
+            held: c(4) + c(6),
+            held_queued: c(6),
             oldest_pending_age_seconds: age(oldest),
             oldest_held_age_seconds: age(oldest_held),
             last_delivery_at: meta_time(&meta, "last_delivery_at"),
@@ -291,6 +297,29 @@ impl Reader {
         Ok(rows.iter().map(Self::dead_from_row).collect())
     }
 
+    /// A page of dead letters and the id to continue after, `None` on the
+    /// last page: one row more than the page is read to know whether
+    /// another page follows, so a client never asks for an empty one.
+    pub async fn dead_page(
+        &self,
+        f: &DeadListFilter,
+    ) -> Result<(Vec<DeadLetter>, Option<i64>), StoreError> {
+        let limit = if f.limit <= 0 { 100 } else { f.limit };
+        let mut items = self
+            .dead_list(&DeadListFilter {
+                limit: limit + 1,
+                ..f.clone()
+            })
+            .await?;
+        let next = if items.len() as i64 > limit {
+            items.truncate(limit as usize);
+            items.last().map(|d| d.id)
+        } else {
+            None
+        };
+        Ok((items, next))
+    }
+
     /// One dead letter with its history and payload.
     pub async fn dead_show(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         let row = sqlx::query(
@@ -335,28 +364,17 @@ impl Reader {
             ))
         })
     }
-
-    /// Ids of every dead letter matching a filter (paging ignored), for
-    /// replay and purge by range. Reads ids only, never payloads.
-    pub async fn dead_ids(&self, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
-        // LIMIT -1: no limit.
-        Ok(
-            sqlx::query_scalar_with(&format!("SELECT id {DEAD_FILTER}"), filter_args(f, 0, -1))
-                .fetch_all(&self.pool)
-                .await?,
-        )
-    }
 }
 
-/// The dead-letter filter shared by listing (with paging) and by replay and
-/// purge over a range (ids only). Parameters: ?1 after id, ?2 since, ?3
+/// The dead-letter filter shared by listing (with paging) and by the
+/// writer's replay and purge over a range (a chunk of ids at a time). Parameters: ?1 after id, ?2 since, ?3
 /// until, ?4 reason substring, ?5 limit; see [`filter_args`].
-const DEAD_FILTER: &str = "FROM events INDEXED BY events_dead WHERE state = 3 AND id > ?1 \
+pub(super) const DEAD_FILTER: &str = "FROM events INDEXED BY events_dead WHERE state = 3 AND id > ?1 \
      AND (?2 IS NULL OR finished_at >= ?2) AND (?3 IS NULL OR finished_at < ?3) \
      AND (?4 IS NULL OR instr(lower(reason), lower(?4)) > 0) \
      ORDER BY id LIMIT ?5";
 
-fn filter_args(f: &DeadListFilter, after: i64, limit: i64) -> SqliteArguments<'static> {
+pub(super) fn filter_args(f: &DeadListFilter, after: i64, limit: i64) -> SqliteArguments<'static> {
     let mut args = SqliteArguments::default();
     let added = args
         .add(after)

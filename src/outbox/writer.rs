@@ -17,6 +17,11 @@ use tokio::sync::{Notify, mpsc, oneshot};
 const GROUP_CAP: usize = 512;
 /// Failed attempts remembered per event for dead-letter inspection.
 const HISTORY_KEEP: i64 = 20;
+/// Dead letters one replay or purge transaction touches at most. A replay
+/// or purge of every dead letter is a series of such transactions, each its
+/// own turn of the writer, so ingest commits between them instead of
+/// waiting for the whole set (and memory holds one chunk of ids, not all).
+pub const DEAD_CHUNK: usize = 500;
 
 /// Settings the writer needs that come from `serve`.
 #[derive(Debug, Clone)]
@@ -165,12 +170,12 @@ enum Op {
         reply: oneshot::Sender<Result<MaintenanceReport, StoreError>>,
     },
     Replay {
-        ids: Option<Vec<i64>>,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
+        chunk: DeadChunk,
+        reply: oneshot::Sender<Result<(u64, Option<i64>), StoreError>>,
     },
     Purge {
-        ids: Option<Vec<i64>>,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
+        chunk: DeadChunk,
+        reply: oneshot::Sender<Result<(u64, Option<i64>), StoreError>>,
     },
     SetMeta {
         name: String,
@@ -195,7 +200,29 @@ enum Done {
     Claim(Vec<ClaimedEvent>),
     Unit,
     Maintain(MaintenanceReport),
-    Count(u64),
+    /// Dead letters changed, and the id to continue after (more may match).
+    Dead(u64, Option<i64>),
+}
+
+/// The dead letters a replay or purge acts on: explicit ids (checked
+/// beforehand), or whatever matches a filter when each chunk runs (the
+/// default filter: every dead letter).
+#[derive(Debug, Clone)]
+pub enum DeadSelection {
+    Ids(Vec<i64>),
+    Matching(super::DeadListFilter),
+}
+
+/// One transaction's share of a replay or purge.
+#[derive(Debug, Clone)]
+enum DeadChunk {
+    /// At most [`DEAD_CHUNK`] explicit ids.
+    Ids(Vec<i64>),
+    /// The next [`DEAD_CHUNK`] dead letters matching the filter, after `after`.
+    Next {
+        filter: super::DeadListFilter,
+        after: i64,
+    },
 }
 
 /// Handle to the writer task. Cheap to clone.
@@ -204,7 +231,19 @@ pub struct Writer {
     tx: mpsc::Sender<Op>,
     /// Woken after a commit that stored new events, so idle delivery wakes.
     pub stored: std::sync::Arc<Notify>,
+    /// Pause between the chunks of a replay or purge (see
+    /// [`OFFLINE_CHUNK_PAUSE`]); zero for the server's own writer, whose
+    /// queue already interleaves other requests with the chunks.
+    chunk_pause: Duration,
 }
+
+/// Pause of an offline writer (`dead replay|purge` beside a running
+/// server) between its chunks. The server's writer then waits in SQLite's
+/// busy handler, which sleeps up to 100 ms between tries; a writer that
+/// began its next chunk at once would win the lock every time, and ingest
+/// would wait for the whole replay after all. A gap longer than that sleep
+/// lets the waiting server in.
+pub const OFFLINE_CHUNK_PAUSE: Duration = Duration::from_millis(120);
 
 /// Tells background helpers when the writer (and so the outbox) is gone.
 pub(super) struct WeakWriter(mpsc::WeakSender<Op>);
@@ -248,7 +287,24 @@ impl Writer {
             .name("outbox-writer".into())
             .spawn(move || runtime.block_on(task.run(rx)))
             .map_err(|e| StoreError::Database(sqlx::Error::Io(e)))?;
-        Ok(Writer { tx, stored })
+        Ok(Writer {
+            tx,
+            stored,
+            chunk_pause: Duration::ZERO,
+        })
+    }
+
+    /// This writer pauses between replay and purge chunks, so that another
+    /// process's writer gets its turn (the offline commands).
+    pub(super) fn pace_chunks(mut self, pause: Duration) -> Writer {
+        self.chunk_pause = pause;
+        self
+    }
+
+    async fn between_chunks(&self) {
+        if !self.chunk_pause.is_zero() {
+            tokio::time::sleep(self.chunk_pause).await;
+        }
     }
 
     /// Folds the WAL into the database file and truncates it. Called at
@@ -318,16 +374,98 @@ impl Writer {
         .await
     }
 
-    /// Dead events back into delivery (all of them with `None`).
+    /// Dead events back into delivery (all of them with `None`), in
+    /// transactions of at most [`DEAD_CHUNK`] events.
     pub async fn replay(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
-        let (reply, rx) = oneshot::channel();
-        self.call(Op::Replay { ids, reply }, rx).await
+        match ids {
+            Some(ids) => self.dead_by_ids(DeadAction::Replay, ids).await,
+            None => self.replay_matching(super::DeadListFilter::default()).await,
+        }
     }
 
-    /// Deletes dead events (all of them with `None`).
+    /// Deletes dead events (all of them with `None`), in transactions of at
+    /// most [`DEAD_CHUNK`] events.
     pub async fn purge(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        match ids {
+            Some(ids) => self.dead_by_ids(DeadAction::Purge, ids).await,
+            None => self.purge_matching(super::DeadListFilter::default()).await,
+        }
+    }
+
+    /// Replays what an operator selected; see [`DeadSelection`].
+    pub async fn replay_selected(&self, which: DeadSelection) -> Result<u64, StoreError> {
+        match which {
+            DeadSelection::Ids(ids) => self.dead_by_ids(DeadAction::Replay, ids).await,
+            DeadSelection::Matching(f) => self.replay_matching(f).await,
+        }
+    }
+
+    /// Purges what an operator selected; see [`DeadSelection`].
+    pub async fn purge_selected(&self, which: DeadSelection) -> Result<u64, StoreError> {
+        match which {
+            DeadSelection::Ids(ids) => self.dead_by_ids(DeadAction::Purge, ids).await,
+            DeadSelection::Matching(f) => self.purge_matching(f).await,
+        }
+    }
+
+    /// Replays every dead letter matching the filter (its paging fields
+    /// are ignored), a chunk per transaction, without reading all their ids
+    /// first.
+    pub async fn replay_matching(&self, filter: super::DeadListFilter) -> Result<u64, StoreError> {
+        self.dead_matching(DeadAction::Replay, filter).await
+    }
+
+    /// Purges every dead letter matching the filter, as [`Writer::replay_matching`].
+    pub async fn purge_matching(&self, filter: super::DeadListFilter) -> Result<u64, StoreError> {
+        self.dead_matching(DeadAction::Purge, filter).await
+    }
+
+    async fn dead_chunk(
+        &self,
+        action: DeadAction,
+        chunk: DeadChunk,
+    ) -> Result<(u64, Option<i64>), StoreError> {
         let (reply, rx) = oneshot::channel();
-        self.call(Op::Purge { ids, reply }, rx).await
+        let op = match action {
+            DeadAction::Replay => Op::Replay { chunk, reply },
+            DeadAction::Purge => Op::Purge { chunk, reply },
+        };
+        self.call(op, rx).await
+    }
+
+    async fn dead_by_ids(&self, action: DeadAction, ids: Vec<i64>) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for (i, chunk) in ids.chunks(DEAD_CHUNK).enumerate() {
+            if i > 0 {
+                self.between_chunks().await;
+            }
+            total += self
+                .dead_chunk(action, DeadChunk::Ids(chunk.to_vec()))
+                .await?
+                .0;
+        }
+        Ok(total)
+    }
+
+    async fn dead_matching(
+        &self,
+        action: DeadAction,
+        filter: super::DeadListFilter,
+    ) -> Result<u64, StoreError> {
+        let (mut total, mut after) = (0, 0);
+        loop {
+            let chunk = DeadChunk::Next {
+                filter: filter.clone(),
+                after,
+            };
+            let (n, next) = self.dead_chunk(action, chunk).await?;
+            total += n;
+            match next {
+                Some(id) => after = id,
+                None => return Ok(total),
+            }
+            self.between_chunks().await;
+        }
     }
 
     /// Records a step of the audience sync lane (schedule, delivered and
@@ -628,10 +766,14 @@ impl WriterTask {
                     )
                     .await?,
                 ),
-                Op::Replay { ids, .. } => {
-                    Done::Count(replay(&mut self.conn, ids.as_deref(), now).await?)
+                Op::Replay { chunk, .. } => {
+                    let (targets, next) = dead_targets(&mut self.conn, chunk).await?;
+                    Done::Dead(replay(&mut self.conn, &targets, now).await?, next)
                 }
-                Op::Purge { ids, .. } => Done::Count(purge(&mut self.conn, ids.as_deref()).await?),
+                Op::Purge { chunk, .. } => {
+                    let (targets, next) = dead_targets(&mut self.conn, chunk).await?;
+                    Done::Dead(purge(&mut self.conn, &targets).await?, next)
+                }
                 Op::SetMeta { name, value, .. } => {
                     set_meta(&mut self.conn, name, value).await?;
                     Done::Unit
@@ -665,8 +807,8 @@ fn reply(op: Op, result: Result<Done, StoreError>) {
         (Op::Audience { reply, .. } | Op::Checkpoint { reply }, Err(e)) => drop(reply.send(Err(e))),
         (Op::Maintain { reply, .. }, Ok(Done::Maintain(m))) => drop(reply.send(Ok(m))),
         (Op::Maintain { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
-        (Op::Replay { reply, .. } | Op::Purge { reply, .. }, Ok(Done::Count(n))) => {
-            drop(reply.send(Ok(n)))
+        (Op::Replay { reply, .. } | Op::Purge { reply, .. }, Ok(Done::Dead(n, next))) => {
+            drop(reply.send(Ok((n, next))))
         }
         (Op::Replay { reply, .. } | Op::Purge { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
         _ => unreachable!("operation and result kinds always match"),
@@ -1436,31 +1578,57 @@ async fn maintain(
     Ok(report)
 }
 
+/// Which dead-letter operation a chunk belongs to.
+#[derive(Debug, Clone, Copy)]
+enum DeadAction {
+    Replay,
+    Purge,
+}
+
+/// The dead letters (id, ordering key) one chunk acts on, and the id to
+/// continue after when the chunk was full (more may match).
+async fn dead_targets(
+    conn: &mut SqliteConnection,
+    chunk: &DeadChunk,
+) -> Result<(Vec<(i64, String)>, Option<i64>), StoreError> {
+    match chunk {
+        DeadChunk::Ids(ids) => {
+            let json = serde_json::to_string(ids).expect("ids serialise");
+            let targets = sqlx::query_as(
+                "SELECT id, order_key FROM events WHERE state = 3 AND id IN (SELECT value FROM json_each(?)) ORDER BY id",
+            )
+            .bind(json)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+            Ok((targets, None))
+        }
+        DeadChunk::Next { filter, after } => {
+            let sql = format!("SELECT id, order_key {}", super::read::DEAD_FILTER);
+            let targets: Vec<(i64, String)> = sqlx::query_as_with(
+                &sql,
+                super::read::filter_args(filter, *after, DEAD_CHUNK as i64),
+            )
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(db)?;
+            let next = (targets.len() == DEAD_CHUNK)
+                .then(|| targets.last().map(|t| t.0))
+                .flatten();
+            Ok((targets, next))
+        }
+    }
+}
+
 async fn replay(
     conn: &mut SqliteConnection,
-    ids: Option<&[i64]>,
+    targets: &[(i64, String)],
     now: i64,
 ) -> Result<u64, StoreError> {
-    let targets: Vec<(i64, String)> = match ids {
-        Some(ids) => {
-            let json = serde_json::to_string(ids).expect("ids serialise");
-            sqlx::query_as("SELECT id, order_key FROM events WHERE state = 3 AND id IN (SELECT value FROM json_each(?)) ORDER BY id")
-                .bind(json)
-                .fetch_all(&mut *conn)
-                .await
-                .map_err(db)?
-        }
-        None => sqlx::query_as(
-            "SELECT id, order_key FROM events INDEXED BY events_dead WHERE state = 3 ORDER BY id",
-        )
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db)?,
-    };
     // Replayed events go back as queued with a fresh budget and a fresh
     // backoff (their history keeps the earlier attempts); promotion then
     // makes the earliest of each idle key its head, so order holds.
-    for (id, _) in &targets {
+    for (id, _) in targets {
         sqlx::query(
             "UPDATE events SET state = 5, next_attempt_at = ?, first_attempt_at = NULL, reason = NULL, \
              finished_at = NULL, attempts = 0 WHERE id = ? AND state = 3",
@@ -1475,23 +1643,15 @@ async fn replay(
     Ok(targets.len() as u64)
 }
 
-async fn purge(conn: &mut SqliteConnection, ids: Option<&[i64]>) -> Result<u64, StoreError> {
-    let r = match ids {
-        Some(ids) => {
-            let json = serde_json::to_string(ids).expect("ids serialise");
-            sqlx::query(
-                "DELETE FROM events WHERE state = 3 AND id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(json)
-            .execute(&mut *conn)
-            .await
-        }
-        None => {
-            sqlx::query("DELETE FROM events WHERE state = 3")
-                .execute(&mut *conn)
-                .await
-        }
-    }
+async fn purge(conn: &mut SqliteConnection, targets: &[(i64, String)]) -> Result<u64, StoreError> {
+    let ids: Vec<i64> = targets.iter().map(|t| t.0).collect();
+    let json = serde_json::to_string(&ids).expect("ids serialise");
+    let r = sqlx::query(
+        "DELETE FROM events WHERE state = 3 AND id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(json)
+    .execute(&mut *conn)
+    .await
     .map_err(db)?;
     Ok(r.rows_affected())
 }

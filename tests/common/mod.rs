@@ -316,7 +316,9 @@ pub struct Scenario {
 /// A known mix for operator tests (the mock must be poisoned with
 /// [`poison_mock`]): 6 delivered, 2 dead (poison, user `u-poison`), 1 held
 /// (user `nobody` has no ids) with 2 pending queued behind it, 1 filtered,
-/// 1 duplicate, 2 rejected. Waits until delivery has settled.
+/// 1 duplicate, 2 rejected. The two queued behind the held event count
+/// as held too (none can be sent before it): `held` 3, `pending` 0.
+/// Waits until delivery has settled.
 pub async fn operator_scenario(base: &str) -> Scenario {
     let mut batch: Vec<Value> = (1..=5).map(|n| track("u-good", "Good", n)).collect();
     batch.push(track("u-poison", POISON, 1));
@@ -354,8 +356,8 @@ pub async fn operator_scenario(base: &str) -> Scenario {
         accepted: 11,
         delivered: 6,
         dead: 2,
-        held: 1,
-        pending: 2,
+        held: 3,
+        pending: 0,
         filtered: 1,
         duplicates: 1,
         rejected: 2,

@@ -55,10 +55,12 @@ async fn hold(outbox: &Outbox, held_user: &str) -> Vec<ClaimedEvent> {
             outcome: if e.order_key == held_user {
                 SettleOutcome::Held {
                     error: "unresolved identity".into(),
+                    map_as_of: e.claimed_at,
                 }
             } else {
                 SettleOutcome::Release
             },
+            actions: None,
         })
         .collect();
     outbox.writer.settle(settlements).await.unwrap();

@@ -100,14 +100,27 @@ pub struct IngestState {
 pub fn router(state: IngestState, cors_origins: &CorsOrigins) -> Router {
     let origins = cors_origins.clone();
     Router::new()
-        .route("/v1/{call}", post(ingest))
-        .route("/v1/projects/{write_key}/settings", get(project_settings))
-        .route("/projects/{write_key}/settings", get(project_settings))
+        // OPTIONS is routed so that the CORS layer sees preflights (an
+        // unrouted method would get the app's 405 fallback instead).
+        .route("/v1/{call}", post(ingest).options(preflight))
+        .route(
+            "/v1/projects/{write_key}/settings",
+            get(project_settings).options(preflight),
+        )
+        .route(
+            "/projects/{write_key}/settings",
+            get(project_settings).options(preflight),
+        )
         .with_state(state)
         .layer(cors_origins.layer())
         .layer(axum::middleware::from_fn(move |req, next| {
             cors::guard(origins.clone(), req, next)
         }))
+}
+
+/// Reached only by an OPTIONS the CORS layer did not take as a preflight.
+async fn preflight() -> StatusCode {
+    StatusCode::NO_CONTENT
 }
 
 /// The path's call: the long names, and the one-letter names of the browser

@@ -34,20 +34,50 @@ impl RawResponse {
     }
 }
 
-/// Writes `request` (complete bytes) to `addr` and reads the answer until
-/// the server closes (the request should say `Connection: close`).
+/// Writes `request` (complete bytes) to `addr` and reads one answer: by
+/// its `Content-Length`, its chunked framing, or until the server closes.
+/// Keep-alive requests (as the libraries send them) work too.
 pub async fn raw(addr: SocketAddr, request: &[u8]) -> RawResponse {
     let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     stream.write_all(request).await.expect("write request");
     let mut bytes = Vec::new();
-    tokio::time::timeout(
-        std::time::Duration::from_secs(30),
-        stream.read_to_end(&mut bytes),
-    )
-    .await
-    .expect("answer within 30 s")
-    .expect("read answer");
+    let mut buf = [0u8; 8192];
+    let deadline = std::time::Duration::from_secs(30);
+    loop {
+        if complete(&bytes) {
+            break;
+        }
+        let n = tokio::time::timeout(deadline, stream.read(&mut buf))
+            .await
+            .expect("answer within 30 s")
+            .expect("read answer");
+        if n == 0 {
+            break;
+        }
+        bytes.extend_from_slice(&buf[..n]);
+    }
     parse_response(&bytes)
+}
+
+/// Whether `bytes` hold a whole answer.
+fn complete(bytes: &[u8]) -> bool {
+    let Some(end) = bytes.windows(4).position(|w| w == b"\r\n\r\n") else {
+        return false;
+    };
+    let head = String::from_utf8_lossy(&bytes[..end]).to_ascii_lowercase();
+    let body = &bytes[end + 4..];
+    if let Some(len) = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        return body.len() >= len;
+    }
+    if head.contains("transfer-encoding: chunked") {
+        return body.ends_with(b"0\r\n\r\n");
+    }
+    // 204 and 304 carry no body.
+    head.starts_with("http/1.1 204") || head.starts_with("http/1.1 304")
 }
 
 fn parse_response(bytes: &[u8]) -> RawResponse {

@@ -6,7 +6,9 @@
 //! again with the batching strategy. The library fetches its settings from
 //! the forwarder, posts cross-origin (CORS preflights included), and the
 //! mock ChurnZero must receive each mapped action exactly once: no request
-//! failed, so nothing was retried.
+//! failed, so nothing was retried. A third page runs the README's snippet
+//! as written there (with the test's addresses and key), loading the
+//! package's `dist/umd/standalone.js` as the self-hosted `analytics.min.js`.
 //!
 //! Needs /usr/bin/chromium (Debian's `chromium`) and node/npm; the npm
 //! packages are installed by the test with `npm ci` into
@@ -82,14 +84,75 @@ fn fnv(data: &[u8]) -> u64 {
     })
 }
 
+/// The README's analytics.js snippet: the html block after its marker line.
+fn readme_snippet() -> String {
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md")).unwrap();
+    let after = readme
+        .split_once("<!-- snippet: analytics.js")
+        .expect("README marks its snippet")
+        .1;
+    let block = after.split_once("```html\n").expect("an html block").1;
+    block
+        .split_once("```")
+        .expect("the block ends")
+        .0
+        .to_string()
+}
+
+/// The snippet page: the README's snippet, pointed at this test's servers,
+/// then the same four calls as page.html, through the snippet's stub.
+fn snippet_page(page_origin: &str, forwarder: &str) -> String {
+    let snippet = readme_snippet();
+    for placeholder in [
+        "https://static.example.com/analytics.min.js",
+        "https://events.example.com",
+        "my-write-key",
+    ] {
+        assert!(
+            snippet.contains(placeholder),
+            "the snippet has {placeholder}"
+        );
+    }
+    let snippet = snippet
+        .replace(
+            "https://static.example.com/analytics.min.js",
+            &format!("{page_origin}analytics.min.js"),
+        )
+        .replace("https://events.example.com", forwarder)
+        .replace("my-write-key", WRITE_KEY);
+    format!(
+        r#"<!doctype html><html><head><meta charset="utf-8"><title>snippet</title>
+{snippet}</head><body><script>
+analytics.identify('snip-user', {{ email: 'snip@example.com', accountExternalId: 'snip-acct' }});
+analytics.group('snip-acct', {{ name: 'snip Inc' }});
+analytics.track('snip Clicked', {{ description: 'from snip' }});
+analytics.page('Docs', 'snip Home');
+// The snippet's page(), then these four: five posts.
+analytics.ready(function () {{ window.__done = {{ ok: true, failed: [], posts: 5 }} }});
+</script></body></html>"#
+    )
+}
+
 /// The page's own origin: a tiny static server on another port.
-async fn page_server(forwarder: &str, bundle: PathBuf) -> (String, tokio::task::JoinHandle<()>) {
+async fn page_server(forwarder: &str, umd: PathBuf) -> (String, tokio::task::JoinHandle<()>) {
     let html = std::fs::read_to_string(browser_dir().join("page.html"))
         .unwrap()
         .replace("__FORWARDER__", forwarder)
         .replace("__WRITE_KEY__", WRITE_KEY);
-    let js = std::fs::read(bundle).expect("the package's dist/umd/index.js");
+    let js = std::fs::read(umd.join("index.js")).expect("the package's dist/umd/index.js");
+    let standalone = std::fs::read(umd.join("standalone.js")).expect("dist/umd/standalone.js");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/", listener.local_addr().unwrap());
+    let snippet = snippet_page(&url, forwarder);
     let app = Router::new()
+        .route("/snippet.html", get(move || async move { Html(snippet) }))
+        .route(
+            "/analytics.min.js",
+            get(move || async move {
+                ([("content-type", "text/javascript")], standalone).into_response()
+            }),
+        )
         .route("/", get(move || async move { Html(html) }))
         .route(
             "/favicon.ico",
@@ -99,8 +162,6 @@ async fn page_server(forwarder: &str, bundle: PathBuf) -> (String, tokio::task::
             "/analytics-next.js",
             get(move || async move { ([("content-type", "text/javascript")], js).into_response() }),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}/", listener.local_addr().unwrap());
     let task = tokio::spawn(async move {
         axum::serve(listener, app).await.unwrap();
     });
@@ -130,7 +191,7 @@ async fn analytics_next_in_chromium_from_another_origin() {
     let forwarder = format!("http://{}", server.addr);
     let (page_url, page_task) = page_server(
         &forwarder,
-        deps.join("node_modules/@segment/analytics-next/dist/umd/index.js"),
+        deps.join("node_modules/@segment/analytics-next/dist/umd"),
     )
     .await;
     assert_ne!(page_url.trim_end_matches('/'), forwarder, "two origins");
@@ -162,7 +223,14 @@ async fn analytics_next_in_chromium_from_another_origin() {
     });
     eprintln!("browser report: {report:#}");
 
-    for (strategy, ingest_path) in [("standard", None), ("batching", Some("/v1/b"))] {
+    for (strategy, expected_posts) in [
+        ("standard", &["/v1/i", "/v1/g", "/v1/t", "/v1/p"][..]),
+        ("batching", &["/v1/b"][..]),
+        (
+            "snippet",
+            &["/v1/p", "/v1/i", "/v1/g", "/v1/t", "/v1/p"][..],
+        ),
+    ] {
         let r = &report[strategy];
         assert_eq!(r["outcome"]["ok"], true, "{strategy}: {r:#}");
         assert!(
@@ -202,19 +270,41 @@ async fn analytics_next_in_chromium_from_another_origin() {
                 x["path"].as_str().unwrap()
             })
             .collect();
-        match ingest_path {
-            None => assert_eq!(posts, ["/v1/i", "/v1/g", "/v1/t", "/v1/p"], "{strategy}"),
-            Some(p) => assert_eq!(posts, [p], "{strategy}"),
-        }
+        // The snippet replays its buffered calls at once: answers may come
+        // in any order.
+        let (mut posts, mut expected_posts) = (posts, expected_posts.to_vec());
+        posts.sort_unstable();
+        expected_posts.sort_unstable();
+        assert_eq!(posts, expected_posts, "{strategy}");
     }
 
-    // Each mapped action reached ChurnZero exactly once.
+    // Each mapped action reached ChurnZero exactly once. The snippet's own
+    // `analytics.page()` (no name) is a 13th event: delivered as `Viewed
+    // Page` when the library has applied the buffered identify to it,
+    // else held as an anonymous visitor's.
     let base = forwarder.clone();
-    let st = wait_status(&base, "delivered", 8).await;
+    let st = wait_for("all 13 events settled", Duration::from_secs(60), || {
+        let base = base.clone();
+        async move {
+            let s = status(&base).await;
+            let settled = s["delivered"].as_i64()? + s["held"].as_i64()?;
+            (settled == 13 && s["pending"] == 0 && s["in_flight"] == 0).then_some(s)
+        }
+    })
+    .await;
+    assert_eq!(st["accepted"], 13, "{st}");
     assert_eq!(st["duplicates"], 0, "a call was sent twice: {st}");
-    assert_eq!(st["held"], 0, "{st}");
     let actions = mock.state().actions();
-    for p in ["std", "batch"] {
+    let snippet_page_views = actions
+        .iter()
+        .filter(|a| a["eventName"] == "Viewed Page")
+        .count();
+    assert_eq!(
+        snippet_page_views as i64,
+        1 - st["held"].as_i64().unwrap(),
+        "{actions:#?}"
+    );
+    for p in ["std", "batch", "snip"] {
         let count = |pred: &dyn Fn(&Value) -> bool| actions.iter().filter(|a| pred(a)).count();
         let acct = format!("{p}-acct");
         let user = format!("{p}-user");
@@ -244,7 +334,7 @@ async fn analytics_next_in_chromium_from_another_origin() {
             "{p} page"
         );
     }
-    assert_eq!(actions.len(), 8, "{actions:#?}");
+    assert_eq!(actions.len(), 12 + snippet_page_views, "{actions:#?}");
     page_task.abort();
     server.shutdown().await;
     mock.shutdown().await;

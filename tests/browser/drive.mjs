@@ -19,7 +19,9 @@ const args = [
 ]
 
 const result = {}
-for (const strategy of ['standard', 'batching']) {
+// Two passes of page.html (one per delivery strategy), then the README's
+// snippet as written (snippet.html).
+for (const strategy of ['standard', 'batching', 'snippet']) {
   const profile = mkdtempSync(join(process.env.PROFILE_DIR, `${strategy}-`))
   const context = await chromium.launchPersistentContext(profile, {
     executablePath: process.env.CHROMIUM,
@@ -38,9 +40,17 @@ for (const strategy of ['standard', 'batching']) {
   page.on('requestfailed', (r) => failed.push({ url: r.url(), error: r.failure()?.errorText }))
   page.on('console', (m) => { if (m.type() === 'error') consoleErrors.push(m.text()) })
   page.on('pageerror', (e) => consoleErrors.push(String(e)))
-  await page.goto(`${process.env.PAGE_URL}?strategy=${strategy}`)
+  const url = strategy === 'snippet'
+    ? `${process.env.PAGE_URL}snippet.html`
+    : `${process.env.PAGE_URL}?strategy=${strategy}`
+  await page.goto(url)
   const outcome = await page.waitForFunction(() => window.__done, null, { timeout: 30000 })
     .then((h) => h.jsonValue())
+  // The snippet's calls return nothing to wait on: wait for their answers.
+  const deadline = Date.now() + 20000
+  while (seen.filter((x) => x.method === 'POST').length < (outcome.posts ?? 0) && Date.now() < deadline) {
+    await new Promise((r) => setTimeout(r, 50))
+  }
   result[strategy] = { outcome, seen, failed, consoleErrors }
   await context.close()
 }

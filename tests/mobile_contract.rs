@@ -329,3 +329,85 @@ async fn a_batch_file_without_its_write_key_is_refused() {
     server.shutdown().await;
     mock.shutdown().await;
 }
+
+// ----------------------------------------------------------- react native
+
+/// analytics-react-native (`packages/core/src/api.ts`): with
+/// `cdnProxy`/`proxy` = `https://<forwarder>/v1` and `useSegmentEndpoints`,
+/// settings from `{cdnProxy}/projects/{key}/settings`, then `fetch` POSTs
+/// `JSON.stringify({batch, sentAt, writeKey})` to `{proxy}/b` with
+/// `Content-Type: text/plain`, uncompressed.
+#[tokio::test]
+async fn analytics_react_native_settings_and_batch_upload() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let server = start(settings(&db, &mock.url())).await;
+    let host = server.addr.to_string();
+
+    let r = raw(
+        server.addr,
+        &request(
+            &format!("GET /v1/projects/{WRITE_KEY}/settings HTTP/1.1"),
+            &[
+                ("Host", &host),
+                ("Accept", "*/*"),
+                ("Connection", "keep-alive"),
+            ],
+            b"",
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(api_host(&r.json()), format!("{host}/v1"));
+
+    let body = json!({
+        "batch": [
+            {"type": "identify", "userId": "rn-user", "anonymousId": "rn-anon", "messageId": "rn-m-1",
+             "timestamp": "2026-11-28T19:50:00.000Z", "traits": {"accountExternalId": "acct-rn"},
+             "context": {"library": {"name": "@segment/analytics-react-native", "version": "2.20.0"}},
+             "integrations": {}, "_metadata": {"bundled": [], "unbundled": [], "bundledIds": []}},
+            {"type": "track", "userId": "rn-user", "anonymousId": "rn-anon", "messageId": "rn-m-2",
+             "timestamp": "2026-11-28T19:50:01.000Z", "event": "Order Placed", "properties": {"quantity": 1},
+             "context": {"library": {"name": "@segment/analytics-react-native", "version": "2.20.0"}},
+             "integrations": {}, "_metadata": {"bundled": [], "unbundled": [], "bundledIds": []}}
+        ],
+        "sentAt": "2026-11-28T19:50:02.000Z",
+        "writeKey": WRITE_KEY
+    })
+    .to_string();
+    let len = body.len().to_string();
+    let r = raw(
+        server.addr,
+        &request(
+            "POST /v1/b HTTP/1.1",
+            &[
+                ("Host", &host),
+                ("Content-Type", "text/plain"),
+                ("Content-Length", &len),
+                ("Accept", "*/*"),
+                ("Connection", "keep-alive"),
+            ],
+            body.as_bytes(),
+        ),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let base = format!("http://{}", server.addr);
+    wait_status(&base, "delivered", 2).await;
+    let actions = mock.state().actions();
+    let track = actions
+        .iter()
+        .find(|a| a["action"] == "trackEvent")
+        .unwrap();
+    assert_eq!(
+        (
+            &track["eventName"],
+            &track["accountExternalId"],
+            &track["contactExternalId"]
+        ),
+        (&json!("Order Placed"), &json!("acct-rn"), &json!("rn-user"))
+    );
+    server.shutdown().await;
+    mock.shutdown().await;
+}

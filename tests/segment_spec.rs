@@ -294,7 +294,19 @@ async fn every_date_form_is_read_and_a_non_date_costs_nothing() {
     .await;
     assert_eq!((code, answer), (200, json!({"success": true})));
 
-    let st = wait_status(&base, "delivered", 7).await;
+    // Six-digit years are no dates either (they once overflowed the
+    // clock-skew rule): kept, with receivedAt.
+    let (code, answer) = post(
+        &base,
+        "/v1/track",
+        &json!({"userId": "u-d", "event": "Far Apart",
+        "originalTimestamp": "-262000-01-01T00:00:00", "sentAt": "+262000-01-01T00:00:00",
+        "properties": ids}),
+    )
+    .await;
+    assert_eq!((code, answer), (200, json!({"success": true})));
+
+    let st = wait_status(&base, "delivered", 8).await;
     let undated = st["recent_errors"]
         .as_array()
         .unwrap()
@@ -345,6 +357,9 @@ async fn every_date_form_is_read_and_a_non_date_costs_nothing() {
         .find(|a| a["eventName"] == "Undated")
         .unwrap();
     assert_eq!(sent["eventDate"], undated["receivedAt"]);
+    let far = stored.iter().find(|e| e["event"] == "Far Apart").unwrap();
+    assert_eq!(far["timestamp"], far["receivedAt"]);
+    assert_eq!(far["originalTimestamp"], "-262000-01-01T00:00:00");
     server.shutdown().await;
     mock.shutdown().await;
 }

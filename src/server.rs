@@ -175,7 +175,7 @@ impl Server {
                 REQUEST_TIMEOUT,
             ))
             .layer(CatchPanicLayer::new())
-            .layer(TraceLayer::new_for_http());
+            .layer(TraceLayer::new_for_http().make_span_with(ingest::trace_span));
 
         let http = tokio::spawn(serve_http(listener, app, shutdown_rx.clone()));
         tracing::info!(%addr, database = %settings.database.display(), churnzero = %settings.churnzero_url,

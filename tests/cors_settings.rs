@@ -459,3 +459,38 @@ async fn short_paths_take_text_plain_gzip_chunked_bodies_with_the_key_in_the_bod
     server.shutdown().await;
     mock.shutdown().await;
 }
+
+/// The settings path carries a write key: it must not reach the logs, even
+/// at debug level where every request is traced.
+#[tokio::test]
+async fn the_settings_path_keeps_the_write_key_out_of_the_logs() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let b = Binary::serve_with_env(
+        &dir.path().join("o.db"),
+        &mock.url(),
+        &[],
+        &[("RUST_LOG", "debug")],
+    )
+    .await;
+    for path in [
+        format!("/v1/projects/{WRITE_KEY}/settings"),
+        format!("/projects/{WRITE_KEY}/settings"),
+        "/v1/projects/guessed-key/settings".to_string(),
+    ] {
+        let r = client()
+            .get(format!("{}{path}", b.base))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().as_u16() == 200 || r.status().as_u16() == 404);
+    }
+    // A request after them, so their log lines are written.
+    let (code, _) = post(&b.base, "/v1/track", &track("u", "E", 1)).await;
+    assert_eq!(code, 200);
+    let logs = b.logs();
+    assert!(logs.contains("/settings"), "requests are traced: {logs}");
+    assert!(!logs.contains(WRITE_KEY), "write key in the logs:\n{logs}");
+    assert!(!logs.contains("guessed-key"), "{logs}");
+    mock.shutdown().await;
+}

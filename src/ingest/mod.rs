@@ -118,6 +118,28 @@ pub fn router(state: IngestState, cors_origins: &CorsOrigins) -> Router {
         }))
 }
 
+/// The request span of the HTTP trace layer, with the write key of a
+/// settings path (`/v1/projects/{writeKey}/settings`) replaced: request
+/// paths are logged at debug level, and write keys never are.
+pub fn trace_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        uri = %redacted_path(request.uri().path()),
+        version = ?request.version(),
+    )
+}
+
+fn redacted_path(path: &str) -> std::borrow::Cow<'_, str> {
+    match path.split_once("/projects/") {
+        Some((head, rest)) => {
+            let tail = rest.find('/').map_or("", |i| &rest[i..]);
+            format!("{head}/projects/{{writeKey}}{tail}").into()
+        }
+        None => path.into(),
+    }
+}
+
 /// Reached only by an OPTIONS the CORS layer did not take as a preflight.
 async fn preflight() -> StatusCode {
     StatusCode::NO_CONTENT

@@ -494,3 +494,41 @@ async fn the_settings_path_keeps_the_write_key_out_of_the_logs() {
     assert!(!logs.contains("guessed-key"), "{logs}");
     mock.shutdown().await;
 }
+
+/// A bad value for one of these flags stops `serve` with a message naming
+/// the flag and the variable's value problem, before anything starts.
+#[tokio::test]
+async fn bad_client_flags_stop_serve_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let db = db.to_str().unwrap();
+    for (flag, value, says) in [
+        ("--trusted-proxies", "10.0.0.0/33", "prefix length"),
+        ("--cors-origins", "app.example.com", "not an origin"),
+        ("--public-url", "events.example.com", "http://"),
+        ("--client-rate-limit", "lots", "client-rate-limit"),
+    ] {
+        let (code, _, stderr) = run_binary(&[
+            "serve",
+            "--database",
+            db,
+            "--write-key",
+            WRITE_KEY,
+            "--churnzero-url",
+            "http://127.0.0.1:9",
+            "--churnzero-app-key",
+            APP_KEY,
+            "--listen",
+            "127.0.0.1:0",
+            flag,
+            value,
+        ])
+        .await;
+        assert_ne!(code, 0, "{flag} {value}");
+        assert!(
+            stderr.contains(flag) && stderr.contains(says),
+            "{flag} {value}: {stderr}"
+        );
+        assert!(!stderr.contains(APP_KEY));
+    }
+}

@@ -140,7 +140,8 @@ fn redacted_path(path: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Reached only by an OPTIONS the CORS layer did not take as a preflight.
+/// Routed so that OPTIONS matches these paths; the CORS layer answers every
+/// OPTIONS itself, so this runs only if that layer is ever removed.
 async fn preflight() -> StatusCode {
     StatusCode::NO_CONTENT
 }

@@ -533,3 +533,42 @@ impl From<BodyError> for ApiError {
         ApiError::new(status, e.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_letter_paths_are_the_calls() {
+        for (short, long) in [
+            ("t", "track"),
+            ("i", "identify"),
+            ("p", "page"),
+            ("g", "group"),
+            ("a", "alias"),
+            ("s", "screen"),
+        ] {
+            assert_eq!(path_call(short), path_call(long), "{short}");
+            assert!(path_call(short).unwrap().is_some());
+        }
+        for batch in ["b", "batch", "import"] {
+            assert_eq!(path_call(batch), Ok(None));
+        }
+        assert!(path_call("x").is_err());
+        assert!(path_call("m").is_err());
+    }
+
+    #[test]
+    fn settings_paths_are_traced_without_their_key() {
+        assert_eq!(
+            redacted_path("/v1/projects/s3cret/settings"),
+            "/v1/projects/{writeKey}/settings"
+        );
+        assert_eq!(
+            redacted_path("/projects/s3cret/settings"),
+            "/projects/{writeKey}/settings"
+        );
+        assert_eq!(redacted_path("/projects/s3cret"), "/projects/{writeKey}");
+        assert_eq!(redacted_path("/v1/track"), "/v1/track");
+    }
+}

@@ -113,6 +113,29 @@ pub struct ServeArgs {
     #[arg(long, env = "FORWARDER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    // --- Browser and mobile clients (the public endpoint) ---
+    /// Origins browsers may send from, comma-separated, or `*`.
+    #[arg(
+        long,
+        env = "FORWARDER_CORS_ORIGINS",
+        value_delimiter = ',',
+        default_value = "*"
+    )]
+    pub cors_origins: Vec<String>,
+
+    /// The address clients use (e.g. https://events.example.com), announced
+    /// by the settings endpoint; without it, taken from each request.
+    #[arg(long, env = "FORWARDER_PUBLIC_URL")]
+    pub public_url: Option<String>,
+
+    /// CIDRs of proxies whose X-Forwarded-For/-Host/-Proto are believed.
+    #[arg(long, env = "FORWARDER_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Vec<String>,
+
+    /// Events per second per client address (with a 10-second burst); 0 is off.
+    #[arg(long, env = "FORWARDER_CLIENT_RATE_LIMIT", default_value_t = 0)]
+    pub client_rate_limit: u32,
+
     /// Accept and store only; deliver nothing. `bench` uses it to time
     /// ingest alone and to build a backlog.
     #[arg(long, hide = true)]
@@ -150,6 +173,8 @@ pub struct Settings {
     /// False only for `bench`'s ingest phases.
     pub deliver: bool,
     pub maintenance_interval: Duration,
+    /// CORS, public address, trusted proxies, per-client rate limit.
+    pub clients: crate::ingest::ClientSettings,
 }
 
 /// A setting that is missing or out of range, named by flag and variable.
@@ -230,6 +255,32 @@ impl ServeArgs {
                 reason: "must be at least 1".into(),
             });
         }
+        let clients = crate::ingest::ClientSettings {
+            cors_origins: crate::ingest::cors::CorsOrigins::parse(&self.cors_origins).map_err(
+                |reason| ConfigError::Invalid {
+                    flag: "--cors-origins",
+                    reason,
+                },
+            )?,
+            public_url: self
+                .public_url
+                .as_deref()
+                .filter(|u| !u.trim().is_empty())
+                .map(crate::ingest::settings::PublicUrl::parse)
+                .transpose()
+                .map_err(|reason| ConfigError::Invalid {
+                    flag: "--public-url",
+                    reason,
+                })?,
+            trusted_proxies: crate::ingest::client_addr::TrustedProxies::parse(
+                &self.trusted_proxies,
+            )
+            .map_err(|reason| ConfigError::Invalid {
+                flag: "--trusted-proxies",
+                reason,
+            })?,
+            client_rate_limit: self.client_rate_limit,
+        };
         Ok(Settings {
             listen: self.listen,
             database: self.database,
@@ -253,6 +304,7 @@ impl ServeArgs {
             log_format: self.log_format,
             deliver: !self.no_delivery,
             maintenance_interval: self.maintenance_interval,
+            clients,
         })
     }
 }

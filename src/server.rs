@@ -18,6 +18,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -152,11 +153,15 @@ impl Server {
                 .collect(),
         );
         let app = Router::new()
-            .merge(ingest::router(IngestState {
-                writer: outbox.writer.clone(),
-                write_keys,
-                mapping: mapping.clone(),
-            }))
+            .merge(ingest::router(
+                IngestState {
+                    writer: outbox.writer.clone(),
+                    write_keys,
+                    mapping: mapping.clone(),
+                    clients: Arc::new(ingest::ClientPolicy::new(&settings.clients)),
+                },
+                &settings.clients.cors_origins,
+            ))
             .merge(operator::router(OperatorState {
                 outbox: outbox.clone(),
                 draining: draining.clone(),
@@ -170,7 +175,7 @@ impl Server {
                 REQUEST_TIMEOUT,
             ))
             .layer(CatchPanicLayer::new())
-            .layer(TraceLayer::new_for_http());
+            .layer(TraceLayer::new_for_http().make_span_with(ingest::trace_span));
 
         let http = tokio::spawn(serve_http(listener, app, shutdown_rx.clone()));
         tracing::info!(%addr, database = %settings.database.display(), churnzero = %settings.churnzero_url,
@@ -239,7 +244,17 @@ async fn serve_http(listener: TcpListener, app: Router, mut shutdown: watch::Rec
             }
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        // The handlers need the peer (client address, settings endpoint).
+        let info = ingest::PeerInfo {
+            addr: peer,
+            tls: false,
+        };
+        let service = TowerToHyperService::new(app.clone().map_request(
+            move |mut request: axum::http::Request<hyper::body::Incoming>| {
+                request.extensions_mut().insert(info);
+                request
+            },
+        ));
         let conn = builder.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
         tokio::spawn(async move {

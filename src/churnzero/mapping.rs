@@ -26,7 +26,7 @@
 //! |---|---|---|
 //! | `event` (track) | `eventName` | unchanged |
 //! | `name` (page/screen) | `eventName` | `Viewed <name> Page` / `Viewed <name> Screen`; `properties.name` when `name` is absent; `Viewed Page` / `Viewed Screen` when both are |
-//! | `timestamp` | `eventDate` | converted to UTC and printed with exactly three fraction digits, `2026-11-28T19:36:24.123Z` (extra digits are truncated, never rounded); a value without an offset is read as UTC; a value that is not a date is passed through unchanged; falls back to `receivedAt`, then `originalTimestamp` |
+//! | `timestamp` | `eventDate` | converted to UTC and printed with exactly three fraction digits, `2026-11-28T19:36:24.123Z` (extra digits are truncated, never rounded); a value without an offset is read as UTC; ingest has already replaced a value that is not a date (see the README's timestamp rule), so `eventDate` is always a date; falls back to `receivedAt`, then `originalTimestamp` |
 //! | `properties.description` | `description` | strings as they are, numbers and booleans as their text, cut to 255 characters (Unicode scalar values, never bytes); omitted for objects, arrays and null |
 //! | `properties.quantity` | `quantity` | a JSON number as it is; a string holding a finite decimal number (`"3"`, `" 2.5 "`) becomes that number; anything else is omitted and the event is still sent |
 //! | properties chosen in the mapping file | `cf_<Name>` | `<Name>` is the property name or its `field` rename; values follow the attribute value rules below |
@@ -50,7 +50,9 @@
 //! `accountExternalID`, `account_external_id` (and the `contact` versions),
 //! then the mapping file's `[ids]` keys, which may be dotted paths such as
 //! `company.id`. Strings that are not blank and numbers count. For `group` the
-//! account id is always `groupId`.
+//! account id is always `groupId`. Any other call that names no account
+//! this way takes `context.groupId` (Segment's common field for the account
+//! of any call), ahead of the identity map.
 //!
 //! ## Mapping file
 //!
@@ -617,6 +619,11 @@ pub fn ids_from_event(cfg: &MappingConfig, event: &Value) -> PartialIds {
         if let Some(group_id) = event.get("groupId").and_then(id_value) {
             account = Some(group_id);
         }
+    } else if account.is_none() {
+        account = event
+            .get("context")
+            .and_then(|c| c.get("groupId"))
+            .and_then(id_value);
     }
     PartialIds { account, contact }
 }
@@ -1872,6 +1879,43 @@ mod tests {
                 contact: Some("c-ctx".into())
             }
         );
+    }
+
+    /// Segment's B2B SaaS spec sends the account as `context.groupId` on
+    /// every call (its examples, as written there).
+    #[test]
+    fn context_group_id_is_the_account_when_the_event_names_none() {
+        let cfg = MappingConfig::default();
+        let track = json!({"type": "track", "userId": "019mr8mf4r", "event": "Account Created",
+            "properties": {"account_name": "Initech"},
+            "context": {"groupId": "8as7df9a8s7df"}});
+        assert_eq!(
+            ids_from_event(&cfg, &track),
+            PartialIds {
+                account: Some("8as7df9a8s7df".into()),
+                contact: None
+            }
+        );
+        let identify = json!({"type": "identify", "userId": "019mr8mf4r",
+            "traits": {"email": "john.doe@example.com"},
+            "context": {"groupId": "8as7df9a8s7df"}});
+        assert_eq!(
+            ids_from_event(&cfg, &identify).account.as_deref(),
+            Some("8as7df9a8s7df")
+        );
+        // The event's own account id wins; a group keeps its groupId.
+        let own = json!({"type": "track", "userId": "u", "event": "E",
+            "properties": {"accountExternalId": "acct-own"},
+            "context": {"groupId": "8as7df9a8s7df"}});
+        assert_eq!(
+            ids_from_event(&cfg, &own).account.as_deref(),
+            Some("acct-own")
+        );
+        let group = json!({"type": "group", "userId": "u", "groupId": "g-1",
+            "context": {"groupId": "other"}});
+        assert_eq!(ids_from_event(&cfg, &group).account.as_deref(), Some("g-1"));
+        let blank = json!({"type": "page", "userId": "u", "context": {"groupId": " "}});
+        assert_eq!(ids_from_event(&cfg, &blank).account, None);
     }
 
     #[test]

@@ -1,9 +1,16 @@
 //! The Segment HTTP Tracking API: `/v1/{identify,track,page,screen,group,
-//! alias,batch,import}`. Authenticates the write key, reads the body within
-//! the limits (after gzip), validates every event, and answers 200 only after
-//! the outbox writer has committed them.
+//! alias,batch,import}`, and the short paths the browser and mobile
+//! libraries use (`/v1/t|i|p|g|a|s`, `/v1/b`). Authenticates the write key,
+//! reads the body within the limits (after gzip), validates every event, and
+//! answers 200 only after the outbox writer has committed them. Also the
+//! settings object the client libraries fetch first, CORS for pages of other
+//! origins, and the per-client rate limit.
 
 mod body;
+pub mod client_addr;
+pub mod cors;
+pub mod rate_limit;
+pub mod settings;
 
 use crate::churnzero::mapping::{self, MappingConfig};
 use crate::outbox::{IdentityUpdate, NewEvent, Writer};
@@ -11,12 +18,17 @@ use crate::secret::{Secret, find_match};
 use crate::segment::{self, CallType, EventError};
 use axum::Router;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use base64::Engine;
+use client_addr::TrustedProxies;
+use cors::CorsOrigins;
+use rate_limit::ClientRateLimit;
 use serde_json::{Value, json};
+use settings::PublicUrl;
 use sha2::{Digest, Sha256};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 pub use body::{BODY_READ_TIMEOUT, BodyError, MAX_DEPTH, parse_json, read_body};
@@ -36,19 +48,165 @@ impl WriteKey {
     }
 }
 
+/// What the accept loop knows about a connection, set on every request as
+/// an extension: the socket peer (for the client address) and whether it
+/// came over TLS (for the protocol the settings endpoint announces).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    pub tls: bool,
+}
+
+/// Settings for browser and mobile clients: `--cors-origins`,
+/// `--public-url`, `--trusted-proxies`, `--client-rate-limit`.
+#[derive(Debug, Clone, Default)]
+pub struct ClientSettings {
+    pub cors_origins: CorsOrigins,
+    pub public_url: Option<PublicUrl>,
+    pub trusted_proxies: TrustedProxies,
+    /// Events per second per client address; 0 is off.
+    pub client_rate_limit: u32,
+}
+
+/// What the ingest routes keep of [`ClientSettings`], built once.
+#[derive(Debug, Default)]
+pub struct ClientPolicy {
+    pub public_url: Option<PublicUrl>,
+    pub trusted_proxies: TrustedProxies,
+    pub rate_limit: Option<ClientRateLimit>,
+}
+
+impl ClientPolicy {
+    pub fn new(settings: &ClientSettings) -> ClientPolicy {
+        ClientPolicy {
+            public_url: settings.public_url.clone(),
+            trusted_proxies: settings.trusted_proxies.clone(),
+            rate_limit: ClientRateLimit::new(settings.client_rate_limit),
+        }
+    }
+}
+
 /// Shared state of the ingest routes.
 #[derive(Clone)]
 pub struct IngestState {
     pub writer: Writer,
     pub write_keys: Arc<Vec<WriteKey>>,
     pub mapping: Arc<MappingConfig>,
+    pub clients: Arc<ClientPolicy>,
 }
 
-/// The `/v1/*` routes.
-pub fn router(state: IngestState) -> Router {
+/// The `/v1/*` routes and the settings endpoint, behind CORS for
+/// `cors_origins` (the operator routes are built elsewhere and get none).
+pub fn router(state: IngestState, cors_origins: &CorsOrigins) -> Router {
+    let origins = cors_origins.clone();
     Router::new()
-        .route("/v1/{call}", post(ingest))
+        // OPTIONS is routed so that the CORS layer sees preflights (an
+        // unrouted method would get the app's 405 fallback instead).
+        .route("/v1/{call}", post(ingest).options(preflight))
+        .route(
+            "/v1/projects/{write_key}/settings",
+            get(project_settings).options(preflight),
+        )
+        .route(
+            "/projects/{write_key}/settings",
+            get(project_settings).options(preflight),
+        )
         .with_state(state)
+        .layer(cors_origins.layer())
+        .layer(axum::middleware::from_fn(move |req, next| {
+            cors::guard(origins.clone(), req, next)
+        }))
+}
+
+/// The request span of the HTTP trace layer, with the write key of a
+/// settings path (`/v1/projects/{writeKey}/settings`) replaced: request
+/// paths are logged at debug level, and write keys never are.
+pub fn trace_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "request",
+        method = %request.method(),
+        uri = %redacted_path(request.uri().path()),
+        version = ?request.version(),
+    )
+}
+
+fn redacted_path(path: &str) -> std::borrow::Cow<'_, str> {
+    match path.split_once("/projects/") {
+        Some((head, rest)) => {
+            let tail = rest.find('/').map_or("", |i| &rest[i..]);
+            format!("{head}/projects/{{writeKey}}{tail}").into()
+        }
+        None => path.into(),
+    }
+}
+
+/// Routed so that OPTIONS matches these paths; the CORS layer answers every
+/// OPTIONS itself, so this runs only if that layer is ever removed.
+async fn preflight() -> StatusCode {
+    StatusCode::NO_CONTENT
+}
+
+/// The path's call: the long names, and the one-letter names of the browser
+/// and mobile libraries (`/t`, `/b`, ...). `Ok(None)` is a batch.
+fn path_call(call: &str) -> Result<Option<CallType>, ()> {
+    let long = match call {
+        "batch" | "import" | "b" => return Ok(None),
+        "t" => "track",
+        "i" => "identify",
+        "p" => "page",
+        "g" => "group",
+        "a" => "alias",
+        "s" => "screen",
+        other => other,
+    };
+    CallType::parse(long).map(Some).ok_or(())
+}
+
+fn peer_of(extensions: &axum::http::Extensions) -> Option<PeerInfo> {
+    extensions.get::<PeerInfo>().copied().or_else(|| {
+        extensions
+            .get::<axum::extract::ConnectInfo<SocketAddr>>()
+            .map(|c| PeerInfo {
+                addr: c.0,
+                tls: false,
+            })
+    })
+}
+
+/// The settings object for a known write key; 404 for any other, with the
+/// same answer whatever the key, so that nothing can be learnt from it.
+async fn project_settings(
+    State(state): State<IngestState>,
+    Path(write_key): Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
+    extensions: axum::http::Extensions,
+) -> Result<Response, ApiError> {
+    if authenticate(&state.write_keys, &write_key).is_none() {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "unknown project"));
+    }
+    let peer = peer_of(&extensions);
+    let address = settings::public_address(
+        state.clients.public_url.as_ref(),
+        &state.clients.trusted_proxies,
+        peer.map(|p| p.addr.ip()),
+        peer.is_some_and(|p| p.tls),
+        &uri,
+        &headers,
+    )
+    .ok_or_else(|| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the request names no usable Host; set --public-url",
+        )
+    })?;
+    let body = settings::settings_object(&write_key, &address);
+    let mut response = (StatusCode::OK, axum::Json(body)).into_response();
+    response.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static("public, max-age=60"),
+    );
+    Ok(response)
 }
 
 /// A refusal: status code plus a JSON reason.
@@ -83,6 +241,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            if self.status == StatusCode::TOO_MANY_REQUESTS {
+                // analytics.js waits this many seconds after a 429.
+                response
+                    .headers_mut()
+                    .insert("x-ratelimit-reset", HeaderValue::from(secs));
+            }
         }
         response
     }
@@ -122,19 +286,14 @@ async fn ingest(
     State(state): State<IngestState>,
     Path(call): Path<String>,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     body: axum::body::Body,
 ) -> Result<Response, ApiError> {
-    let path_type = match call.as_str() {
-        "batch" | "import" => None,
-        other => match CallType::parse(other) {
-            Some(t) => Some(t),
-            None => {
-                return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!("unknown endpoint /v1/{other}"),
-                ));
-            }
-        },
+    let Ok(path_type) = path_call(&call) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("unknown endpoint /v1/{call}"),
+        ));
     };
     let received_at = chrono::Utc::now();
 
@@ -182,15 +341,49 @@ async fn ingest(
         },
     };
 
+    // Counted before validation: invalid events cost work too.
+    if let Some(limit) = &state.clients.rate_limit {
+        let client = client_ip(&state.clients.trusted_proxies, &extensions, &headers);
+        if let Err(wait) = limit.check(client, raw_events.len()) {
+            metrics::counter!("events_rate_limited_total").increment(raw_events.len() as u64);
+            return Err(ApiError {
+                retry_after: Some(wait.as_secs_f64().ceil().max(1.0) as u32),
+                ..ApiError::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too many events from this client address; retry later",
+                )
+            });
+        }
+    }
+
     let mut events = Vec::with_capacity(raw_events.len());
     let mut rejected = Vec::new();
+    let mut undated: Vec<(String, &'static str, i64)> = Vec::new();
     for (index, raw) in raw_events.into_iter().enumerate() {
         match segment::normalise_event(raw, &envelope, received_at, || {
             uuid::Uuid::new_v4().to_string()
         }) {
-            Ok(valid) => events.push(to_new_event(&state.mapping, &write_key, valid)),
+            Ok(valid) => {
+                for field in &valid.undated {
+                    metrics::counter!("events_undated_total", "field" => *field).increment(1);
+                    let note = format!("`{field}` is not a date; stored with receivedAt");
+                    match undated.iter_mut().find(|(n, _, _)| *n == note) {
+                        Some(entry) => entry.2 += 1,
+                        None => undated.push((note, "kept", 1)),
+                    }
+                }
+                events.push(to_new_event(&state.mapping, &write_key, valid))
+            }
             Err(EventError(error)) => rejected.push(json!({ "index": index, "error": error })),
         }
+    }
+    if !undated.is_empty() {
+        let writer = state.writer.clone();
+        tokio::spawn(async move {
+            if let Err(e) = writer.note_errors(undated).await {
+                tracing::warn!(error = %e, "recording an undated event in recent_errors failed");
+            }
+        });
     }
     metrics::counter!("events_rejected_total").increment(rejected.len() as u64);
     if events.is_empty() {
@@ -240,6 +433,20 @@ async fn ingest(
         body["rejected"] = Value::Array(rejected);
     }
     Ok((StatusCode::OK, axum::Json(body)).into_response())
+}
+
+/// The client address for the rate limit: the socket peer, or what trusted
+/// proxies say in `X-Forwarded-For`. Unspecified when the router runs
+/// without a socket (in-process tests).
+fn client_ip(
+    trusted: &TrustedProxies,
+    extensions: &axum::http::Extensions,
+    headers: &HeaderMap,
+) -> IpAddr {
+    match peer_of(extensions) {
+        Some(peer) => trusted.client_addr(peer.addr.ip(), headers),
+        None => IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+    }
 }
 
 /// Turns a valid event into an outbox row, with what it teaches the identity
@@ -324,5 +531,44 @@ impl From<BodyError> for ApiError {
             BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
         };
         ApiError::new(status, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_letter_paths_are_the_calls() {
+        for (short, long) in [
+            ("t", "track"),
+            ("i", "identify"),
+            ("p", "page"),
+            ("g", "group"),
+            ("a", "alias"),
+            ("s", "screen"),
+        ] {
+            assert_eq!(path_call(short), path_call(long), "{short}");
+            assert!(path_call(short).unwrap().is_some());
+        }
+        for batch in ["b", "batch", "import"] {
+            assert_eq!(path_call(batch), Ok(None));
+        }
+        assert!(path_call("x").is_err());
+        assert!(path_call("m").is_err());
+    }
+
+    #[test]
+    fn settings_paths_are_traced_without_their_key() {
+        assert_eq!(
+            redacted_path("/v1/projects/s3cret/settings"),
+            "/v1/projects/{writeKey}/settings"
+        );
+        assert_eq!(
+            redacted_path("/projects/s3cret/settings"),
+            "/projects/{writeKey}/settings"
+        );
+        assert_eq!(redacted_path("/projects/s3cret"), "/projects/{writeKey}");
+        assert_eq!(redacted_path("/v1/track"), "/v1/track");
     }
 }

@@ -48,6 +48,26 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Events refused by validation (not stored).",
     ),
     (
+        "events_undated_total",
+        Kind::Counter,
+        "Events kept although a date field (label field) was not a date; receivedAt was used.",
+    ),
+    (
+        "events_rate_limited_total",
+        Kind::Counter,
+        "Events refused with 429 by the per-client rate limit (not stored).",
+    ),
+    (
+        "client_rate_limit_tracked",
+        Kind::Gauge,
+        "Client addresses the per-client rate limiter holds state for.",
+    ),
+    (
+        "client_rate_limit_resets_total",
+        Kind::Counter,
+        "Times the per-client rate limiter started afresh because too many addresses were active.",
+    ),
+    (
         "events_filtered_total",
         Kind::Counter,
         "Events acknowledged but not forwarded because of their integrations object.",

@@ -182,6 +182,11 @@ enum Op {
         value: String,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// Reports for the operators' `recent_errors` from outside delivery.
+    NoteErrors {
+        reports: Vec<(String, &'static str, i64)>,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
     /// Copy the whole WAL into the database file and truncate it; runs
     /// between groups, outside any transaction.
     Checkpoint {
@@ -473,6 +478,16 @@ impl Writer {
     pub async fn audience(&self, op: AudienceOp) -> Result<(), StoreError> {
         let (reply, rx) = oneshot::channel();
         self.call(Op::Audience { op, reply }, rx).await
+    }
+
+    /// Adds `(error, outcome, events)` reports to `recent_errors`: ingest
+    /// notes there the events it kept despite a field it could not read.
+    pub async fn note_errors(
+        &self,
+        reports: Vec<(String, &'static str, i64)>,
+    ) -> Result<(), StoreError> {
+        let (reply, rx) = oneshot::channel();
+        self.call(Op::NoteErrors { reports, reply }, rx).await
     }
 
     /// Records an operator-visible fact (last error, sync schedule).
@@ -778,6 +793,10 @@ impl WriterTask {
                     set_meta(&mut self.conn, name, value).await?;
                     Done::Unit
                 }
+                Op::NoteErrors { reports, .. } => {
+                    super::recent_errors::record(&mut self.conn, reports, now).await?;
+                    Done::Unit
+                }
                 Op::Audience { op, .. } => {
                     audience::apply(&mut self.conn, op).await?;
                     Done::Unit
@@ -797,10 +816,14 @@ fn reply(op: Op, result: Result<Done, StoreError>) {
         (Op::Ingest { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
         (Op::Claim { reply, .. }, Ok(Done::Claim(c))) => drop(reply.send(Ok(c))),
         (Op::Claim { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
-        (Op::Settle { reply, .. } | Op::SetMeta { reply, .. }, Ok(Done::Unit)) => {
-            drop(reply.send(Ok(())))
-        }
-        (Op::Settle { reply, .. } | Op::SetMeta { reply, .. }, Err(e)) => drop(reply.send(Err(e))),
+        (
+            Op::Settle { reply, .. } | Op::SetMeta { reply, .. } | Op::NoteErrors { reply, .. },
+            Ok(Done::Unit),
+        ) => drop(reply.send(Ok(()))),
+        (
+            Op::Settle { reply, .. } | Op::SetMeta { reply, .. } | Op::NoteErrors { reply, .. },
+            Err(e),
+        ) => drop(reply.send(Err(e))),
         (Op::Audience { reply, .. } | Op::Checkpoint { reply }, Ok(Done::Unit)) => {
             drop(reply.send(Ok(())))
         }

@@ -79,6 +79,9 @@ pub struct ValidEvent {
     pub forward: bool,
     /// The normalised event as stored in the outbox.
     pub event: Map<String, Value>,
+    /// Date fields that held something else than a date: the event was
+    /// kept, with the fallback timestamp, and the caller counts them.
+    pub undated: Vec<&'static str>,
 }
 
 /// Splits a parsed body into its envelope and raw events. For the single-call
@@ -152,18 +155,70 @@ fn writable(t: &DateTime<Utc>) -> bool {
 }
 
 fn parse_timestamp_any_year(v: &Value) -> Option<DateTime<Utc>> {
-    let s = v.as_str()?;
+    match v {
+        Value::String(s) => parse_date_text(s),
+        Value::Number(n) => parse_epoch(n.as_f64()?),
+        _ => None,
+    }
+}
+
+/// Milliseconds since the epoch (JavaScript's `Date.now()`), or seconds
+/// when the number is too small to be milliseconds of any plausible date
+/// (below 10^11 ms is before March 1973; as seconds it reaches year 5138).
+fn parse_epoch(n: f64) -> Option<DateTime<Utc>> {
+    if !n.is_finite() {
+        return None;
+    }
+    let ms = if n.abs() < 1e11 { n * 1000.0 } else { n };
+    if ms.abs() > 1e16 {
+        return None;
+    }
+    DateTime::from_timestamp_millis(ms as i64)
+}
+
+/// The date forms Segment's libraries and common clients write: RFC 3339
+/// with or without a fraction, `Z` or an offset, `T` or a space; the basic
+/// offset `+0530` (Java's `SimpleDateFormat`); one-digit months, days and
+/// hours (Segment's own sample batch has `2015-2-02T00:30:08.276Z`);
+/// minutes without seconds; no zone at all (read as UTC); and a date alone
+/// (midnight UTC).
+fn parse_date_text(text: &str) -> Option<DateTime<Utc>> {
+    let s = text.trim();
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Some(t.with_timezone(&Utc));
     }
-    // Libraries sometimes omit the zone; Segment reads those as UTC.
-    for fmt in [
+    // A trailing `Z` is UTC; chrono's `%z` wants digits.
+    let zoned = s
+        .strip_suffix(['Z', 'z'])
+        .map(|rest| format!("{rest}+00:00"));
+    let candidate = zoned.as_deref().unwrap_or(s);
+    for date_time in [
         "%Y-%m-%dT%H:%M:%S%.f",
-        "%Y-%m-%dT%H:%M:%S",
         "%Y-%m-%d %H:%M:%S%.f",
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
     ] {
-        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
-            return Some(t.and_utc());
+        for zone in ["%#z", "%:z", "%z"] {
+            let fmt = format!("{date_time}{zone}");
+            if let Ok(t) = DateTime::parse_from_str(candidate, &fmt) {
+                return Some(t.with_timezone(&Utc));
+            }
+        }
+    }
+    if zoned.is_none() {
+        // Libraries sometimes omit the zone; Segment reads those as UTC.
+        for fmt in [
+            "%Y-%m-%dT%H:%M:%S%.f",
+            "%Y-%m-%d %H:%M:%S%.f",
+            "%Y-%m-%dT%H:%M",
+            "%Y-%m-%d %H:%M",
+        ] {
+            if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, fmt) {
+                return Some(t.and_utc());
+            }
+        }
+        if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+            return d.and_hms_opt(0, 0, 0).map(|t| t.and_utc());
         }
     }
     None
@@ -183,15 +238,12 @@ fn id_string(v: Option<&Value>) -> Option<String> {
     }
 }
 
-fn optional_timestamp(
-    obj: &Map<String, Value>,
-    key: &str,
-) -> Result<Option<DateTime<Utc>>, EventError> {
-    match obj.get(key) {
+/// A date field: `Ok(None)` when absent, `Err(())` when present but not a
+/// date (the caller treats it as absent and notes it).
+fn optional_timestamp(value: Option<&Value>) -> Result<Option<DateTime<Utc>>, ()> {
+    match value {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => parse_timestamp(v)
-            .map(Some)
-            .ok_or_else(|| err(format!("`{key}` is not an ISO 8601 timestamp"))),
+        Some(v) => parse_timestamp(v).map(Some).ok_or(()),
     }
 }
 
@@ -338,14 +390,26 @@ pub fn normalise_event(
     };
     obj.insert("messageId".into(), Value::String(message_id.clone()));
 
-    let timestamp = optional_timestamp(&obj, "timestamp")?;
-    let original = optional_timestamp(&obj, "originalTimestamp")?;
-    let sent_at = match obj.get("sentAt").or(envelope.sent_at.as_ref()) {
-        None | Some(Value::Null) => None,
-        Some(v) => {
-            Some(parse_timestamp(v).ok_or_else(|| err("`sentAt` is not an ISO 8601 timestamp"))?)
-        }
+    // A value that is not a date never costs the event: it counts as
+    // absent, so the timestamp falls back as if it were missing (in the
+    // end to receivedAt), and the value is kept in the stored event.
+    let mut undated = Vec::new();
+    let mut date = |field: &'static str, value: Option<&Value>| {
+        optional_timestamp(value).unwrap_or_else(|()| {
+            undated.push(field);
+            None
+        })
     };
+    let timestamp = date("timestamp", obj.get("timestamp"));
+    let original = date("originalTimestamp", obj.get("originalTimestamp"));
+    let sent_at_value = obj.get("sentAt").or(envelope.sent_at.as_ref()).cloned();
+    let sent_at = date("sentAt", sent_at_value.as_ref());
+    if timestamp.is_none() {
+        if let Some(bad) = obj.get("timestamp").filter(|v| !v.is_null()).cloned() {
+            // `timestamp` is rewritten below; its original value stays here.
+            obj.insert("invalidTimestamp".into(), bad);
+        }
+    }
     let effective = match (timestamp, original, sent_at) {
         (Some(t), _, _) => t,
         // The correction of a client whose sentAt is nonsense (year 9999)
@@ -366,8 +430,15 @@ pub fn normalise_event(
         "receivedAt".into(),
         Value::String(format_timestamp(received_at)),
     );
-    if let Some(s) = sent_at {
-        obj.insert("sentAt".into(), Value::String(format_timestamp(s)));
+    match (sent_at, sent_at_value) {
+        (Some(s), _) => {
+            obj.insert("sentAt".into(), Value::String(format_timestamp(s)));
+        }
+        // Not a date: kept as the client wrote it.
+        (None, Some(v)) if !v.is_null() => {
+            obj.insert("sentAt".into(), v);
+        }
+        _ => {}
     }
 
     let forward = forwards_to_churnzero(obj.get("integrations").and_then(Value::as_object));
@@ -377,6 +448,7 @@ pub fn normalise_event(
         order_key,
         forward,
         event: obj,
+        undated,
     })
 }
 
@@ -446,9 +518,103 @@ mod tests {
         assert_eq!(e.event["timestamp"], json!("2026-01-01T00:00:00.123Z"));
         let e = one(json!({"type":"track","userId":"u","event":"E"})).unwrap();
         assert_eq!(e.event["timestamp"], json!("2026-11-28T12:00:00.000Z"));
-        assert!(
-            one(json!({"type":"track","userId":"u","event":"E","timestamp":"yesterday"})).is_err()
+        assert!(e.undated.is_empty());
+    }
+
+    #[test]
+    fn every_date_form_clients_write_is_read() {
+        let at = |v: Value| parse_timestamp(&v).map(format_timestamp);
+        for (text, expected) in [
+            ("2026-11-28", "2026-11-28T00:00:00.000Z"),
+            ("2026-11-28T19:36:24.1+0530", "2026-11-28T14:06:24.100Z"),
+            ("2026-11-28T19:36:24.123-0800", "2026-11-29T03:36:24.123Z"),
+            ("2026-11-28T19:36:24+05", "2026-11-28T14:36:24.000Z"),
+            ("2015-2-02T00:30:08.276Z", "2015-02-02T00:30:08.276Z"),
+            ("2015-12-2T3:04:05Z", "2015-12-02T03:04:05.000Z"),
+            ("2026-11-28T19:36:24Z", "2026-11-28T19:36:24.000Z"),
+            ("2026-11-28T19:36:24.123456789Z", "2026-11-28T19:36:24.123Z"),
+            ("2026-11-28T19:36:24.5-05:30", "2026-11-29T01:06:24.500Z"),
+            ("2026-11-28 19:36:24.123Z", "2026-11-28T19:36:24.123Z"),
+            ("2026-11-28 19:36:24", "2026-11-28T19:36:24.000Z"),
+            ("2026-11-28T19:36:24.12", "2026-11-28T19:36:24.120Z"),
+            ("2026-11-28T19:36Z", "2026-11-28T19:36:00.000Z"),
+            ("2026-11-28t19:36:24z", "2026-11-28T19:36:24.000Z"),
+            // analytics-kotlin's unpadded milliseconds (`ss'.'S`).
+            ("2023-04-19T04:03:46.88Z", "2023-04-19T04:03:46.880Z"),
+            (" 2026-11-28T19:36:24Z ", "2026-11-28T19:36:24.000Z"),
+        ] {
+            assert_eq!(at(json!(text)).as_deref(), Some(expected), "{text}");
+        }
+        // Epoch numbers: milliseconds (Date.now()), or seconds when too
+        // small to be milliseconds.
+        assert_eq!(
+            at(json!(1764358584123_i64)).as_deref(),
+            Some("2025-11-28T19:36:24.123Z")
         );
+        assert_eq!(
+            at(json!(1764358584)).as_deref(),
+            Some("2025-11-28T19:36:24.000Z")
+        );
+        assert_eq!(
+            at(json!(1764358584.5)).as_deref(),
+            Some("2025-11-28T19:36:24.500Z")
+        );
+        for bad in [
+            json!("yesterday"),
+            json!(""),
+            json!("2026-13-01"),
+            json!("2026-02-30"),
+            json!(true),
+            json!({}),
+            json!(1e300),
+        ] {
+            assert_eq!(at(bad.clone()), None, "{bad}");
+        }
+    }
+
+    /// A value that is still not a date costs nothing: the event is kept,
+    /// the timestamp falls back, the original value stays in the event,
+    /// and the field is reported.
+    #[test]
+    fn a_non_date_never_costs_the_event() {
+        let e =
+            one(json!({"type":"track","userId":"u","event":"E","timestamp":"yesterday"})).unwrap();
+        assert_eq!(e.event["timestamp"], json!("2026-11-28T12:00:00.000Z"));
+        assert_eq!(e.event["invalidTimestamp"], json!("yesterday"));
+        assert_eq!(e.undated, vec!["timestamp"]);
+
+        // A bad timestamp falls back like a missing one: the skew rule.
+        let e = one(
+            json!({"type":"track","userId":"u","event":"E","timestamp":[1],
+            "originalTimestamp":"2026-11-28T11:00:00Z","sentAt":"2026-11-28T11:00:10Z"}),
+        )
+        .unwrap();
+        assert_eq!(e.event["timestamp"], json!("2026-11-28T11:59:50.000Z"));
+        assert_eq!(e.event["invalidTimestamp"], json!([1]));
+
+        let e = one(json!({"type":"track","userId":"u","event":"E",
+            "originalTimestamp":"soon","sentAt":"whenever"}))
+        .unwrap();
+        assert_eq!(e.event["timestamp"], json!("2026-11-28T12:00:00.000Z"));
+        assert_eq!(e.event["originalTimestamp"], json!("soon"));
+        assert_eq!(e.event["sentAt"], json!("whenever"));
+        assert_eq!(e.undated, vec!["originalTimestamp", "sentAt"]);
+
+        // A batch's sentAt that is no date is kept on each event as sent.
+        let env = BatchEnvelope {
+            sent_at: Some(json!(false)),
+            ..Default::default()
+        };
+        let e = normalise_event(
+            json!({"type":"track","userId":"u","event":"E","originalTimestamp":"2026-11-28T11:00:00Z"}),
+            &env,
+            now(),
+            || "x".into(),
+        )
+        .unwrap();
+        assert_eq!(e.event["timestamp"], json!("2026-11-28T11:00:00.000Z"));
+        assert_eq!(e.event["sentAt"], json!(false));
+        assert_eq!(e.undated, vec!["sentAt"]);
     }
 
     #[test]
@@ -461,18 +627,19 @@ mod tests {
         assert_eq!(e.event["timestamp"], json!("2026-11-28T11:00:00.000Z"));
         // Six-digit years parse as naive dates but cannot be written back:
         // refused, and never an overflow in the skew arithmetic.
+        // They are not dates, so the event falls back to receivedAt.
         for bad in [
             "+262000-01-01T00:00:00",
             "-262000-01-01T00:00:00",
             "12345-01-01 00:00:00",
         ] {
             assert!(parse_timestamp(&json!(bad)).is_none(), "{bad}");
-            assert!(one(json!({"type":"track","userId":"u","event":"E","timestamp":bad})).is_err());
-            assert!(
-                one(json!({"type":"track","userId":"u","event":"E",
+            let e = one(json!({"type":"track","userId":"u","event":"E","timestamp":bad})).unwrap();
+            assert_eq!(e.event["timestamp"], json!("2026-11-28T12:00:00.000Z"));
+            let e = one(json!({"type":"track","userId":"u","event":"E",
                     "originalTimestamp":bad,"sentAt":"2026-11-28T11:00:00Z"}))
-                .is_err()
-            );
+            .unwrap();
+            assert_eq!(e.event["timestamp"], json!("2026-11-28T12:00:00.000Z"));
         }
         let early = one(json!({"type":"track","userId":"u","event":"E",
             "originalTimestamp":"0000-01-01T00:00:00Z","sentAt":"9999-12-31T23:59:59Z"}))

@@ -95,6 +95,7 @@ async fn run_in(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         log_format: LogFormat::Text,
         deliver: true,
         maintenance_interval: Duration::from_secs(5),
+        listener: Default::default(),
     };
     let server = Server::start(settings, listener).await?;
     let base = format!("http://{}", server.addr);

@@ -185,6 +185,13 @@ impl Server {
         })
     }
 
+    /// Turns `/readyz` to 503 while everything else keeps serving: the start
+    /// of a shutdown delay, during which load balancers take this instance
+    /// out of rotation before its listener closes.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
     /// Stops accepting, lets in-flight ingest and delivery finish (each
     /// ChurnZero request is bounded by its timeout) and returns.
     pub async fn shutdown(self) {
@@ -337,8 +344,20 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
                 addr: settings.listen,
                 source,
             })?;
+    let delay = settings.listener.shutdown_delay;
     let server = Server::start(settings, listener).await?;
     termination_signal().await;
+    if !delay.is_zero() {
+        server.begin_draining();
+        tracing::info!(
+            delay = %humantime::format_duration(delay),
+            "shutdown requested: /readyz answers 503 for the shutdown delay; ingest still serves"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = termination_signal() => tracing::info!("second signal: the shutdown delay is cut short"),
+        }
+    }
     tracing::info!("shutdown requested: draining");
     server.shutdown().await;
     Ok(())

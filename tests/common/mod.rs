@@ -53,6 +53,7 @@ pub fn settings(db: &Path, churnzero_url: &str) -> Settings {
         log_format: LogFormat::Text,
         deliver: true,
         maintenance_interval: Duration::from_millis(200),
+        listener: Default::default(),
     }
 }
 

@@ -4,6 +4,8 @@
 //! the outbox writer has committed them.
 
 mod body;
+pub mod connections;
+pub mod tls;
 
 use crate::churnzero::mapping::{self, MappingConfig};
 use crate::outbox::{IdentityUpdate, NewEvent, Writer};
@@ -19,7 +21,9 @@ use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
 
-pub use body::{BODY_READ_TIMEOUT, BodyError, MAX_DEPTH, parse_json, read_body};
+pub use body::{
+    BODY_READ_TIMEOUT, BodyBudget, BodyError, MAX_DEPTH, limit_body_memory, parse_json, read_body,
+};
 
 /// A configured write key and the short hash that stands for it in storage.
 #[derive(Clone, Debug)]
@@ -322,6 +326,12 @@ impl From<BodyError> for ApiError {
             BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
             BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            BodyError::NoMemory => {
+                return ApiError {
+                    retry_after: Some(body::NO_MEMORY_RETRY_AFTER),
+                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                };
+            }
         };
         ApiError::new(status, e.to_string())
     }

@@ -373,15 +373,16 @@ impl ServeArgs {
                 key: key.clone(),
             }),
             (Some(_), None) => {
-                return Err(ConfigError::Missing {
-                    flag: "--tls-key (--tls-cert needs its key)",
-                    env: "FORWARDER_TLS_KEY",
+                return Err(ConfigError::Invalid {
+                    flag: "--tls-cert",
+                    reason: "needs --tls-key (FORWARDER_TLS_KEY) too: give both or neither".into(),
                 });
             }
             (None, Some(_)) => {
-                return Err(ConfigError::Missing {
-                    flag: "--tls-cert (--tls-key needs its certificate)",
-                    env: "FORWARDER_TLS_CERT",
+                return Err(ConfigError::Invalid {
+                    flag: "--tls-key",
+                    reason: "needs --tls-cert (FORWARDER_TLS_CERT) too: give both or neither"
+                        .into(),
                 });
             }
         };

@@ -75,7 +75,12 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<rustls::ServerConfig>, TlsE
         .map_err(|e| TlsError::Pair {
             cert: cert_path.clone(),
             key: key_path.clone(),
-            reason: format!("rustls refuses them: {e}"),
+            reason: match e {
+                rustls::Error::InconsistentKeys(_) => {
+                    "the key does not belong to the certificate".to_string()
+                }
+                e => format!("rustls refuses them: {e}"),
+            },
         })?;
     config.alpn_protocols = vec![ALPN_H2.to_vec(), ALPN_HTTP1.to_vec()];
     Ok(Arc::new(config))

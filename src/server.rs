@@ -391,12 +391,7 @@ async fn serve_connection(
         )
     };
     let Some(acceptor) = &listening.tls else {
-        let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .keep_alive(true);
-        let conn = http1.serve_connection(TokioIo::new(stream), service);
+        let conn = http1().serve_connection(TokioIo::new(stream), service);
         drive(watcher.watch(conn), &admitted, None, peer).await;
         return;
     };
@@ -421,7 +416,8 @@ async fn serve_connection(
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
-            .max_concurrent_streams(HTTP2_MAX_STREAMS);
+            .max_concurrent_streams(HTTP2_MAX_STREAMS)
+            .max_header_list_size(MAX_HEAD_BYTES as u32);
         let conn = http2.serve_connection(TokioIo::new(stream), service);
         drive(
             watcher.watch(conn),
@@ -431,14 +427,27 @@ async fn serve_connection(
         )
         .await;
     } else {
-        let mut http1 = hyper::server::conn::http1::Builder::new();
-        http1
-            .timer(TokioTimer::new())
-            .header_read_timeout(HEADER_READ_TIMEOUT)
-            .keep_alive(true);
-        let conn = http1.serve_connection(TokioIo::new(stream), service);
+        let conn = http1().serve_connection(TokioIo::new(stream), service);
         drive(watcher.watch(conn), &admitted, None, peer).await;
     }
+}
+
+/// Most bytes a connection's read buffer (HTTP/1.1) or a request's header
+/// list (HTTP/2) may hold. Segment's requests carry a few hundred bytes of
+/// headers; hyper's default buffer of about 400 KB per connection would let
+/// slow-header clients hold far more memory than their bodies may.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The HTTP/1.1 connection settings: the header deadline (also the
+/// keep-alive idle limit) and a bounded read buffer.
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    http1
 }
 
 /// Runs a connection until it ends, is chosen to make room, or (with

@@ -291,3 +291,104 @@ async fn stalled_bodies_cannot_take_the_memory() {
     .await;
     assert_eq!(code, 200, "{body}");
 }
+
+/// Reads what the server answers on `s` within `within`, as text.
+async fn answer(s: &mut TcpStream, within: Duration) -> String {
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let _ = tokio::time::timeout(within, async {
+        loop {
+            match tokio::io::AsyncReadExt::read(s, &mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    got.extend_from_slice(&buf[..n]);
+                    if got.windows(4).any(|w| w == b"\r\n\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&got).to_ascii_lowercase()
+}
+
+fn batch_head(auth: &str, framing: &str) -> String {
+    format!(
+        "POST /v1/batch HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Basic {auth}\r\n\
+         Content-Type: application/json\r\n{framing}\r\n\r\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_that_does_not_fit_the_budget_is_refused_unread_or_as_it_grows() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let server = serve_limited(&db, &mock.url(), &["--max-body-memory", "1MB"], None).await;
+    let addr = server_addr(&server);
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{WRITE_KEY}:"));
+
+    // A holds 450,000 bytes of the budget with a declared body it stalls.
+    let mut a = connect_from([127, 0, 0, 5].into(), addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    a.write_all(batch_head(&auth, "Content-Length: 450000").as_bytes())
+        .await
+        .unwrap();
+    a.write_all(&[b' '; 1000]).await.unwrap();
+    // Wait until A's reservation is in place: a second declared body of the
+    // same size no longer fits (large bodies get three quarters of 1 MB).
+    // It is answered at once, before any of its body is sent.
+    let started = std::time::Instant::now();
+    let refused = loop {
+        let mut b = connect_from([127, 0, 0, 6].into(), addr, Duration::from_secs(5))
+            .await
+            .unwrap();
+        b.write_all(batch_head(&auth, "Content-Length: 450000").as_bytes())
+            .await
+            .unwrap();
+        let text = answer(&mut b, Duration::from_secs(2)).await;
+        if text.starts_with("http/1.1 503") {
+            break text;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "never refused: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(refused.contains("retry-after: 1"), "{refused}");
+
+    // A chunked body reserves as it arrives, and is refused once it no
+    // longer fits.
+    let mut c = connect_from([127, 0, 0, 7].into(), addr, Duration::from_secs(5))
+        .await
+        .unwrap();
+    c.write_all(batch_head(&auth, "Transfer-Encoding: chunked").as_bytes())
+        .await
+        .unwrap();
+    let chunk = format!("4000\r\n{}\r\n", " ".repeat(0x4000));
+    let mut text = String::new();
+    for _ in 0..40 {
+        if c.write_all(chunk.as_bytes()).await.is_err() {
+            break;
+        }
+        text = answer(&mut c, Duration::from_millis(20)).await;
+        if !text.is_empty() {
+            break;
+        }
+    }
+    assert!(text.starts_with("http/1.1 503"), "chunked body: {text:?}");
+    assert!(text.contains("retry-after: 1"), "{text}");
+
+    // A small call still fits while A stalls.
+    track_from(
+        &server.base,
+        [127, 0, 0, 8].into(),
+        Duration::from_secs(2),
+        0,
+    )
+    .await;
+    drop(a);
+}

@@ -203,23 +203,20 @@ async fn stalled_handshakes_give_way_and_per_client_caps_hold_on_tls() {
     )
     .await;
     let addr: SocketAddr = server.base.trim_start_matches("https://").parse().unwrap();
+    let connect = |last: u8| async move {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(SocketAddr::new(IpAddr::from([127, 0, 0, last]), 0))
+            .unwrap();
+        socket.connect(addr).await.unwrap()
+    };
     let mut stalled = Vec::new();
-    for last in [2u8, 3] {
-        for _ in 0..4 {
-            let socket = tokio::net::TcpSocket::new_v4().unwrap();
-            socket
-                .bind(SocketAddr::new(IpAddr::from([127, 0, 0, last]), 0))
-                .unwrap();
-            stalled.push(socket.connect(addr).await.unwrap());
-        }
+    for _ in 0..4 {
+        stalled.push(connect(2).await);
     }
     // A fifth from 127.0.0.2 is over its cap: closed at once, before any
     // handshake.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket
-        .bind(SocketAddr::new(IpAddr::from([127, 0, 0, 2]), 0))
-        .unwrap();
-    let mut fifth = socket.connect(addr).await.unwrap();
+    let mut fifth = connect(2).await;
     let mut buf = [0u8; 16];
     let read = tokio::time::timeout(
         Duration::from_secs(2),
@@ -228,6 +225,11 @@ async fn stalled_handshakes_give_way_and_per_client_caps_hold_on_tls() {
     .await
     .expect("the connection over the cap is closed at once");
     assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    for last in [3u8, 4] {
+        for _ in 0..4 {
+            stalled.push(connect(last).await);
+        }
+    }
     // The budget of 8 is full of stalled handshakes; curl still gets in.
     for n in 0..3 {
         assert_eq!(
@@ -449,4 +451,31 @@ async fn the_official_node_library_posts_over_https() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A client that connects and never starts its handshake loses the
+/// connection at the handshake deadline (10 s), rather than holding it.
+#[tokio::test]
+async fn a_handshake_that_never_starts_is_closed_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let server = serve_tls(&db, &mock.url(), &cert, &key, &[]).await;
+    let addr: SocketAddr = server.base.trim_start_matches("https://").parse().unwrap();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(
+        Duration::from_secs(20),
+        tokio::io::AsyncReadExt::read(&mut silent, &mut buf),
+    )
+    .await
+    .expect("closed by the server within 20 s");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "not before its deadline: {:?}",
+        started.elapsed()
+    );
 }

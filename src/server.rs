@@ -259,7 +259,7 @@ fn connection_limits(settings: &Settings) -> Limits {
     };
     let max = match (settings.listener.max_connections, files) {
         (Some(max), Some(files)) => {
-            if max as u64 + connections::RESERVED_FILES > files {
+            if max > connections::default_max_connections(files, settings.workers) {
                 tracing::warn!(
                     max_connections = max,
                     open_file_limit = files,
@@ -270,8 +270,8 @@ fn connection_limits(settings: &Settings) -> Limits {
             max
         }
         (Some(max), None) => max,
-        (None, Some(files)) => connections::default_max_connections(files),
-        (None, None) => connections::default_max_connections(1024),
+        (None, Some(files)) => connections::default_max_connections(files, settings.workers),
+        (None, None) => connections::default_max_connections(1024, settings.workers),
     };
     Limits {
         max,

@@ -351,10 +351,13 @@ pub fn raise_open_file_limit() -> std::io::Result<FileLimit> {
     Err(std::io::Error::other("no open-file limit on this platform"))
 }
 
-/// The default of `--max-connections` for an open-file limit.
-pub fn default_max_connections(open_files: u64) -> usize {
-    let room = if open_files > 2 * RESERVED_FILES {
-        open_files - RESERVED_FILES
+/// The default of `--max-connections` for an open-file limit: what is
+/// left after [`RESERVED_FILES`] and two descriptors per delivery worker (its
+/// connection to ChurnZero and a pooled spare).
+pub fn default_max_connections(open_files: u64, workers: usize) -> usize {
+    let reserved = RESERVED_FILES + 2 * workers as u64;
+    let room = if open_files > 2 * reserved {
+        open_files - reserved
     } else {
         (open_files / 2).max(8)
     };
@@ -423,8 +426,9 @@ mod tests {
 
     #[test]
     fn defaults_leave_room_for_the_database_and_outgoing_requests() {
-        assert_eq!(default_max_connections(1024), 896);
-        assert_eq!(default_max_connections(100), 50);
-        assert_eq!(default_max_connections(10_000_000), 65_536);
+        assert_eq!(default_max_connections(1024, 4), 888);
+        assert_eq!(default_max_connections(1024, 100), 696);
+        assert_eq!(default_max_connections(100, 4), 50);
+        assert_eq!(default_max_connections(10_000_000, 4), 65_536);
     }
 }

@@ -259,7 +259,8 @@ fn connection_limits(settings: &Settings) -> Limits {
     };
     let max = match (settings.listener.max_connections, files) {
         (Some(max), Some(files)) => {
-            if max > connections::default_max_connections(files, settings.workers) {
+            let reserved = connections::RESERVED_FILES + 2 * settings.workers as u64;
+            if max as u64 + reserved > files {
                 tracing::warn!(
                     max_connections = max,
                     open_file_limit = files,
@@ -276,8 +277,9 @@ fn connection_limits(settings: &Settings) -> Limits {
     Limits {
         max,
         per_client: settings.listener.max_connections_per_client,
-        // Wired to --trusted-proxies: connections from them carry many
-        // clients and are not capped per address.
+        // Connections from trusted proxies carry many clients each and are
+        // not to be capped per address: once --trusted-proxies exists, this
+        // is a test of membership in its networks.
         exempt: None,
     }
 }

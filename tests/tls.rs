@@ -479,3 +479,58 @@ async fn a_handshake_that_never_starts_is_closed_at_its_deadline() {
         started.elapsed()
     );
 }
+
+/// An HTTP/2 connection that carries no request is closed after the header
+/// deadline (15 s), as an idle HTTP/1.1 connection is: HTTP/2 has no such
+/// deadline of its own.
+#[tokio::test]
+async fn an_idle_http2_connection_is_closed_at_the_header_deadline() {
+    use rustls::pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = self_signed(dir.path());
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let server = serve_tls(&db, &mock.url(), &cert, &key, &[]).await;
+    let addr: SocketAddr = server.base.trim_start_matches("https://").parse().unwrap();
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(rustls::pki_types::CertificateDer::from_pem_file(&cert).unwrap())
+        .unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    // The connection preface and an empty SETTINGS frame, then nothing.
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let closed = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 1024];
+        loop {
+            match tls.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // the server's SETTINGS and its ACK
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the idle HTTP/2 connection stayed open");
+    assert!(
+        started.elapsed() >= Duration::from_secs(14),
+        "not before the deadline: {:?}",
+        started.elapsed()
+    );
+}

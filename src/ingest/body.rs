@@ -126,6 +126,10 @@ pub fn parse_json(bytes: &[u8]) -> Result<serde_json::Value, String> {
 /// Large bodies may use three quarters of the budget; the last quarter is
 /// kept for small ones (up to [`SMALL_BODY`]), so that stalled large
 /// uploads cannot shut out the ordinary single-event calls.
+///
+/// The budget counts wire bytes. The inflated copy of a gzip body (at most
+/// 500 KB) is not counted: it exists only once the whole wire body is in,
+/// for the moment the handler parses it, so stalling cannot pile it up.
 #[derive(Clone, Debug)]
 pub struct BodyBudget {
     inner: Arc<BudgetInner>,

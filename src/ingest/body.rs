@@ -150,6 +150,7 @@ pub const SMALL_BODY: u64 = 64 * 1024;
 pub const NO_MEMORY_RETRY_AFTER: u32 = 1;
 
 impl BodyBudget {
+    /// One per server: every connection's bodies draw on the same `limit`.
     pub fn new(limit: u64) -> BodyBudget {
         BodyBudget {
             inner: Arc::new(BudgetInner {

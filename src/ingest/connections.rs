@@ -105,6 +105,7 @@ struct Record {
 const WARN_EVERY: Duration = Duration::from_secs(10);
 
 impl Connections {
+    /// One per listener: the budget is shared by every connection it accepts.
     pub fn new(limits: Limits) -> Connections {
         Connections {
             inner: Arc::new(Inner {
@@ -114,11 +115,13 @@ impl Connections {
         }
     }
 
+    /// The limits in force, for the start-up log line.
     pub fn limits(&self) -> &Limits {
         &self.inner.limits
     }
 
-    /// Connections admitted and still open.
+    /// Connections admitted and still open: what tests and a future gauge
+    /// read.
     pub fn open(&self) -> usize {
         self.inner.state.lock().unwrap().open
     }

@@ -226,6 +226,9 @@ impl Forwarder {
                 APP_KEY,
             ])
             .args(["--flush-interval", "100ms", "--dedup-window", "1h"])
+            // Every load connection comes from one address: the per-client
+            // cap is for the internet, not for a load generator.
+            .args(["--max-connections-per-client", "0"])
             // The forwarder under test logs warnings only, unless
             // BENCH_FORWARDER_LOG asks for more (e.g. the writer's trace
             // lines, to see where a group's time goes).

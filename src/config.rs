@@ -145,6 +145,98 @@ pub struct ServeArgs {
     /// are looked after. Tests shorten it.
     #[arg(long, hide = true, env = "FORWARDER_MAINTENANCE_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub maintenance_interval: Duration,
+
+    // Listener: connection and memory budgets, shutdown delay, TLS.
+    /// Connections served at once [from the open-file limit, less room for
+    /// the database and outgoing requests].
+    #[arg(long, env = "FORWARDER_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+
+    /// Open connections one client address may hold (0 = no cap).
+    #[arg(
+        long,
+        env = "FORWARDER_MAX_CONNECTIONS_PER_CLIENT",
+        default_value_t = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
+    )]
+    pub max_connections_per_client: usize,
+
+    /// Memory for request bodies in flight, all connections together
+    /// (`128MB`, `512KB`, `1GB`; powers of 1024).
+    #[arg(long, env = "FORWARDER_MAX_BODY_MEMORY", default_value = "128MB", value_parser = parse_size)]
+    pub max_body_memory: u64,
+
+    /// After SIGTERM, how long `/readyz` answers 503 while ingest still
+    /// serves, before the listener closes.
+    #[arg(long, env = "FORWARDER_SHUTDOWN_DELAY", default_value = "0s", value_parser = parse_duration)]
+    pub shutdown_delay: Duration,
+
+    /// PEM certificate chain: serve HTTPS (with --tls-key).
+    #[arg(long, env = "FORWARDER_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "FORWARDER_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+}
+
+/// Default of `--max-connections-per-client`: far above what one library
+/// instance opens (Segment's server libraries keep one or a few), far below
+/// what exhausts the process.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 64;
+
+/// Default of `--max-body-memory`.
+pub const DEFAULT_MAX_BODY_MEMORY: u64 = 128 * 1024 * 1024;
+
+/// Parses byte sizes as operators write them: `128MB`, `512KB`, `1GB`,
+/// `4096` (KB, MB and GB are powers of 1024; `KiB` forms are accepted too).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (digits, unit) = t.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size `{text}`: expected a number such as 128MB"))?;
+    let unit = unit.trim().to_ascii_lowercase();
+    let factor: u64 = match unit.as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => return Err(format!("invalid size `{text}`: use B, KB, MB or GB")),
+    };
+    n.checked_mul(factor)
+        .ok_or_else(|| format!("invalid size `{text}`: too large"))
+}
+
+/// What the listener may spend and how it stops, and whether it speaks TLS.
+#[derive(Debug, Clone)]
+pub struct ListenerSettings {
+    /// `None`: derived from the open-file limit at start.
+    pub max_connections: Option<usize>,
+    /// 0: no cap.
+    pub max_connections_per_client: usize,
+    pub max_body_memory: u64,
+    pub shutdown_delay: Duration,
+    pub tls: Option<TlsFiles>,
+}
+
+impl Default for ListenerSettings {
+    fn default() -> ListenerSettings {
+        ListenerSettings {
+            max_connections: None,
+            max_connections_per_client: DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+            max_body_memory: DEFAULT_MAX_BODY_MEMORY,
+            shutdown_delay: Duration::ZERO,
+            tls: None,
+        }
+    }
+}
+
+/// The PEM files of `--tls-cert` and `--tls-key`.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Validated serve settings.
@@ -175,6 +267,7 @@ pub struct Settings {
     pub maintenance_interval: Duration,
     /// CORS, public address, trusted proxies, per-client rate limit.
     pub clients: crate::ingest::ClientSettings,
+    pub listener: ListenerSettings,
 }
 
 /// A setting that is missing or out of range, named by flag and variable.
@@ -193,6 +286,7 @@ impl ServeArgs {
     /// Checks required settings and ranges; names both the flag and the
     /// variable so an operator knows what to set in either world.
     pub fn validate(self) -> Result<Settings, ConfigError> {
+        let listener = self.listener_settings()?;
         let write_keys: Vec<Secret> = self
             .write_keys
             .into_iter()
@@ -305,6 +399,52 @@ impl ServeArgs {
             deliver: !self.no_delivery,
             maintenance_interval: self.maintenance_interval,
             clients,
+            listener,
+        })
+    }
+
+    fn listener_settings(&self) -> Result<ListenerSettings, ConfigError> {
+        if self.max_connections == Some(0) {
+            return Err(ConfigError::Invalid {
+                flag: "--max-connections",
+                reason: "must be at least 1".into(),
+            });
+        }
+        if self.max_body_memory < crate::segment::LIMIT_REQUEST_BYTES as u64 {
+            return Err(ConfigError::Invalid {
+                flag: "--max-body-memory",
+                reason: format!(
+                    "must hold at least one request of the {} byte limit",
+                    crate::segment::LIMIT_REQUEST_BYTES
+                ),
+            });
+        }
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (Some(_), None) => {
+                return Err(ConfigError::Invalid {
+                    flag: "--tls-cert",
+                    reason: "needs --tls-key (FORWARDER_TLS_KEY) too: give both or neither".into(),
+                });
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::Invalid {
+                    flag: "--tls-key",
+                    reason: "needs --tls-cert (FORWARDER_TLS_CERT) too: give both or neither"
+                        .into(),
+                });
+            }
+        };
+        Ok(ListenerSettings {
+            max_connections: self.max_connections,
+            max_connections_per_client: self.max_connections_per_client,
+            max_body_memory: self.max_body_memory,
+            shutdown_delay: self.shutdown_delay,
+            tls,
         })
     }
 }
@@ -319,5 +459,16 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn sizes_take_operator_forms() {
+        assert_eq!(parse_size("128MB").unwrap(), 128 << 20);
+        assert_eq!(parse_size("512 KiB").unwrap(), 512 << 10);
+        assert_eq!(parse_size("1gb").unwrap(), 1 << 30);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("12XB").is_err());
+        assert!(parse_size("99999999999999999999GB").is_err());
     }
 }

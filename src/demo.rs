@@ -96,6 +96,7 @@ async fn run_in(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         deliver: true,
         maintenance_interval: Duration::from_secs(5),
         clients: Default::default(),
+        listener: Default::default(),
     };
     let server = Server::start(settings, listener).await?;
     let base = format!("http://{}", server.addr);

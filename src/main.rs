@@ -5,8 +5,51 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One readable line with its causes; no backtrace for an operator.
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The error and its causes on one line, each said once. Many error types
+/// print their source inside their own message (`listening on ...: {source}`)
+/// and report it as their source too; `{:#}` would then repeat it. A cause
+/// whose text the line already ends with adds nothing and is left out.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.is_empty() {
+            line = text;
+        } else if !text.is_empty() && !line.ends_with(&text) {
+            line.push_str(": ");
+            line.push_str(&text);
+        }
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("listening on 127.0.0.1:1: {source}")]
+    struct Listen {
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn a_source_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::from(std::io::ErrorKind::AddrInUse);
+        let io_text = io.to_string();
+        let e = anyhow::Error::new(Listen { source: io });
+        assert_eq!(one_line(&e), format!("listening on 127.0.0.1:1: {io_text}"));
+    }
+
+    #[test]
+    fn context_and_a_separate_cause_are_both_kept() {
+        let e = anyhow::anyhow!("inner cause").context("outer step");
+        assert_eq!(one_line(&e), "outer step: inner cause");
     }
 }

@@ -6,7 +6,8 @@ use crate::churnzero::client::ChurnZeroClient;
 use crate::churnzero::mapping::MappingConfig;
 use crate::config::Settings;
 use crate::delivery::{self, DeliveryConfig, retry::RetryPolicy};
-use crate::ingest::{self, IngestState, WriteKey};
+use crate::ingest::connections::{self, Admitted, Connections, Limits};
+use crate::ingest::{self, BodyBudget, IngestState, WriteKey};
 use crate::operator::{self, OperatorState};
 use crate::outbox::{Outbox, WriterConfig};
 use crate::sync_lane::{self, SyncConfig};
@@ -18,7 +19,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
@@ -55,6 +55,9 @@ pub enum StartError {
     },
     #[error("building the ChurnZero client: {0}")]
     Client(#[from] reqwest::Error),
+    /// Transparent: the TLS error names the file and its flag.
+    #[error(transparent)]
+    Tls(#[from] crate::ingest::tls::TlsError),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -83,6 +86,14 @@ impl Server {
             Some(path) => MappingConfig::load(path)?,
             None => MappingConfig::default(),
         });
+        let tls = match &settings.listener.tls {
+            Some(files) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::ingest::tls::server_config(files)?,
+            )),
+            None => None,
+        };
+        let connections = Connections::new(connection_limits(&settings));
+        let body_budget = BodyBudget::new(settings.listener.max_body_memory);
         let outbox = Outbox::open(
             &settings.database,
             WriterConfig {
@@ -170,6 +181,10 @@ impl Server {
             }))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
+            .layer(axum::middleware::from_fn_with_state(
+                body_budget,
+                ingest::limit_body_memory,
+            ))
             .layer(TimeoutLayer::with_status_code(
                 axum::http::StatusCode::REQUEST_TIMEOUT,
                 REQUEST_TIMEOUT,
@@ -177,9 +192,22 @@ impl Server {
             .layer(CatchPanicLayer::new())
             .layer(TraceLayer::new_for_http().make_span_with(ingest::trace_span));
 
-        let http = tokio::spawn(serve_http(listener, app, shutdown_rx.clone()));
-        tracing::info!(%addr, database = %settings.database.display(), churnzero = %settings.churnzero_url,
-            workers = settings.workers, batch_size = settings.batch_size, "churnzero-forwarder serving");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let limits = connections.limits().clone();
+        let http = tokio::spawn(serve_http(
+            listener,
+            Listening {
+                app,
+                connections,
+                tls,
+            },
+            shutdown_rx.clone(),
+        ));
+        tracing::info!(%addr, scheme, database = %settings.database.display(), churnzero = %settings.churnzero_url,
+            workers = settings.workers, batch_size = settings.batch_size,
+            max_connections = limits.max, max_connections_per_client = limits.per_client,
+            max_body_memory = settings.listener.max_body_memory,
+            "churnzero-forwarder serving");
         Ok(Server {
             addr,
             shutdown: shutdown_tx,
@@ -188,6 +216,13 @@ impl Server {
             workers,
             outbox,
         })
+    }
+
+    /// Turns `/readyz` to 503 while everything else keeps serving: the start
+    /// of a shutdown delay, during which load balancers take this instance
+    /// out of rotation before its listener closes.
+    pub fn begin_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
     }
 
     /// Stops accepting, lets in-flight ingest and delivery finish (each
@@ -208,30 +243,98 @@ impl Server {
     }
 }
 
+/// The connection budget: `--max-connections`, else what the open-file
+/// limit leaves once raised to its hard value.
+fn connection_limits(settings: &Settings) -> Limits {
+    let files = match connections::raise_open_file_limit() {
+        Ok(l) => {
+            tracing::info!(
+                soft_at_start = l.soft_before,
+                soft = l.soft,
+                hard = l.hard,
+                "open-file limit"
+            );
+            Some(l.soft)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit");
+            None
+        }
+    };
+    let max = match (settings.listener.max_connections, files) {
+        (Some(max), Some(files)) => {
+            let reserved = connections::RESERVED_FILES + 2 * settings.workers as u64;
+            if max as u64 + reserved > files {
+                tracing::warn!(
+                    max_connections = max,
+                    open_file_limit = files,
+                    "--max-connections leaves little room under the open-file limit; \
+                     accepting may fail with `Too many open files`"
+                );
+            }
+            max
+        }
+        (Some(max), None) => max,
+        (None, Some(files)) => connections::default_max_connections(files, settings.workers),
+        (None, None) => connections::default_max_connections(1024, settings.workers),
+    };
+    Limits {
+        max,
+        per_client: settings.listener.max_connections_per_client,
+        // Connections from trusted proxies carry many clients each and are
+        // not capped per address.
+        exempt: if settings.clients.trusted_proxies.is_empty() {
+            None
+        } else {
+            let proxies = settings.clients.trusted_proxies.clone();
+            Some(std::sync::Arc::new(move |ip: std::net::IpAddr| {
+                proxies.contains(ip)
+            }))
+        },
+    }
+}
+
+/// Longest time a client may take over its TLS handshake, counted from the
+/// accepted connection: like the header deadline, it keeps a client that
+/// connects and sends nothing from holding a place.
+pub const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Streams one HTTP/2 connection may carry at once; each may hold a body,
+/// and all of them are under the body budget.
+const HTTP2_MAX_STREAMS: u32 = 100;
+
+/// What the accept loop needs besides the listener.
+struct Listening {
+    app: Router,
+    connections: Connections,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
 /// The HTTP accept loop. It replaces `axum::serve` because that offers no
-/// header read deadline: each connection here is served by hyper's HTTP/1.1
-/// server with a timer and [`HEADER_READ_TIMEOUT`], so a connection that
-/// sends nothing, or headers a byte at a time, is closed when the deadline
-/// passes. HTTP/1.1 only: Segment's libraries speak it, and TLS or HTTP/2 is
-/// the job of the reverse proxy in front; the version sniffing that serving
-/// both would need reads the first bytes with no deadline at all.
+/// header read deadline and no connection budget. Each connection is first
+/// admitted by [`Connections`] (a budget for all, a cap per client address;
+/// a refused one is closed at once, so the listen backlog keeps moving),
+/// then served by hyper with a timer:
+///
+/// - plain HTTP: HTTP/1.1 with [`HEADER_READ_TIMEOUT`], so a connection that
+///   sends nothing, or headers a byte at a time, is closed when the deadline
+///   passes. No HTTP/2 here: the version sniffing that serving both would
+///   need reads the first bytes with no deadline at all;
+/// - TLS: the handshake within [`TLS_HANDSHAKE_TIMEOUT`], then HTTP/2 or
+///   HTTP/1.1 as ALPN chose (no sniffing). An HTTP/2 connection with no
+///   request in service for [`HEADER_READ_TIMEOUT`] is closed, which is its
+///   header and keep-alive deadline.
 ///
 /// On shutdown it stops accepting, lets open requests finish (idle
 /// connections close at once) and waits at most [`CONNECTION_DRAIN`].
-async fn serve_http(listener: TcpListener, app: Router, mut shutdown: watch::Receiver<bool>) {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-
+async fn serve_http(listener: TcpListener, listening: Listening, shutdown: watch::Receiver<bool>) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .keep_alive(true);
+    let listening = Arc::new(listening);
+    let mut stop = shutdown.clone();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => break,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -243,27 +346,23 @@ async fn serve_http(listener: TcpListener, app: Router, mut shutdown: watch::Rec
                 continue;
             }
         };
-        let _ = stream.set_nodelay(true);
-        // The handlers need the peer (client address, settings endpoint).
-        let info = ingest::PeerInfo {
-            addr: peer,
-            tls: false,
-        };
-        let service = TowerToHyperService::new(app.clone().map_request(
-            move |mut request: axum::http::Request<hyper::body::Incoming>| {
-                request.extensions_mut().insert(info);
-                request
-            },
-        ));
-        let conn = builder.serve_connection(TokioIo::new(stream), service);
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                // Header timeouts, resets and malformed requests end here:
-                // the client's problem, not an operator's.
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
+        let admitted = match listening.connections.admit(peer.ip()) {
+            Ok(a) => a,
+            Err(why) => {
+                tracing::debug!(%peer, ?why, "connection refused");
+                drop(stream);
+                continue;
             }
-        });
+        };
+        let _ = stream.set_nodelay(true);
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            admitted,
+            listening.clone(),
+            graceful.watcher(),
+            shutdown.clone(),
+        ));
     }
     drop(listener);
     if tokio::time::timeout(CONNECTION_DRAIN, graceful.shutdown())
@@ -271,6 +370,134 @@ async fn serve_http(listener: TcpListener, app: Router, mut shutdown: watch::Rec
         .is_err()
     {
         tracing::warn!("connections still open after the drain period; closing them");
+    }
+}
+
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+    listening: Arc<Listening>,
+    watcher: hyper_util::server::graceful::Watcher,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+
+    let admitted = Arc::new(admitted);
+    let service = {
+        let admitted = admitted.clone();
+        let app = listening.app.clone();
+        let listening_tls = listening.tls.is_some();
+        hyper::service::service_fn(
+            move |mut request: axum::extract::Request<hyper::body::Incoming>| {
+                let busy = admitted.busy();
+                let extensions = request.extensions_mut();
+                extensions.insert(axum::extract::ConnectInfo(peer));
+                // The client address, the rate limit and the settings
+                // endpoint's scheme come from the connection.
+                extensions.insert(ingest::PeerInfo {
+                    addr: peer,
+                    tls: listening_tls,
+                });
+                let app = app.clone();
+                async move {
+                    let response = tower::ServiceExt::oneshot(app, request).await;
+                    drop(busy);
+                    response
+                }
+            },
+        )
+    };
+    let Some(acceptor) = &listening.tls else {
+        let conn = http1().serve_connection(TokioIo::new(stream), service);
+        drive(watcher.watch(conn), &admitted, None, peer).await;
+        return;
+    };
+    let handshake = tokio::select! {
+        h = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => h,
+        _ = admitted.evicted() => return,
+        _ = shutdown.wait_for(|s| *s) => return,
+    };
+    let stream = match handshake {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "TLS handshake not done within its deadline");
+            return;
+        }
+    };
+    let h2 = stream.get_ref().1.alpn_protocol() == Some(crate::ingest::tls::ALPN_H2);
+    if h2 {
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(HTTP2_MAX_STREAMS)
+            .max_header_list_size(MAX_HEAD_BYTES as u32);
+        let conn = http2.serve_connection(TokioIo::new(stream), service);
+        drive(
+            watcher.watch(conn),
+            &admitted,
+            Some(HEADER_READ_TIMEOUT),
+            peer,
+        )
+        .await;
+    } else {
+        let conn = http1().serve_connection(TokioIo::new(stream), service);
+        drive(watcher.watch(conn), &admitted, None, peer).await;
+    }
+}
+
+/// Most bytes a connection's read buffer (HTTP/1.1) or a request's header
+/// list (HTTP/2) may hold. Segment's requests carry a few hundred bytes of
+/// headers; hyper's default buffer of about 400 KB per connection would let
+/// slow-header clients hold far more memory than their bodies may.
+const MAX_HEAD_BYTES: usize = 64 * 1024;
+
+/// The HTTP/1.1 connection settings: the header deadline (also the
+/// keep-alive idle limit) and a bounded read buffer.
+fn http1() -> hyper::server::conn::http1::Builder {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .keep_alive(true);
+    http1
+}
+
+/// Runs a connection until it ends, is chosen to make room, or (with
+/// `idle_limit`) has had no request in service for that long.
+async fn drive<E: std::fmt::Display>(
+    conn: impl std::future::Future<Output = Result<(), E>>,
+    admitted: &Admitted,
+    idle_limit: Option<Duration>,
+    peer: SocketAddr,
+) {
+    let idle = async {
+        match idle_limit {
+            None => std::future::pending::<()>().await,
+            Some(limit) => loop {
+                let idle_for = admitted.idle_for();
+                if idle_for >= limit {
+                    return;
+                }
+                tokio::time::sleep((limit - idle_for).max(Duration::from_millis(100))).await;
+            },
+        }
+    };
+    tokio::select! {
+        result = conn => {
+            if let Err(e) = result {
+                // Header timeouts, resets and malformed requests end here:
+                // the client's problem, not an operator's.
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        }
+        _ = admitted.evicted() => tracing::debug!(%peer, "idle connection closed to make room"),
+        _ = idle => tracing::debug!(%peer, "idle connection closed"),
     }
 }
 
@@ -352,8 +579,20 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
                 addr: settings.listen,
                 source,
             })?;
+    let delay = settings.listener.shutdown_delay;
     let server = Server::start(settings, listener).await?;
     termination_signal().await;
+    if !delay.is_zero() {
+        server.begin_draining();
+        tracing::info!(
+            delay = %humantime::format_duration(delay),
+            "shutdown requested: /readyz answers 503 for the shutdown delay; ingest still serves"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = termination_signal() => tracing::info!("second signal: the shutdown delay is cut short"),
+        }
+    }
     tracing::info!("shutdown requested: draining");
     server.shutdown().await;
     Ok(())

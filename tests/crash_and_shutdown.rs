@@ -192,3 +192,119 @@ async fn sigterm_while_churnzero_hangs_exits_zero_and_the_next_start_delivers() 
         .collect();
     assert_eq!(got.len(), 30);
 }
+
+/// Waits for the child to exit, off the runtime.
+async fn wait_exit(server: &mut Binary) -> std::process::ExitStatus {
+    let mut child = std::mem::replace(
+        &mut server.child,
+        std::process::Command::new("true").spawn().unwrap(),
+    );
+    tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn shutdown_delay_keeps_ingest_serving_while_readyz_answers_503() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let mut server = Binary::serve(&db, &mock.url(), &["--shutdown-delay", "3s"]).await;
+    let started = Instant::now();
+    server.sigterm();
+    let base = server.base.clone();
+    wait_for("/readyz to answer 503", Duration::from_secs(10), || {
+        let base = base.clone();
+        async move {
+            let r = client().get(format!("{base}/readyz")).send().await.ok()?;
+            (r.status().as_u16() == 503).then_some(())
+        }
+    })
+    .await;
+    // A load balancer still sending during the delay is served and acked.
+    let (code, body) = post(&server.base, "/v1/track", &event("during-delay", 1)).await;
+    assert_eq!(code, 200, "{body}");
+    let r = client()
+        .get(format!("{}/readyz", server.base))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the checks above ran inside the delay: {:?}",
+        started.elapsed()
+    );
+    let code = wait_exit(&mut server).await;
+    assert!(code.success(), "exit 0: {code}; logs: {}", server.logs());
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "the listener stayed open for the whole delay"
+    );
+    // What was acknowledged during the delay is in the outbox.
+    let next = Binary::serve(&db, &mock.url(), &[]).await;
+    wait_status(&next.base, "delivered", 1).await;
+}
+
+#[tokio::test]
+async fn a_clean_start_does_not_claim_disk_space_came_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let mut server = Binary::serve(&db, &mock.url(), &[]).await;
+    server.sigterm();
+    let code = wait_exit(&mut server).await;
+    assert!(code.success());
+    let logs = server.logs();
+    assert!(logs.contains("churnzero-forwarder serving"), "{logs}");
+    assert!(!logs.contains("disk space is back"), "{logs}");
+}
+
+/// Each cause is printed once at the binary's edge, however the error
+/// types nest their sources.
+#[tokio::test]
+async fn start_errors_print_each_cause_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let db_arg = db.to_str().unwrap();
+    let base = [
+        "serve",
+        "--database",
+        db_arg,
+        "--write-key",
+        WRITE_KEY,
+        "--churnzero-url",
+        "http://127.0.0.1:9",
+        "--churnzero-app-key",
+        APP_KEY,
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--listen", addr.as_str()]);
+    let (code, _, stderr) = run_binary(&args).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains(&addr), "{stderr}");
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+
+    let missing = dir.path().join("missing.toml");
+    let mut args = base.to_vec();
+    args.extend([
+        "--listen",
+        "127.0.0.1:0",
+        "--mapping",
+        missing.to_str().unwrap(),
+    ]);
+    let (code, _, stderr) = run_binary(&args).await;
+    assert_ne!(code, 0);
+    assert!(stderr.contains("missing.toml"), "{stderr}");
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+}

@@ -8,9 +8,11 @@
 
 mod body;
 pub mod client_addr;
+pub mod connections;
 pub mod cors;
 pub mod rate_limit;
 pub mod settings;
+pub mod tls;
 
 use crate::churnzero::mapping::{self, MappingConfig};
 use crate::outbox::{IdentityUpdate, NewEvent, Writer};
@@ -31,7 +33,9 @@ use sha2::{Digest, Sha256};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-pub use body::{BODY_READ_TIMEOUT, BodyError, MAX_DEPTH, parse_json, read_body};
+pub use body::{
+    BODY_READ_TIMEOUT, BodyBudget, BodyError, MAX_DEPTH, limit_body_memory, parse_json, read_body,
+};
 
 /// A configured write key and the short hash that stands for it in storage.
 #[derive(Clone, Debug)]
@@ -529,6 +533,12 @@ impl From<BodyError> for ApiError {
             BodyError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyError::BadGzip(_) | BodyError::Read(_) => StatusCode::BAD_REQUEST,
             BodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+            BodyError::NoMemory => {
+                return ApiError {
+                    retry_after: Some(body::NO_MEMORY_RETRY_AFTER),
+                    ..ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+                };
+            }
         };
         ApiError::new(status, e.to_string())
     }

@@ -28,6 +28,10 @@ pub(super) struct Reserve {
     /// file cannot be written for another reason than space).
     path: Option<PathBuf>,
     held: bool,
+    /// Set when the reserve was lost to a full disk (released, or could
+    /// not be written for lack of space): only then is getting it back news
+    /// worth a log line.
+    short_of_space: bool,
     last_try: Option<Instant>,
 }
 
@@ -37,6 +41,7 @@ impl Reserve {
         Reserve {
             path: None,
             held: true,
+            short_of_space: false,
             last_try: None,
         }
     }
@@ -48,6 +53,7 @@ impl Reserve {
         let mut reserve = Reserve {
             path: Some(PathBuf::from(name)),
             held: false,
+            short_of_space: false,
             last_try: None,
         };
         reserve.try_acquire(RESERVE_BYTES).await;
@@ -79,6 +85,7 @@ impl Reserve {
                 Err(e) => tracing::warn!(error = %e, "disk full: releasing the reserve failed"),
             }
             self.held = false;
+            self.short_of_space = true;
             self.last_try = Some(Instant::now());
         }
     }
@@ -95,12 +102,21 @@ impl Reserve {
             .unwrap_or_else(|e| Err(std::io::Error::other(e)));
         match result {
             Ok(()) => {
-                if !self.held && self.path.is_some() {
+                if self.short_of_space {
                     tracing::info!("disk space is back: the reserve is held, ingest resumes");
                 }
                 self.held = true;
+                self.short_of_space = false;
             }
-            Err(e) if is_out_of_space(&e) => self.held = false,
+            Err(e) if is_out_of_space(&e) => {
+                if !self.short_of_space {
+                    tracing::warn!(
+                        "disk full: no room for the reserve; ingest answers 503 until space returns"
+                    );
+                }
+                self.held = false;
+                self.short_of_space = true;
+            }
             Err(e) => {
                 // Not a space problem (permissions, an odd filesystem): run
                 // without a reserve rather than refuse ingest forever.

@@ -54,6 +54,7 @@ pub fn settings(db: &Path, churnzero_url: &str) -> Settings {
         deliver: true,
         maintenance_interval: Duration::from_millis(200),
         clients: Default::default(),
+        listener: Default::default(),
     }
 }
 

@@ -522,18 +522,16 @@ pub fn say(line: &str) {
 
 /// Skips the calling test (the caller returns) with one loud line outside
 /// CI; under `CI=true` panics instead, so that CI cannot pass by skipping.
-/// `need` says what is missing, `install` how to get it.
-pub fn skip_outside_ci(need: &str, install: &str) {
+/// `missing` says what this machine lacks, `install` how to get it.
+pub fn skip_outside_ci(missing: &str, install: &str) {
     let test = std::thread::current()
         .name()
         .unwrap_or("a test")
         .to_string();
     if under_ci() {
-        panic!("{test} needs {need}, which is missing, and CI=true forbids skipping: {install}");
+        panic!("{test} cannot run: {missing}; CI=true forbids skipping it: {install}");
     }
-    say(&format!(
-        "SKIPPED {test}: needs {need}, which is missing here; {install} to run it"
-    ));
+    say(&format!("SKIPPED {test}: {missing}; {install} to run it"));
 }
 
 /// Headless Chromium for the browser tests: `$CHROMIUM`, else `chromium` or
@@ -550,7 +548,7 @@ pub fn chromium() -> Option<PathBuf> {
     });
     if found.is_none() {
         skip_outside_ci(
-            "headless Chromium",
+            "headless Chromium is not installed",
             "install it with `apt-get install chromium` (as .ci/run does) or point $CHROMIUM at a binary",
         );
     }

@@ -23,6 +23,7 @@ pub async fn mock() -> MockChurnZero {
         fail_status: 503,
         latency: Duration::ZERO,
         quiet: true,
+        ..MockArgs::default()
     })
     .await
     .expect("mock starts")

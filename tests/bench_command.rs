@@ -64,7 +64,11 @@ const RATIOS: [(&str, &str, &str); 4] = [
 ];
 
 /// Runs `bench` at the test's scale with databases in `dir`; its stdout.
+/// One run at a time: each starts forwarders of its own, and two runs at
+/// once would only measure each other.
 fn bench(dir: &Path, json: bool) -> String {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut cmd = std::process::Command::new(common::binary_path());
     cmd.arg("bench")
         .args(["--events", &EVENTS.to_string()])

@@ -293,8 +293,9 @@ impl Forwarder {
 
 /// The body of one load request, written straight into a string: the load
 /// generator shares the machine with the forwarder, so it should spend as
-/// little CPU per request as it can.
-fn request_body(first_id: u64, per_request: u64) -> String {
+/// little CPU per request as it can. `batch` wraps the events in a /v1/batch
+/// body; otherwise the body is the one /v1/track event.
+fn request_body(first_id: u64, per_request: u64, batch: bool) -> String {
     use std::fmt::Write;
     let mut body = String::with_capacity(400 * per_request as usize + 16);
     let one = |body: &mut String, i: u64, with_type: bool| {
@@ -306,7 +307,7 @@ fn request_body(first_id: u64, per_request: u64) -> String {
             user % 50,
         );
     };
-    if per_request == 1 {
+    if !batch {
         one(&mut body, first_id, false);
     } else {
         body.push_str(r#"{"batch":["#);
@@ -415,7 +416,13 @@ async fn load(
                 if r >= requests {
                     break;
                 }
-                let body = request_body(first_id + r * per_request, per_request);
+                // The last request carries what is left, so that exactly
+                // `total` events are sent and counted.
+                let body = request_body(
+                    first_id + r * per_request,
+                    per_request.min(total - r * per_request),
+                    per_request > 1,
+                );
                 let t = Instant::now();
                 let status = conn.post(&host, &path, &auth, body.as_bytes()).await?;
                 if !(200..300).contains(&status) {

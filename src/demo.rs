@@ -68,6 +68,7 @@ async fn run_in(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         fail_status: 503,
         latency: Duration::ZERO,
         quiet: false,
+        ..MockArgs::default()
     })
     .await
     .context("starting the mock ChurnZero")?;

@@ -81,6 +81,17 @@ pub struct MockArgs {
     /// Do not log a line per received action (for load tests)
     #[arg(long, env = "MOCK_CHURNZERO_QUIET")]
     pub quiet: bool,
+
+    /// Refuse, with --poison-status, every /i request holding an action with
+    /// this eventName (the rest of such a request is refused with it), to
+    /// show how the forwarder isolates an event an endpoint will never take
+    #[arg(long, env = "MOCK_CHURNZERO_POISON_EVENT", value_name = "EVENT_NAME")]
+    pub poison_event: Option<String>,
+
+    /// Status of the answers --poison-event causes
+    #[arg(long, env = "MOCK_CHURNZERO_POISON_STATUS", default_value_t = 400,
+          value_parser = clap::value_parser!(u16).range(200..=599))]
+    pub poison_status: u16,
 }
 
 impl Default for MockArgs {
@@ -93,6 +104,8 @@ impl Default for MockArgs {
             fail_status: 503,
             latency: Duration::ZERO,
             quiet: false,
+            poison_event: None,
+            poison_status: 400,
         }
     }
 }
@@ -142,7 +155,8 @@ impl From<&MockArgs> for Faults {
             fail_rate: args.fail_rate,
             fail_status: args.fail_status,
             latency: args.latency,
-            ..Self::default()
+            poison_event_name: args.poison_event.clone(),
+            poison_status: args.poison_status,
         }
     }
 }
@@ -1071,6 +1085,8 @@ pub async fn run(args: MockArgs) -> anyhow::Result<()> {
         fail_rate = args.fail_rate,
         fail_status = args.fail_status,
         latency = %humantime::format_duration(args.latency),
+        poison_event = args.poison_event.as_deref().unwrap_or("none"),
+        poison_status = args.poison_status,
         "mock ChurnZero listening; point --churnzero-url at it"
     );
     let signal = stop_signal().await;

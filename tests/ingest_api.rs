@@ -343,6 +343,64 @@ async fn integrations_off_is_acknowledged_but_not_forwarded() {
     server.shutdown().await;
 }
 
+/// A batch's `integrations` are merged into each event key by key, the
+/// event's own keys winning (Segment's rule), not applied only to events
+/// without their own: an event naming another destination under a batch's
+/// `{"All": false}` is still filtered.
+#[tokio::test]
+async fn batch_integrations_merge_key_by_key_with_the_events_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let mock = mock().await;
+    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let base = format!("http://{}", server.addr);
+    let with = |name: &str, n: usize, integrations: Option<Value>| {
+        let mut e = track("u1", name, n);
+        if let Some(i) = integrations {
+            e["integrations"] = i;
+        }
+        e
+    };
+    let batch = json!({
+        "integrations": {"All": false},
+        "batch": [
+            with("Other Destination", 1, Some(json!({"Mixpanel": true}))),
+            with("No Own", 2, None),
+            with("Names ChurnZero", 3, Some(json!({"ChurnZero": true}))),
+            with("All On", 4, Some(json!({"All": true}))),
+            with("Empty Own", 5, Some(json!({}))),
+        ],
+    });
+    let (s, v) = post(&base, "/v1/batch", &batch).await;
+    assert_eq!(s, 200, "{v}");
+    // Settled: each of the five delivered or filtered.
+    let st = wait_for(
+        "the batch to settle",
+        std::time::Duration::from_secs(30),
+        || {
+            let base = base.clone();
+            async move {
+                let st = status(&base).await;
+                let settled = st["delivered"].as_i64()? + st["filtered"].as_i64()?;
+                (settled == 5).then_some(st)
+            }
+        },
+    )
+    .await;
+    // Filtered events are acknowledged but not stored.
+    assert_eq!(
+        (&st["filtered"], &st["accepted"], &st["pending"]),
+        (&json!(3), &json!(2), &json!(0))
+    );
+    let names: Vec<Value> = mock
+        .state()
+        .actions()
+        .iter()
+        .map(|a| a["eventName"].clone())
+        .collect();
+    assert_eq!(names, vec![json!("Names ChurnZero"), json!("All On")]);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn repeated_message_id_is_acknowledged_once() {
     let env = env().await;

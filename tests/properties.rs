@@ -160,8 +160,8 @@ fn check_valid(v: &ValidEvent) -> Result<(), TestCaseError> {
         "timestamp {}",
         ts
     );
-    let size = serde_json::to_vec(&event).unwrap().len();
-    prop_assert!(size <= LIMIT_EVENT_BYTES);
+    // No size bound on the stored form: the 32 KB limit holds on the event
+    // as sent, and the stored form adds to it (see `size_as_sent`).
     match v.call {
         CallType::Track => prop_assert!(
             event["event"]
@@ -326,9 +326,16 @@ proptest! {
             Ok((envelope, events)) => {
                 prop_assert!(!events.is_empty() && events.len() <= LIMIT_BATCH_EVENTS);
                 for raw in events {
+                    let size = size_as_sent(&raw, &envelope);
                     match segment::normalise_event(raw, &envelope, received_at(), || "assigned".into()) {
-                        Ok(valid) => check_valid(&valid)?,
-                        Err(e) => prop_assert!(!e.0.is_empty()),
+                        Ok(valid) => {
+                            prop_assert!(size <= LIMIT_EVENT_BYTES);
+                            check_valid(&valid)?
+                        }
+                        Err(e) => {
+                            prop_assert!(!e.0.is_empty());
+                            prop_assert!(!refused_for_size(&e.0) || size > LIMIT_EVENT_BYTES);
+                        }
                     }
                 }
             }
@@ -372,5 +379,154 @@ proptest! {
     fn mapping_takes_any_json(event in json_value()) {
         check_actions(&MappingConfig::default(), &event)?;
         check_actions(&mapping_config(), &event)?;
+    }
+}
+
+/// The size the 32 KB limit applies to: the event as the client sent it,
+/// with the batch's `context` and `integrations` merged in where it lacks
+/// them, without the write key (never stored) and with its ids as the
+/// strings they are stored as; not the stored form, which also carries what
+/// the forwarder adds (an assigned messageId, receivedAt, sentAt, the
+/// normalised timestamp). The official libraries measure their own form of
+/// the event, so one they accept at the limit must not be refused for what
+/// the forwarder adds.
+fn size_as_sent(raw: &Value, envelope: &BatchEnvelope) -> usize {
+    let mut obj = raw.as_object().cloned().unwrap_or_default();
+    obj.remove("writeKey");
+    for id in ["userId", "anonymousId"] {
+        match obj.get(id) {
+            Some(Value::Null) => {
+                obj.remove(id);
+            }
+            Some(Value::Number(n)) => {
+                let s = n.to_string();
+                obj.insert(id.into(), Value::String(s));
+            }
+            _ => {}
+        }
+    }
+    for (key, batch) in [
+        ("context", &envelope.context),
+        ("integrations", &envelope.integrations),
+    ] {
+        let Some(batch) = batch else { continue };
+        match obj.get_mut(key) {
+            Some(Value::Object(own)) => {
+                for (k, v) in batch {
+                    own.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+            _ => {
+                obj.insert(key.into(), Value::Object(batch.clone()));
+            }
+        }
+    }
+    serde_json::to_vec(&obj).unwrap().len()
+}
+
+/// Whether a refusal is the size limit's.
+fn refused_for_size(reason: &str) -> bool {
+    reason.contains("more than the limit")
+}
+
+/// A track that passes every other check, so that only its size decides.
+fn valid_track() -> impl Strategy<Value = Value> {
+    (
+        "[a-z]{1,8}",
+        "[A-Za-z][A-Za-z ]{0,19}",
+        prop::option::of("[a-z0-9-]{1,40}"),
+        prop::option::of(json_value()),
+    )
+        .prop_map(|(user, event, id, props)| {
+            let mut m = Map::new();
+            m.insert("type".into(), json!("track"));
+            m.insert("userId".into(), json!(user));
+            m.insert("event".into(), json!(event));
+            m.insert("timestamp".into(), json!("2026-11-28T11:00:00.000Z"));
+            if let Some(id) = id {
+                m.insert("messageId".into(), json!(id));
+            }
+            if let Some(Value::Object(p)) = props {
+                m.insert("properties".into(), Value::Object(p));
+            }
+            Value::Object(m)
+        })
+}
+
+/// Pads `event` with a top-level field so that its size as sent (see
+/// [`size_as_sent`]) is `LIMIT_EVENT_BYTES + offset` where it can get there
+/// (an event already larger stays as it is). The padding mixes one-byte,
+/// multi-byte and escaped characters, so bytes and characters differ.
+fn pad_to(mut event: Value, envelope: &BatchEnvelope, offset: i64, unit: &str) -> Value {
+    let Some(obj) = event.as_object_mut() else {
+        return event;
+    };
+    obj.insert("padding".into(), json!(""));
+    let base = size_as_sent(&event, envelope) as i64;
+    let missing = LIMIT_EVENT_BYTES as i64 + offset - base;
+    if missing > 0 {
+        let width = serde_json::to_vec(&json!(unit)).unwrap().len() as i64 - 2;
+        let mut pad = unit.repeat((missing / width) as usize);
+        pad.push_str(&"x".repeat((missing % width) as usize));
+        event["padding"] = json!(pad);
+    }
+    event
+}
+
+/// Events around the limit, as sent: exactly at it, a byte either side, or
+/// within a few hundred bytes; valid tracks (only the size can refuse them)
+/// and hostile Segment-shaped events, under a batch context that counts.
+fn near_limit_event() -> impl Strategy<Value = (Value, BatchEnvelope, bool)> {
+    (
+        prop_oneof![
+            1 => valid_track().prop_map(|e| (e, true)),
+            1 => segment_event().prop_map(|e| (e, false)),
+        ],
+        prop_oneof![Just(0i64), Just(1), Just(-1), -400i64..=400],
+        prop::option::of(json_value()),
+        prop::option::of(prop_oneof![
+            Just("2026-11-28T11:59:59.000Z".to_string()),
+            nasty_string()
+        ]),
+        prop::sample::select(vec!["x", "é", "🎉", "\"", "\u{1}", "\\"]),
+    )
+        .prop_map(|((event, clean), offset, context, sent_at, unit)| {
+            let envelope = BatchEnvelope {
+                sent_at: sent_at
+                    .filter(|s| !clean || s.starts_with("2026"))
+                    .map(Value::String),
+                context: context.and_then(|c| c.as_object().cloned()),
+                ..BatchEnvelope::default()
+            };
+            let event = pad_to(event, &envelope, offset, unit);
+            (event, envelope, clean)
+        })
+}
+
+proptest! {
+    #![proptest_config(config())]
+
+    /// The 32 KB limit holds on the event as sent, whatever the forwarder
+    /// adds: a valid event at the limit is accepted (its stored form may be
+    /// larger), one byte more is refused for its size, and no event is
+    /// refused for its size below the limit or accepted above it.
+    #[test]
+    fn size_limit_holds_on_the_event_as_sent(
+        (raw, envelope, clean) in near_limit_event(),
+    ) {
+        let size = size_as_sent(&raw, &envelope);
+        match segment::normalise_event(raw, &envelope, received_at(), || "assigned".into()) {
+            Ok(valid) => {
+                prop_assert!(size <= LIMIT_EVENT_BYTES, "accepted at {} bytes as sent", size);
+                check_valid(&valid)?;
+            }
+            Err(e) => {
+                if refused_for_size(&e.0) {
+                    prop_assert!(size > LIMIT_EVENT_BYTES, "refused at {} bytes: {}", size, e.0);
+                }
+                // Only its size can refuse a valid track.
+                prop_assert!(!clean || refused_for_size(&e.0), "{} bytes: {}", size, e.0);
+            }
+        }
     }
 }

@@ -16,11 +16,10 @@
 //! The Python script also sends the largest event its library allows (32 KB
 //! by the library's own measure), which the forwarder must take whole.
 //!
-//! The libraries must be installed (see docs/compat.md):
-//!   pip install segment-analytics-python==2.4.0
-//!   npm ci --prefix tests/compat
-//! Without them the tests fail and say so, unless
-//! `CHURNZERO_SKIP_SEGMENT_CLIENTS=1` asks to skip them.
+//! The harness installs the libraries on first use into target/test-deps/
+//! (a virtualenv, and `npm ci` of tests/compat's lock): `cargo test` needs
+//! only Python 3 with venv and Node 20 with npm. A failed install fails the
+//! tests with the reason; `CHURNZERO_SKIP_SEGMENT_CLIENTS=1` skips them.
 
 mod common;
 
@@ -35,23 +34,20 @@ use serde_json::{Value, json};
 use sqlx::ConnectOptions;
 use std::collections::{BTreeSet, HashMap};
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-/// The versions tests/compat pins (package-lock.json) and .ci/run installs.
-const PYTHON_LIB_VERSION: &str = "2.4.0";
+/// The versions tests/compat pins (package-lock.json) and the harness
+/// installs.
+const PYTHON_LIB_VERSION: &str = SEGMENT_PYTHON_VERSION;
 const NODE_LIB_VERSION: &str = "3.1.0";
 
 const SKIP_ENV: &str = "CHURNZERO_SKIP_SEGMENT_CLIENTS";
 
-fn compat_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat")
-}
-
-/// `$PYTHON`, else `python3`; `$NODE`, else `node`.
-fn interpreter(var: &str, default: &str) -> String {
-    std::env::var(var).unwrap_or_else(|_| default.to_string())
+/// `$NODE`, else `node`.
+fn node() -> String {
+    std::env::var("NODE").unwrap_or_else(|_| "node".to_string())
 }
 
 /// Which official library a run uses, and how to start its script.
@@ -62,14 +58,22 @@ enum Lib {
 }
 
 impl Lib {
+    /// The script's command. The libraries come from the harness's cache
+    /// under target/ (installed there on first use), the Python script runs
+    /// from the source tree (it writes no bytecode), the Node one from the
+    /// cache, beside the node_modules its import resolves against.
     fn command(self) -> tokio::process::Command {
-        let (program, script) = match self {
-            Lib::Python => (interpreter("PYTHON", "python3"), "python_client.py"),
-            Lib::Node => (interpreter("NODE", "node"), "node_client.mjs"),
+        let (program, dir, script) = match self {
+            Lib::Python => (
+                python_with_segment().into_os_string(),
+                compat_source_dir(),
+                "python_client.py",
+            ),
+            Lib::Node => (node().into(), node_compat_dir(), "node_client.mjs"),
         };
         let mut cmd = tokio::process::Command::new(program);
-        cmd.arg(compat_dir().join(script))
-            .current_dir(compat_dir())
+        cmd.arg(dir.join(script))
+            .current_dir(dir)
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .kill_on_drop(true);
         cmd
@@ -78,60 +82,40 @@ impl Lib {
     fn install_hint(self) -> String {
         match self {
             Lib::Python => format!(
-                "install it with `pip install segment-analytics-python=={PYTHON_LIB_VERSION}`"
+                "delete target/test-deps/ to reinstall segment-analytics-python=={PYTHON_LIB_VERSION} \
+                 (or unset $PYTHON)"
             ),
-            Lib::Node => "install it with `npm ci --prefix tests/compat` (node 20 or later)".into(),
+            Lib::Node => "delete target/test-deps/ to rerun `npm ci` of tests/compat".into(),
         }
     }
 
-    /// Why the library cannot run here, if it cannot.
-    fn missing(self) -> Option<String> {
-        match self {
-            Lib::Python => {
-                let python = interpreter("PYTHON", "python3");
-                match std::process::Command::new(&python)
-                    .args(["-c", "import segment.analytics"])
-                    .output()
-                {
-                    Err(e) => Some(format!("`{python}` cannot be started ({e})")),
-                    Ok(out) if !out.status.success() => Some(format!(
-                        "the Python package segment-analytics-python is not installed for `{python}`"
-                    )),
-                    Ok(_) => None,
-                }
-            }
-            Lib::Node => {
-                let node = interpreter("NODE", "node");
-                if let Err(e) = std::process::Command::new(&node).arg("--version").output() {
-                    return Some(format!("`{node}` cannot be started ({e})"));
-                }
-                let package =
-                    compat_dir().join("node_modules/@segment/analytics-node/package.json");
-                (!package.is_file()).then(|| {
-                    format!(
-                        "the npm package @segment/analytics-node is not installed in tests/compat \
-                         ({} is missing)",
-                        package.display()
-                    )
-                })
-            }
-        }
-    }
-
-    /// True when the test may run; false when it is skipped on request;
-    /// panics with the install command otherwise.
+    /// True when the test may run: installs the library on first use (a
+    /// failed install panics with what is missing); false when
+    /// `CHURNZERO_SKIP_SEGMENT_CLIENTS=1` asks to skip it outside CI.
     fn ready(self) -> bool {
-        let Some(why) = self.missing() else {
-            return true;
-        };
         if std::env::var(SKIP_ENV).as_deref() == Ok("1") {
-            eprintln!("skipping the {self:?} library test: {why} and {SKIP_ENV}=1");
+            // Under CI=true this panics: CI must not pass without the test.
+            skip_outside_ci(
+                &format!("{SKIP_ENV}=1 asks to skip the {self:?} library"),
+                &format!("unset {SKIP_ENV}"),
+            );
             return false;
         }
-        panic!(
-            "{why}: {}, or set {SKIP_ENV}=1 to skip the Segment library tests",
-            self.install_hint()
-        );
+        match self {
+            Lib::Python => {
+                python_with_segment();
+            }
+            Lib::Node => {
+                if let Err(e) = std::process::Command::new(node()).arg("--version").output() {
+                    panic!(
+                        "`{}` cannot be started ({e}): cargo test needs Node 20 or later with npm",
+                        node()
+                    );
+                }
+                node_compat_dir();
+            }
+        }
+        true
     }
 }
 

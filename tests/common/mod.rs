@@ -23,6 +23,7 @@ pub async fn mock() -> MockChurnZero {
         fail_status: 503,
         latency: Duration::ZERO,
         quiet: true,
+        ..MockArgs::default()
     })
     .await
     .expect("mock starts")
@@ -157,12 +158,71 @@ pub fn binary_path() -> &'static str {
     env!("CARGO_BIN_EXE_churnzero-forwarder")
 }
 
+/// A port for a child process to bind, for callers that must name one up
+/// front; [`Binary::serve`] needs none (its child binds port 0). Ports come
+/// from below the kernel's ephemeral range, where the `bind(:0)` of the
+/// in-process servers and mocks and the local ends of outgoing connections
+/// never land, and each is handed out once per test binary, so two tests of
+/// one binary never race for the same port. A port is checked free when it
+/// is handed out; a process outside this test binary can still take it.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    const LOW: u32 = 10_000;
+    if ephemeral_low <= LOW + 1000 {
+        // No room below the ephemeral range: let the kernel choose.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    }
+    let span = ephemeral_low - LOW;
+    // Test binaries of other runs start elsewhere in the range.
+    let offset = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (offset + n) % span) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port between {LOW} and {ephemeral_low}");
+}
+
+/// The TCP port a process is listening on, read from /proc (its socket
+/// inodes against the LISTEN entries of /proc/net/tcp{,6}): how the harness
+/// learns the port a child bound with `--listen 127.0.0.1:0`, with no port
+/// handed over between a probe and the child's bind, and whatever the
+/// child's log level. `None` until the child listens.
+pub fn listening_port(pid: u32) -> Option<u16> {
+    let sockets: std::collections::HashSet<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .flatten()
+        .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+        .filter_map(|link| {
+            let l = link.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .find_map(|table| {
+            let text = std::fs::read_to_string(table).ok()?;
+            text.lines().skip(1).find_map(|line| {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                // sl local_address rem_address st ... uid timeout inode
+                let (local, state, inode) = (f.get(1)?, f.get(3)?, f.get(9)?);
+                if *state != "0A" || !sockets.contains(*inode) {
+                    return None;
+                }
+                u16::from_str_radix(local.rsplit(':').next()?, 16).ok()
+            })
+        })
 }
 
 impl Binary {
@@ -233,12 +293,16 @@ impl Binary {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Binary {
-        let port = free_port();
-        let log = db.with_extension(format!("log.{port}"));
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static STARTED: AtomicU32 = AtomicU32::new(0);
+        let n = STARTED.fetch_add(1, Ordering::Relaxed);
+        let log = db.with_extension(format!("log.{n}"));
         let logfile = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(binary_path());
+        // Port 0: the child binds a port of its own, read back from /proc,
+        // so no other test can take it between a probe and the bind.
         cmd.arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--listen", "127.0.0.1:0"])
             .arg("--database")
             .arg(db)
             .args([
@@ -263,10 +327,32 @@ impl Binary {
             .stdout(Stdio::null())
             .stderr(logfile);
         let child = cmd.spawn().expect("binary starts");
-        let base = format!("http://127.0.0.1:{port}");
-        let mut b = Binary { child, base, log };
+        let mut b = Binary {
+            child,
+            base: String::new(),
+            log,
+        };
+        b.wait_listening().await;
         b.wait_ready().await;
         b
+    }
+
+    /// Waits until the child listens, and points `base` at its port.
+    async fn wait_listening(&mut self) {
+        let started = Instant::now();
+        loop {
+            if let Some(port) = listening_port(self.child.id()) {
+                self.base = format!("http://127.0.0.1:{port}");
+                return;
+            }
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("binary exited early with {status}: {}", self.logs());
+            }
+            if started.elapsed() > Duration::from_secs(30) {
+                panic!("binary not listening after 30 s: {}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 }
 
@@ -388,5 +474,288 @@ impl Binary {
     /// Whether the process is still running.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Outside programs the tests drive.
+//
+// `cargo test` needs a Rust toolchain, Python 3 with its `venv` module and
+// Node 20 with npm; everything a package registry provides beyond that is
+// installed by the tests themselves, on first use, under `target/test-deps/`
+// (never into the source tree or the system):
+//
+// - [`python_with_segment`]: a virtualenv holding the pinned
+//   segment-analytics-python;
+// - [`node_compat_dir`]: `npm ci` of tests/compat's package.json and lock,
+//   beside a copy of tests/compat's scripts.
+//
+// What needs root stays with `.ci/run`, which installs it: headless Chromium,
+// found by [`chromium`]. Outside CI a test that needs it is skipped with one
+// line on the terminal saying how to install it; under `CI=true` its absence
+// fails the run, so CI never passes without running it.
+//
+// Each install is built in a directory of its own and published by writing
+// `<name>.ready` (the install's stamp and directory) atomically once it is
+// complete, so test threads and test binaries that ask at once never see a
+// half-made install: a reader either finds a finished one or builds its own.
+// Threads of one test binary wait for each other instead of racing. Deleting
+// `target/test-deps/` starts over.
+// ---------------------------------------------------------------------------
+
+/// The segment-analytics-python release the compatibility tests pin.
+pub const SEGMENT_PYTHON_VERSION: &str = "2.4.0";
+
+/// `true` under `CI=true` (or `CI=1`), where a missing prerequisite fails the
+/// run instead of skipping a test.
+pub fn under_ci() -> bool {
+    matches!(
+        std::env::var("CI")
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Ok("true") | Ok("1")
+    )
+}
+
+/// Writes straight to the terminal: libtest captures `eprintln!` of passing
+/// tests, and a skip or a slow first install must be seen.
+pub fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Skips the calling test (the caller returns) with one loud line outside
+/// CI; under `CI=true` panics instead, so that CI cannot pass by skipping.
+/// `missing` says what this machine lacks, `install` how to get it.
+pub fn skip_outside_ci(missing: &str, install: &str) {
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("a test")
+        .to_string();
+    if under_ci() {
+        panic!("{test} cannot run: {missing}; CI=true forbids skipping it: {install}");
+    }
+    say(&format!("SKIPPED {test}: {missing}; {install} to run it"));
+}
+
+/// Headless Chromium for the browser tests: `$CHROMIUM`, else `chromium` or
+/// `chromium-browser` on PATH. `None` (after [`skip_outside_ci`]'s line) means
+/// the caller returns; under `CI=true` a missing browser panics here.
+pub fn chromium() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("CHROMIUM").filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p));
+    }
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .flat_map(|dir| ["chromium", "chromium-browser"].map(|n| dir.join(n)))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        skip_outside_ci(
+            "headless Chromium is not installed",
+            "install it with `apt-get install chromium` (as .ci/run does) or point $CHROMIUM at a binary",
+        );
+    }
+    found
+}
+
+/// The cache of installed test prerequisites: `target/test-deps/` (beside
+/// the profile directory that holds the binary under test).
+pub fn test_deps_dir() -> PathBuf {
+    Path::new(binary_path())
+        .parent()
+        .and_then(Path::parent)
+        .map(|target| target.join("test-deps"))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target/test-deps"))
+}
+
+/// tests/compat in the source tree: the client scripts and the npm manifest.
+pub fn compat_source_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat")
+}
+
+/// Python with segment-analytics-python [`SEGMENT_PYTHON_VERSION`]
+/// importable: `$PYTHON` when set (the caller vouches for it), else the
+/// interpreter of a virtualenv under [`test_deps_dir`], made with
+/// `python3 -m venv` and `pip install` on first use (a few seconds) and
+/// reused after. Blocks while installing: call it before starting servers in
+/// a current-thread runtime. Panics with what to install when Python 3 or
+/// its venv module is missing, or the install fails.
+pub fn python_with_segment() -> PathBuf {
+    if let Some(p) = std::env::var_os("PYTHON") {
+        return PathBuf::from(p);
+    }
+    let requirement = format!("segment-analytics-python=={SEGMENT_PYTHON_VERSION}");
+    let venv = provisioned("python-segment", &requirement, |dir| {
+        run_step(
+            Command::new("python3").arg("-m").arg("venv").arg(dir),
+            "python3 -m venv",
+            "cargo test needs Python 3 with its venv module (Debian: `apt-get install python3 python3-venv`)",
+        )?;
+        let python = dir.join("bin/python");
+        run_step(
+            Command::new(&python)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--quiet",
+                    "--disable-pip-version-check",
+                ])
+                .arg("--no-input")
+                .arg(&requirement),
+            &format!("pip install {requirement}"),
+            "the package index must be reachable",
+        )?;
+        run_step(
+            Command::new(&python).args(["-c", "import segment.analytics"]),
+            "import segment.analytics",
+            "the installed package does not import",
+        )
+    });
+    venv.join("bin/python")
+}
+
+/// A directory holding `node_modules` from `npm ci` of tests/compat's
+/// package.json and package-lock.json, installed under [`test_deps_dir`] on
+/// first use (and again when the lock changes), plus a copy of every other
+/// file of tests/compat, refreshed at each call. Run a script as
+/// `node <this dir>/<script>.mjs` so that its imports resolve here. Blocks
+/// while installing; panics with what to install when npm is missing or
+/// `npm ci` fails.
+pub fn node_compat_dir() -> PathBuf {
+    let src = compat_source_dir();
+    let manifest = ["package.json", "package-lock.json"].map(|f| {
+        std::fs::read(src.join(f)).unwrap_or_else(|e| panic!("reading tests/compat/{f}: {e}"))
+    });
+    use sha2::Digest;
+    let stamp = format!(
+        "npm ci {:x}",
+        sha2::Sha256::new()
+            .chain_update(&manifest[0])
+            .chain_update(b"\0")
+            .chain_update(&manifest[1])
+            .finalize()
+    );
+    let dir = provisioned("node-compat", &stamp, |dir| {
+        std::fs::create_dir_all(dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        for (name, bytes) in ["package.json", "package-lock.json"].iter().zip(&manifest) {
+            std::fs::write(dir.join(name), bytes).map_err(|e| format!("writing {name}: {e}"))?;
+        }
+        run_step(
+            Command::new("npm")
+                .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+                .current_dir(dir),
+            "npm ci (tests/compat)",
+            "cargo test needs Node 20 or later with npm (Debian: `apt-get install nodejs npm`) \
+             and a reachable npm registry",
+        )
+    });
+    for entry in std::fs::read_dir(&src).expect("reading tests/compat") {
+        let path = entry.expect("reading tests/compat").path();
+        let name = path.file_name().unwrap().to_owned();
+        if !path.is_file() || name == "package.json" || name == "package-lock.json" {
+            continue;
+        }
+        let bytes = std::fs::read(&path).unwrap();
+        let target = dir.join(&name);
+        if std::fs::read(&target).ok().as_deref() != Some(&bytes[..]) {
+            write_atomically(&target, &bytes);
+        }
+    }
+    dir
+}
+
+/// Runs one install step, returning its output as the error when it fails.
+fn run_step(cmd: &mut Command, what: &str, hint: &str) -> Result<(), String> {
+    match cmd.stdin(Stdio::null()).output() {
+        Err(e) => Err(format!("{what} could not be started ({e}): {hint}")),
+        Ok(out) if !out.status.success() => Err(format!(
+            "{what} failed ({}): {hint}\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path` and renames it over
+/// `path`, so a concurrent reader sees the old content or the new, whole.
+fn write_atomically(path: &Path, bytes: &[u8]) {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_extension(format!("tmp.{}.{n}", std::process::id()));
+    std::fs::write(&tmp, bytes).unwrap_or_else(|e| panic!("writing {}: {e}", tmp.display()));
+    std::fs::rename(&tmp, path).unwrap_or_else(|e| panic!("renaming to {}: {e}", path.display()));
+}
+
+/// The finished install `name` whose stamp is `stamp`, built with `build`
+/// into a fresh directory when there is none (see the section comment).
+fn provisioned(
+    name: &str,
+    stamp: &str,
+    build: impl FnOnce(&Path) -> Result<(), String>,
+) -> PathBuf {
+    static IN_PROCESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let root = test_deps_dir();
+    let marker = root.join(format!("{name}.ready"));
+    let finished = || {
+        let text = std::fs::read_to_string(&marker).ok()?;
+        let (done_stamp, dir) = text.split_once('\n')?;
+        let dir = root.join(dir.trim());
+        (done_stamp == stamp && dir.is_dir()).then_some(dir)
+    };
+    if let Some(dir) = finished() {
+        return dir;
+    }
+    // One thread of this binary builds; the others wait and reuse it.
+    let _one = IN_PROCESS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(dir) = finished() {
+        return dir;
+    }
+    std::fs::create_dir_all(&root).unwrap_or_else(|e| panic!("creating {}: {e}", root.display()));
+    remove_abandoned(&root, name);
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir_name = format!("{name}-{}-{n}", std::process::id());
+    let dir = root.join(&dir_name);
+    let _ = std::fs::remove_dir_all(&dir);
+    say(&format!(
+        "installing test prerequisite {name} ({stamp}) into {} on first use",
+        dir.display()
+    ));
+    if let Err(e) = build(&dir) {
+        let _ = std::fs::remove_dir_all(&dir);
+        panic!("could not install test prerequisite {name} ({stamp}): {e}");
+    }
+    write_atomically(&marker, format!("{stamp}\n{dir_name}\n").as_bytes());
+    dir
+}
+
+/// Removes the build directories of `name` left by processes that are gone
+/// (a killed run, a lost race), except the one the marker points at.
+fn remove_abandoned(root: &Path, name: &str) {
+    let current = std::fs::read_to_string(root.join(format!("{name}.ready"))).unwrap_or_default();
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&format!("{name}-")))
+        else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        let alive = Path::new(&format!("/proc/{pid}")).exists();
+        let in_use = current.lines().nth(1) == file.to_str();
+        if !alive && !in_use {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }

@@ -2,7 +2,8 @@
 // (npm `@segment/analytics-node`, pinned in package-lock.json), unchanged, to
 // the host in $SEGMENT_HOST.
 //
-// Run by tests/segment_clients.rs after `npm ci --prefix tests/compat`.
+// Run by tests/segment_clients.rs from a copy of tests/compat under
+// target/test-deps/, beside the node_modules of `npm ci` (the harness installs it).
 // Environment:
 //   SEGMENT_HOST       base URL of the forwarder, e.g. http://127.0.0.1:8080
 //   SEGMENT_WRITE_KEY  write key

@@ -361,46 +361,12 @@ async fn bad_tls_files_stop_serve_with_a_message_naming_them() {
     assert!(!db.exists(), "nothing was created before the refusal");
 }
 
-/// tests/compat's Node client in a directory of its own with its pinned
-/// dependencies (`npm ci`, once, cached under target/), since an ES module
-/// resolves its imports from where the script lies.
-fn node_client_dir() -> Result<PathBuf, String> {
-    let compat = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/compat");
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tls-node-client");
-    let installed = dir.join("node_modules/@segment/analytics-node/package.json");
-    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    for f in ["package.json", "package-lock.json", "node_client.mjs"] {
-        std::fs::copy(compat.join(f), dir.join(f)).map_err(|e| format!("copying {f}: {e}"))?;
-    }
-    if !installed.is_file() {
-        let out = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
-            .current_dir(&dir)
-            .output()
-            .map_err(|e| format!("npm cannot be started: {e}"))?;
-        if !out.status.success() {
-            return Err(format!(
-                "npm ci failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            ));
-        }
-    }
-    Ok(dir)
-}
-
 #[tokio::test]
 async fn the_official_node_library_posts_over_https() {
-    let dir = match tokio::task::spawn_blocking(node_client_dir).await.unwrap() {
-        Ok(d) => d,
-        Err(why) if std::env::var("CHURNZERO_SKIP_SEGMENT_CLIENTS").as_deref() == Ok("1") => {
-            eprintln!("skipping the Node library over TLS: {why}");
-            return;
-        }
-        Err(why) => panic!(
-            "the Node library cannot run: {why} (Node 20 and npm are needed; \
-             CHURNZERO_SKIP_SEGMENT_CLIENTS=1 skips)"
-        ),
-    };
+    // The pinned library, installed under target/ on first use.
+    let dir = tokio::task::spawn_blocking(common::node_compat_dir)
+        .await
+        .unwrap();
     let tmp = tempfile::tempdir().unwrap();
     let (cert, key) = self_signed(tmp.path());
     let db = tmp.path().join("o.db");

@@ -9,6 +9,8 @@ mod recent_errors;
 mod reserve;
 mod writer;
 
+pub mod postgres;
+
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
 pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, SyncStatus};
 pub use recent_errors::RecentError;

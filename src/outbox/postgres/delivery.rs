@@ -137,6 +137,28 @@ fn history_entry(now: i64, error: &str) -> String {
     .to_string()
 }
 
+/// Failed attempts of one kind (retry or dead), as columns for `unnest`.
+#[derive(Default)]
+struct Failures<'a> {
+    ids: Vec<i64>,
+    at: Vec<i64>,
+    first: Vec<i64>,
+    error: Vec<&'a str>,
+    entry: Vec<String>,
+    actions: Vec<Option<&'a str>>,
+}
+
+impl<'a> Failures<'a> {
+    fn push(&mut self, s: &'a Settlement, at: Option<i64>, error: &'a str, now: i64) {
+        self.ids.push(s.id);
+        self.at.extend(at);
+        self.first.push(s.first_attempt_at);
+        self.error.push(error);
+        self.entry.push(history_entry(now, error));
+        self.actions.push(s.actions.as_deref());
+    }
+}
+
 pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Result<(), StoreError> {
     let now = now_ms();
     let mut tx = pool.begin().await.map_err(pg_error)?;
@@ -167,21 +189,7 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
     let items: Vec<&Settlement> = items.iter().filter(|s| held.contains(&s.id)).collect();
 
     let (mut delivered, mut del_first) = (Vec::new(), Vec::new());
-    let mut retry: (
-        Vec<i64>,
-        Vec<i64>,
-        Vec<i64>,
-        Vec<&str>,
-        Vec<String>,
-        Vec<Option<&str>>,
-    ) = Default::default();
-    let mut dead: (
-        Vec<i64>,
-        Vec<i64>,
-        Vec<&str>,
-        Vec<String>,
-        Vec<Option<&str>>,
-    ) = Default::default();
+    let (mut retry, mut dead) = (Failures::default(), Failures::default());
     let (mut rel_ids, mut rel_actions): (Vec<i64>, Vec<Option<&str>>) = Default::default();
     let mut held_items: Vec<(&Settlement, &str, i64)> = Vec::new();
     let mut last_error: Option<&str> = None;
@@ -192,20 +200,11 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
                 del_first.push(s.first_attempt_at);
             }
             SettleOutcome::Retry { at, error } => {
-                retry.0.push(s.id);
-                retry.1.push(*at);
-                retry.2.push(s.first_attempt_at);
-                retry.3.push(error);
-                retry.4.push(history_entry(now, error));
-                retry.5.push(s.actions.as_deref());
+                retry.push(s, Some(*at), error, now);
                 last_error = Some(error);
             }
             SettleOutcome::Dead { reason } => {
-                dead.0.push(s.id);
-                dead.1.push(s.first_attempt_at);
-                dead.2.push(reason);
-                dead.3.push(history_entry(now, reason));
-                dead.4.push(s.actions.as_deref());
+                dead.push(s, None, reason, now);
                 last_error = Some(reason);
             }
             SettleOutcome::Release => {
@@ -230,7 +229,7 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
     }
     // Retried and released events are queued; the normalisation below makes
     // the earliest of each key its head again, keeping its retry time.
-    if !retry.0.is_empty() {
+    if !retry.ids.is_empty() {
         sqlx::query(
             "UPDATE events e SET state = 5, next_attempt_at = t.at, attempts = e.attempts + 1, \
              first_attempt_at = t.first, last_error = t.err, \
@@ -242,12 +241,12 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
                   AS t(id, at, first, err, entry, actions) \
              WHERE e.id = t.id",
         )
-        .bind(&retry.0)
-        .bind(&retry.1)
-        .bind(&retry.2)
-        .bind(&retry.3)
-        .bind(&retry.4)
-        .bind(&retry.5)
+        .bind(&retry.ids)
+        .bind(&retry.at)
+        .bind(&retry.first)
+        .bind(&retry.error)
+        .bind(&retry.entry)
+        .bind(&retry.actions)
         .bind(HISTORY_KEEP)
         .execute(&mut *tx)
         .await
@@ -279,7 +278,7 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
-    if !dead.0.is_empty() {
+    if !dead.ids.is_empty() {
         sqlx::query(
             "UPDATE events e SET state = 3, finished_at = $6, attempts = e.attempts + 1, \
              first_attempt_at = t.first, reason = t.reason, last_error = t.reason, \
@@ -289,11 +288,11 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
                   AS t(id, first, reason, entry, actions) \
              WHERE e.id = t.id",
         )
-        .bind(&dead.0)
-        .bind(&dead.1)
-        .bind(&dead.2)
-        .bind(&dead.3)
-        .bind(&dead.4)
+        .bind(&dead.ids)
+        .bind(&dead.first)
+        .bind(&dead.error)
+        .bind(&dead.entry)
+        .bind(&dead.actions)
         .bind(now)
         .execute(&mut *tx)
         .await
@@ -320,8 +319,8 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
-    let failed = (retry.0.len() + dead.0.len()) as i64;
-    add_counters(&mut tx, &[("retries", retry.0.len() as i64)]).await?;
+    let failed = (retry.ids.len() + dead.ids.len()) as i64;
+    add_counters(&mut tx, &[("retries", retry.ids.len() as i64)]).await?;
     bump_minute(&mut tx, now, 0, delivered.len() as i64, failed).await?;
     if !delivered.is_empty() || last_error.is_some() {
         sqlx::query(

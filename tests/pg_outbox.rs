@@ -227,6 +227,62 @@ async fn ingest_is_acked_after_commit_and_deduplicated_across_instances() {
     );
 }
 
+/// Waits until `n` sessions of the test database wait on a lock.
+async fn wait_for_lock_waiters(conn: &mut PgConnection, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while scalar(
+        conn,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock'",
+    )
+    .await
+        != n
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {n} sessions waiting on a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_ingested_by_two_instances_at_once_has_one_head() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    // Hold back every insert into events, so that both ingests have looked
+    // at the key's queue before either has stored anything.
+    let mut blocker = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE MODE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move { a.ingest(vec![ev("u1", "m-a")]).await }
+    });
+    let tb = tokio::spawn({
+        let b = b.clone();
+        async move { b.ingest(vec![ev("u1", "m-b")]).await }
+    });
+    let mut watch = db.conn().await;
+    wait_for_lock_waiters(&mut watch, 2).await;
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+    let states: Vec<i16> = sqlx::query_scalar("SELECT state FROM events ORDER BY id")
+        .fetch_all(&mut watch)
+        .await
+        .unwrap();
+    assert_eq!(
+        states,
+        vec![0, 5],
+        "one head, the later event queued behind it"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_requests_share_commits() {
     let db = test_db!();

@@ -88,15 +88,29 @@ CREATE TABLE aliases (
 );
 CREATE INDEX aliases_user ON aliases (user_id);
 
--- Sharded counters: a transaction adds its deltas to one shard (chosen by
--- its transaction id), status sums the shards. No row that every writer
--- fights over.
+-- Sharded counters: a transaction adds its deltas to one shard row (chosen
+-- by its transaction id), status sums the 16 rows. No row that every writer
+-- fights over, and one counter row per transaction, so two transactions
+-- never wait on each other's counters in a cycle.
+-- s<N>: events in state N; leased: in flight; delivered and dead_total:
+-- transitions (kept by pruning and purging); the rest are added by ingest
+-- and settle.
 CREATE TABLE counters (
-    shard SMALLINT NOT NULL,
-    name  TEXT     NOT NULL,
-    n     BIGINT   NOT NULL,
-    PRIMARY KEY (shard, name)
+    shard      SMALLINT PRIMARY KEY,
+    s0         BIGINT NOT NULL DEFAULT 0,
+    s2         BIGINT NOT NULL DEFAULT 0,
+    s3         BIGINT NOT NULL DEFAULT 0,
+    s4         BIGINT NOT NULL DEFAULT 0,
+    s5         BIGINT NOT NULL DEFAULT 0,
+    leased     BIGINT NOT NULL DEFAULT 0,
+    delivered  BIGINT NOT NULL DEFAULT 0,
+    dead_total BIGINT NOT NULL DEFAULT 0,
+    accepted   BIGINT NOT NULL DEFAULT 0,
+    duplicates BIGINT NOT NULL DEFAULT 0,
+    filtered   BIGINT NOT NULL DEFAULT 0,
+    retries    BIGINT NOT NULL DEFAULT 0
 );
+INSERT INTO counters (shard) SELECT generate_series(0, 15);
 
 CREATE TABLE minute_stats (
     minute    BIGINT   NOT NULL,
@@ -129,63 +143,52 @@ CREATE TABLE audience_delivered (
     PRIMARY KEY (account_id, contact_id, attribute)
 );
 
--- Counter names: s<state> events per state, leased (in flight), delivered
--- and dead (totals, kept by pruning and purging); ingest adds accepted,
--- duplicates, filtered, and settle adds retries.
-CREATE FUNCTION counters_add(deltas JSONB) RETURNS void LANGUAGE sql AS $$
-    INSERT INTO counters (shard, name, n)
-    SELECT (txid_current() % 16)::smallint, d.key, d.value::bigint
-    FROM jsonb_each_text(deltas) d WHERE d.value::bigint <> 0
-    ON CONFLICT (shard, name) DO UPDATE SET n = counters.n + excluded.n
-$$;
-
 -- Statement-level triggers with transition tables: one counter update per
 -- statement, whatever the number of rows, and no code path can forget it.
 CREATE FUNCTION events_counted_insert() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO counters (shard, name, n)
-    SELECT (txid_current() % 16)::smallint, c.name, c.n FROM (
-        SELECT 's' || state AS name, count(*) AS n FROM new_rows GROUP BY state
-        UNION ALL
-        SELECT 'leased', count(*) FROM new_rows WHERE lease_token IS NOT NULL
-    ) c WHERE c.n <> 0
-    ON CONFLICT (shard, name) DO UPDATE SET n = counters.n + excluded.n;
+    UPDATE counters c SET s0 = c.s0 + d.s0, s2 = c.s2 + d.s2, s3 = c.s3 + d.s3,
+        s4 = c.s4 + d.s4, s5 = c.s5 + d.s5, leased = c.leased + d.leased
+    FROM (SELECT count(*) FILTER (WHERE state = 0) AS s0, count(*) FILTER (WHERE state = 2) AS s2,
+                 count(*) FILTER (WHERE state = 3) AS s3, count(*) FILTER (WHERE state = 4) AS s4,
+                 count(*) FILTER (WHERE state = 5) AS s5,
+                 count(*) FILTER (WHERE lease_token IS NOT NULL) AS leased
+          FROM new_rows) d
+    WHERE c.shard = txid_current() % 16;
     RETURN NULL;
 END $$;
 
 CREATE FUNCTION events_counted_delete() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO counters (shard, name, n)
-    SELECT (txid_current() % 16)::smallint, c.name, -c.n FROM (
-        SELECT 's' || state AS name, count(*) AS n FROM old_rows GROUP BY state
-        UNION ALL
-        SELECT 'leased', count(*) FROM old_rows WHERE lease_token IS NOT NULL
-    ) c WHERE c.n <> 0
-    ON CONFLICT (shard, name) DO UPDATE SET n = counters.n + excluded.n;
+    UPDATE counters c SET s0 = c.s0 - d.s0, s2 = c.s2 - d.s2, s3 = c.s3 - d.s3,
+        s4 = c.s4 - d.s4, s5 = c.s5 - d.s5, leased = c.leased - d.leased
+    FROM (SELECT count(*) FILTER (WHERE state = 0) AS s0, count(*) FILTER (WHERE state = 2) AS s2,
+                 count(*) FILTER (WHERE state = 3) AS s3, count(*) FILTER (WHERE state = 4) AS s4,
+                 count(*) FILTER (WHERE state = 5) AS s5,
+                 count(*) FILTER (WHERE lease_token IS NOT NULL) AS leased
+          FROM old_rows) d
+    WHERE c.shard = txid_current() % 16 AND d.s0 + d.s2 + d.s3 + d.s4 + d.s5 > 0;
     RETURN NULL;
 END $$;
 
 CREATE FUNCTION events_counted_update() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO counters (shard, name, n)
-    SELECT (txid_current() % 16)::smallint, c.name, sum(c.n) FROM (
-        SELECT 's' || o.state AS name, -1 AS n FROM old_rows o JOIN new_rows w ON w.id = o.id
-            WHERE o.state <> w.state
-        UNION ALL
-        SELECT 's' || w.state, 1 FROM old_rows o JOIN new_rows w ON w.id = o.id
-            WHERE o.state <> w.state
-        UNION ALL
-        SELECT 'delivered', 1 FROM old_rows o JOIN new_rows w ON w.id = o.id
-            WHERE o.state <> 2 AND w.state = 2
-        UNION ALL
-        SELECT 'dead_total', 1 FROM old_rows o JOIN new_rows w ON w.id = o.id
-            WHERE o.state <> 3 AND w.state = 3
-        UNION ALL
-        SELECT 'leased', CASE WHEN w.lease_token IS NULL THEN -1 ELSE 1 END
-            FROM old_rows o JOIN new_rows w ON w.id = o.id
-            WHERE (o.lease_token IS NULL) <> (w.lease_token IS NULL)
-    ) c GROUP BY c.name HAVING sum(c.n) <> 0
-    ON CONFLICT (shard, name) DO UPDATE SET n = counters.n + excluded.n;
+    UPDATE counters c SET s0 = c.s0 + d.s0, s2 = c.s2 + d.s2, s3 = c.s3 + d.s3,
+        s4 = c.s4 + d.s4, s5 = c.s5 + d.s5, leased = c.leased + d.leased,
+        delivered = c.delivered + d.delivered, dead_total = c.dead_total + d.dead_total
+    FROM (SELECT
+            count(*) FILTER (WHERE w.state = 0) - count(*) FILTER (WHERE o.state = 0) AS s0,
+            count(*) FILTER (WHERE w.state = 2) - count(*) FILTER (WHERE o.state = 2) AS s2,
+            count(*) FILTER (WHERE w.state = 3) - count(*) FILTER (WHERE o.state = 3) AS s3,
+            count(*) FILTER (WHERE w.state = 4) - count(*) FILTER (WHERE o.state = 4) AS s4,
+            count(*) FILTER (WHERE w.state = 5) - count(*) FILTER (WHERE o.state = 5) AS s5,
+            count(*) FILTER (WHERE w.lease_token IS NOT NULL)
+              - count(*) FILTER (WHERE o.lease_token IS NOT NULL) AS leased,
+            count(*) FILTER (WHERE w.state = 2 AND o.state <> 2) AS delivered,
+            count(*) FILTER (WHERE w.state = 3 AND o.state <> 3) AS dead_total
+          FROM old_rows o JOIN new_rows w ON w.id = o.id) d
+    WHERE c.shard = txid_current() % 16
+      AND (d.s0, d.s2, d.s3, d.s4, d.s5, d.leased) <> (0, 0, 0, 0, 0, 0);
     RETURN NULL;
 END $$;
 

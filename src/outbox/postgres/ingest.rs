@@ -101,12 +101,11 @@ async fn commit_group(
     lock_keys(&mut tx, &keys).await?;
 
     let total = all().filter(|e| e.forward).count() as u64;
-    let backlog: i64 = sqlx::query_scalar(
-        "SELECT COALESCE(sum(n), 0)::bigint FROM counters WHERE name IN ('s0', 's4', 's5')",
-    )
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(pg_error)?;
+    let backlog: i64 =
+        sqlx::query_scalar("SELECT COALESCE(sum(s0 + s4 + s5), 0)::bigint FROM counters")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(pg_error)?;
     if total > 0 && backlog.max(0) as u64 + total > config.max_backlog {
         return Err(StoreError::Backlog(config.max_backlog));
     }

@@ -24,13 +24,31 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
         .execute(&mut *tx)
         .await
         .map_err(pg_error)?;
-    let counts: HashMap<String, i64> =
-        sqlx::query_as("SELECT name, sum(n)::bigint FROM counters GROUP BY name")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(pg_error)?
-            .into_iter()
-            .collect();
+    let names = [
+        "s0",
+        "s3",
+        "s4",
+        "s5",
+        "leased",
+        "delivered",
+        "accepted",
+        "duplicates",
+        "filtered",
+        "retries",
+    ];
+    let sums: Vec<String> = names
+        .iter()
+        .map(|n| format!("COALESCE(sum({n}), 0)::bigint"))
+        .collect();
+    let row = sqlx::query(&format!("SELECT {} FROM counters", sums.join(", ")))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    let counts: HashMap<&str, i64> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, row.get::<i64, _>(i)))
+        .collect();
     let meta: HashMap<String, String> =
         sqlx::query_as("SELECT name, value FROM meta WHERE value IS NOT NULL")
             .fetch_all(&mut *tx)

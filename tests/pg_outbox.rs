@@ -808,3 +808,107 @@ async fn maintenance_runs_on_one_instance_at_a_time() {
         0
     );
 }
+
+fn identify(user: &str, msg: &str, account: Option<&str>, previous: Option<&str>) -> NewEvent {
+    let mut e = ev(user, msg);
+    e.kind = "identify";
+    e.identity = Some(IdentityUpdate {
+        user_id: user.into(),
+        account: account.map(Into::into),
+        contact: account.map(|a| format!("{a}-contact")),
+        previous_id: previous.map(Into::into),
+    });
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_after_the_identify_committed_is_due_at_once() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    // The worker read the map (empty) at claim time; the identify commits
+    // on another instance before the worker reports the hold.
+    b.ingest(vec![identify("u1", "m-id", Some("acct"), None)])
+        .await
+        .unwrap();
+    a.settle(vec![outcome(
+        &c[0],
+        SettleOutcome::Held {
+            error: "ids unknown".into(),
+            map_as_of: c[0].claimed_at,
+        },
+    )])
+    .await
+    .unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!((s.held, s.pending), (0, 2));
+    let again = b.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        again.iter().map(msg_of).collect::<Vec<_>>(),
+        ["m-1", "m-id"]
+    );
+    assert_eq!(
+        b.identities(&["u1"]).await.unwrap()["u1"],
+        (Some("acct".into()), Some("acct-contact".into()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_then_identify_releases_the_anonymous_users_held_events() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("anon-1", "m-1")]).await.unwrap();
+    // The alias links the ids but teaches nothing: ids still unknown.
+    let mut alias = identify("user-1", "m-alias", None, Some("anon-1"));
+    alias.kind = "alias";
+    alias.forward = false;
+    a.ingest(vec![alias]).await.unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    a.settle(vec![outcome(
+        &c[0],
+        SettleOutcome::Held {
+            error: "ids unknown".into(),
+            map_as_of: c[0].claimed_at,
+        },
+    )])
+    .await
+    .unwrap();
+    assert_eq!(a.status().await.unwrap().held, 1);
+    // The identify of the user teaches the aliased id and releases it.
+    let mut learn = identify("user-1", "m-id", Some("acct"), None);
+    learn.forward = false;
+    a.ingest(vec![learn]).await.unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!((s.held, s.pending), (0, 1));
+    assert_eq!(
+        a.identities(&["anon-1"]).await.unwrap()["anon-1"]
+            .0
+            .as_deref(),
+        Some("acct")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_past_the_backlog_limit_is_refused_and_stores_nothing() {
+    let db = test_db!();
+    let cfg = PgConfig {
+        max_backlog: 3,
+        ..config()
+    };
+    let a = PgOutbox::connect(&db.url(), cfg).await.unwrap();
+    a.ingest(vec![ev("u1", "m-1"), ev("u2", "m-2")])
+        .await
+        .unwrap();
+    let err = a
+        .ingest(vec![ev("u1", "m-3"), ev("u3", "m-4")])
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let s = a.status().await.unwrap();
+    assert_eq!((s.pending, s.accepted), (2, 2));
+    // The refused messageIds were not remembered: a retry is stored.
+    a.ingest(vec![ev("u1", "m-3")]).await.unwrap();
+    assert_eq!(a.status().await.unwrap().pending, 3);
+}

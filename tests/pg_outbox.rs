@@ -912,3 +912,44 @@ async fn ingest_past_the_backlog_limit_is_refused_and_stores_nothing() {
     a.ingest(vec![ev("u1", "m-3")]).await.unwrap();
     assert_eq!(a.status().await.unwrap().pending, 3);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_settled_batch_keeps_its_key_from_other_instances() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1"), ev("u1", "m-2"), ev("u1", "m-3")])
+        .await
+        .unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(c.len(), 3);
+    // The first event is settled alone (a split batch); the rest is still
+    // in flight, so nobody may start the key's later events.
+    a.settle(vec![delivered(&c[0])]).await.unwrap();
+    assert!(
+        b.claim(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    a.settle(vec![
+        outcome(
+            &c[1],
+            SettleOutcome::Retry {
+                at: now_ms() - 1,
+                error: "HTTP 503".into(),
+            },
+        ),
+        outcome(&c[2], SettleOutcome::Release),
+    ])
+    .await
+    .unwrap();
+    let next = b.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.iter().map(msg_of).collect::<Vec<_>>(), ["m-2", "m-3"]);
+    assert_eq!(next[0].attempts, 2);
+    let s = b.status().await.unwrap();
+    assert_eq!(
+        (s.delivered, s.in_flight, s.pending, s.retries),
+        (1, 2, 0, 1)
+    );
+}

@@ -953,3 +953,48 @@ async fn a_partly_settled_batch_keeps_its_key_from_other_instances() {
         (1, 2, 0, 1)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audience_updates_are_stored_read_and_settled() {
+    use churnzero_forwarder::outbox::{AudienceOp, AudienceSettlement, DeliveredValue};
+    let db = test_db!();
+    let a = instance(&db).await;
+    let mut e = identify("u1", "m-1", Some("acct"), None);
+    e.forward = false;
+    e.audience = vec![("attr_Plan".into(), "\"pro\"".into())];
+    a.ingest(vec![e]).await.unwrap();
+    assert_eq!(a.audience_users_after("", 10).await.unwrap(), ["u1"]);
+    let pending = a
+        .audience_pending_for(&["u1".into()], now_ms())
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].value, "\"pro\"");
+    a.audience(AudienceOp::Settle(AudienceSettlement {
+        run_started_at: Some(now_ms()),
+        consumed: pending,
+        delivered: vec![DeliveredValue {
+            account: "acct".into(),
+            contact: "acct-contact".into(),
+            attribute: "attr_Plan".into(),
+            value: "\"pro\"".into(),
+        }],
+        sent: 1,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    a.audience(AudienceOp::Schedule { next_run_at: 42 })
+        .await
+        .unwrap();
+    assert!(a.audience_users_after("", 10).await.unwrap().is_empty());
+    let key = (
+        "acct".to_string(),
+        "acct-contact".to_string(),
+        "attr_Plan".to_string(),
+    );
+    let values = a.audience_delivered_values(&[key.clone()]).await.unwrap();
+    assert_eq!(values[&key], "\"pro\"");
+    assert_eq!(a.sync_next_run_at().await.unwrap(), Some(42));
+    assert_eq!(a.status().await.unwrap().sync.last_run_sent, 1);
+}

@@ -24,6 +24,7 @@
 //! leases come back (under the key lock, then normalised) when they expire or
 //! when their owner's heartbeat is older than the instance expiry.
 
+mod audience;
 mod delivery;
 mod ingest;
 mod maintain;

@@ -993,7 +993,10 @@ async fn audience_updates_are_stored_read_and_settled() {
         "acct-contact".to_string(),
         "attr_Plan".to_string(),
     );
-    let values = a.audience_delivered_values(&[key.clone()]).await.unwrap();
+    let values = a
+        .audience_delivered_values(std::slice::from_ref(&key))
+        .await
+        .unwrap();
     assert_eq!(values[&key], "\"pro\"");
     assert_eq!(a.sync_next_run_at().await.unwrap(), Some(42));
     assert_eq!(a.status().await.unwrap().sync.last_run_sent, 1);

@@ -216,7 +216,13 @@ async fn commit_group(
         .map_err(pg_error)?;
     }
 
-    for id in identities {
+    // Identifies and groups (ids, no alias) share a few statements for the
+    // whole group; aliases, rarer, go one by one after them.
+    let (aliases, plain): (Vec<&IdentityUpdate>, Vec<&IdentityUpdate>) = identities
+        .into_iter()
+        .partition(|id| id.previous_id.is_some());
+    apply_identities(&mut tx, &plain, now).await?;
+    for id in aliases {
         apply_identity(&mut tx, id, now).await?;
     }
     if !audience.is_empty() {
@@ -254,6 +260,92 @@ async fn commit_group(
     bump_minute(&mut tx, now, accepted, 0, 0).await?;
     tx.commit().await.map_err(pg_error)?;
     Ok(receipts)
+}
+
+/// The identity updates without an alias, in one pass: the map's upsert
+/// (later ids of a user in the group win, as they would one by one), the
+/// aliased ids that learn from them, and the release of held events.
+async fn apply_identities(
+    conn: &mut sqlx::PgConnection,
+    ids: &[&IdentityUpdate],
+    now: i64,
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut order: Vec<&str> = Vec::new();
+    let mut merged: HashMap<&str, (Option<&str>, Option<&str>)> = HashMap::new();
+    for id in ids {
+        let entry = merged.entry(id.user_id.as_str()).or_insert_with(|| {
+            order.push(id.user_id.as_str());
+            (None, None)
+        });
+        if let Some(a) = &id.account {
+            entry.0 = Some(a);
+        }
+        if let Some(c) = &id.contact {
+            entry.1 = Some(c);
+        }
+    }
+    let mut users: Vec<&str> = Vec::new();
+    let (mut accounts, mut contacts): (Vec<Option<&str>>, Vec<Option<&str>>) = Default::default();
+    for u in &order {
+        let (a, c) = merged[u];
+        if a.is_some() || c.is_some() {
+            users.push(u);
+            accounts.push(a);
+            contacts.push(c);
+        }
+    }
+    let mut released: Vec<String> = order.iter().map(|u| u.to_string()).collect();
+    if !users.is_empty() {
+        sqlx::query(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT u, a, c, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS t(u, a, c) \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(excluded.account_id, identities.account_id), \
+             contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&users)
+        .bind(&accounts)
+        .bind(&contacts)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+        // Earlier ids aliased to these users learn what they now know.
+        let aliased: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT a.previous_id, i.account_id, i.contact_id, $1 FROM aliases a \
+             JOIN identities i ON i.user_id = a.user_id \
+             WHERE a.user_id = ANY($2) AND a.previous_id <> a.user_id AND a.previous_id <> ALL($2) \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(identities.account_id, excluded.account_id), \
+             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+             updated_at = excluded.updated_at \
+             RETURNING user_id",
+        )
+        .bind(now)
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+        if !aliased.is_empty() {
+            let keys: Vec<&str> = aliased.iter().map(String::as_str).collect();
+            lock_keys(conn, &keys).await?;
+        }
+        released.extend(aliased);
+    }
+    sqlx::query(
+        "UPDATE events SET state = 0, next_attempt_at = $1 WHERE order_key = ANY($2) AND state = 4",
+    )
+    .bind(now)
+    .bind(&released)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    Ok(())
 }
 
 /// Updates the identity map and releases the events held for the users it

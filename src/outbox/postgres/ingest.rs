@@ -319,7 +319,7 @@ async fn apply_identities(
             "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
              SELECT a.previous_id, i.account_id, i.contact_id, $1 FROM aliases a \
              JOIN identities i ON i.user_id = a.user_id \
-             WHERE a.user_id = ANY($2) AND a.previous_id <> a.user_id AND a.previous_id <> ALL($2) \
+             WHERE a.user_id = ANY($2) AND a.previous_id <> a.user_id \
              ON CONFLICT (user_id) DO UPDATE SET \
              account_id = COALESCE(identities.account_id, excluded.account_id), \
              contact_id = COALESCE(identities.contact_id, excluded.contact_id), \

@@ -510,6 +510,8 @@ async fn an_outcome_without_the_lease_is_ignored() {
     a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
     let ca = a.claim(10, Duration::from_millis(300)).await.unwrap();
     assert_eq!(ca.len(), 1);
+    // Delivery reads the lease as the time its requests must end by.
+    assert_eq!(ca[0].lease, ca[0].claimed_at + 300);
     // a's lease runs out; b brings it back and claims it.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let cb = loop {

@@ -7,7 +7,10 @@
 --               5 queued (behind an earlier event with the same ordering key)
 -- In flight is not a state: a claimed event keeps its state and carries a
 -- lease (owner instance, token, expiry). Per ordering key at most one event
--- is in state 0 or 4, and it is the key's lowest active id.
+-- is in state 0 or 4, and it is the key's lowest active id. lease_token is
+-- what the claim handed to its worker (the lease's expiry in ms, which
+-- delivery reads as its deadline); a settle counts only where owner and
+-- token still match.
 CREATE TABLE events (
     id               BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     source           TEXT     NOT NULL,
@@ -43,8 +46,6 @@ CREATE INDEX events_heads ON events (id) WHERE state = 0;
 CREATE INDEX events_dead ON events (id) WHERE state = 3;
 CREATE INDEX events_held ON events (id) WHERE state = 4;
 CREATE INDEX events_finished ON events (finished_at) WHERE state = 2;
-
-CREATE SEQUENCE lease_tokens;
 
 -- One row per ordering key with active events: the lock that orders every
 -- change to a key's queue (ingest, settle, recovery, replay) across instances.

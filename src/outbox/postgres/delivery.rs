@@ -98,10 +98,13 @@ pub(super) async fn claim(
         let fit = (max - ids.len()).min(behind.len());
         ids.extend(behind.into_iter().take(fit));
     }
+    // The token handed to the worker is the lease's expiry (ms), as in the
+    // SQLite outbox: delivery reads it as the time its requests must end
+    // by. With the owner it still fences: a later claim of the same event,
+    // by anyone, ends later.
     let until = now + lease.as_millis() as i64;
     let rows = sqlx::query(
-        "WITH tok AS (SELECT nextval('lease_tokens') AS t) \
-         UPDATE events SET lease_owner = $2, lease_token = tok.t, lease_until = $3 FROM tok \
+        "UPDATE events SET lease_owner = $2, lease_token = $3, lease_until = $3 \
          WHERE id = ANY($1) \
          RETURNING id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions, lease_token",
     )

@@ -37,6 +37,9 @@ CREATE TABLE events (
 CREATE INDEX events_due ON events (next_attempt_at, id) WHERE state = 0 AND lease_token IS NULL;
 -- A key's active events in order (promotion, followers of a claimed head).
 CREATE INDEX events_key ON events (order_key, id) WHERE state IN (0, 4, 5);
+-- A key's heads (normally one): normalisation finds a stray head without
+-- walking the key's whole queue.
+CREATE INDEX events_key_heads ON events (order_key, id) WHERE state IN (0, 4);
 -- Whether a key has an event in flight.
 CREATE INDEX events_key_leased ON events (order_key) WHERE lease_token IS NOT NULL;
 -- Lease recovery: by owner (dead instances) and by expiry.

@@ -10,6 +10,8 @@ use std::time::Duration;
 /// Rows one pass deletes at most per table: a pass stays short however
 /// much is due, and the next pass continues.
 const PRUNE_BATCH: i64 = 10_000;
+/// Key rows looked at per pass.
+const KEY_PAGE: i64 = 5_000;
 /// Held heads looked at per pass.
 const HELD_PAGE: i64 = 500;
 
@@ -92,8 +94,10 @@ pub(super) async fn maintain(
     }
 
     report.pruned_events = sqlx::query(
-        "DELETE FROM events WHERE id IN (SELECT id FROM events WHERE state = 2 \
-         AND finished_at < $1 ORDER BY finished_at LIMIT $2)",
+        // ARRAY(...): the batch's ids are looked up one by one, never a
+        // join against the whole table.
+        "DELETE FROM events WHERE id = ANY(ARRAY(SELECT id FROM events WHERE state = 2 \
+         AND finished_at < $1 ORDER BY finished_at LIMIT $2))",
     )
     .bind(now - retention.as_millis() as i64)
     .bind(PRUNE_BATCH)
@@ -102,8 +106,8 @@ pub(super) async fn maintain(
     .map_err(pg_error)?
     .rows_affected();
     report.pruned_message_ids = sqlx::query(
-        "DELETE FROM message_ids WHERE (source, message_id) IN \
-         (SELECT source, message_id FROM message_ids WHERE seen_at < $1 LIMIT $2)",
+        "DELETE FROM message_ids WHERE ctid = ANY(ARRAY(SELECT ctid FROM message_ids \
+         WHERE seen_at < $1 ORDER BY seen_at LIMIT $2))",
     )
     .bind(now - inner.config.dedup_window.as_millis() as i64)
     .bind(PRUNE_BATCH)
@@ -111,13 +115,28 @@ pub(super) async fn maintain(
     .await
     .map_err(pg_error)?
     .rows_affected();
-    // Key rows of idle keys: locked first (skipping keys in use), then
-    // deleted only if still idle in a snapshot taken under the lock.
-    let idle: Vec<String> = sqlx::query_scalar(
-        "SELECT order_key FROM order_keys k WHERE NOT EXISTS (SELECT 1 FROM events e \
-         WHERE e.order_key = k.order_key AND e.state IN (0, 4, 5)) LIMIT $1 FOR UPDATE SKIP LOCKED",
+    // Key rows of idle keys, a page of the key table per pass (resuming
+    // where the last pass stopped): locked first (skipping keys in use),
+    // then deleted only if still idle in a snapshot taken under the lock.
+    let key_cursor = inner.key_cursor.lock().expect("cursor lock").clone();
+    let page: Vec<String> = sqlx::query_scalar(
+        "SELECT order_key FROM order_keys WHERE order_key > $1 ORDER BY order_key LIMIT $2",
     )
-    .bind(PRUNE_BATCH)
+    .bind(&key_cursor)
+    .bind(KEY_PAGE)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    let next_key_cursor = match page.last() {
+        Some(last) if page.len() as i64 == KEY_PAGE => last.clone(),
+        _ => String::new(),
+    };
+    let idle: Vec<String> = sqlx::query_scalar(
+        "SELECT order_key FROM order_keys k WHERE order_key = ANY($1) AND NOT EXISTS \
+         (SELECT 1 FROM events e WHERE e.order_key = k.order_key AND e.state IN (0, 4, 5)) \
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(&page)
     .fetch_all(&mut *tx)
     .await
     .map_err(pg_error)?;
@@ -138,6 +157,7 @@ pub(super) async fn maintain(
         .map_err(pg_error)?;
     tx.commit().await.map_err(pg_error)?;
     *inner.held_cursor.lock().expect("cursor lock") = next_cursor;
+    *inner.key_cursor.lock().expect("cursor lock") = next_key_cursor;
     Ok(Some(report))
 }
 

@@ -96,6 +96,7 @@ struct Inner {
     ingest: mpsc::Sender<ingest::Request>,
     stored: Arc<Notify>,
     held_cursor: Mutex<i64>,
+    key_cursor: Mutex<String>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -226,6 +227,7 @@ impl PgOutbox {
                 ingest: tx,
                 stored,
                 held_cursor: Mutex::new(0),
+                key_cursor: Mutex::new(String::new()),
                 tasks: vec![writer, beat],
             }),
         })

@@ -1003,3 +1003,15 @@ async fn audience_updates_are_stored_read_and_settled() {
     assert_eq!(a.sync_next_run_at().await.unwrap(), Some(42));
     assert_eq!(a.status().await.unwrap().sync.last_run_sent, 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_a_transient_error() {
+    // Nothing listens on port 1: the answer is quick and says "try again",
+    // so ingest can answer 503 rather than 500.
+    let err = PgOutbox::connect("postgres://root@127.0.0.1:1/test", config())
+        .await
+        .err()
+        .expect("no server");
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("unreachable"), "{err}");
+}

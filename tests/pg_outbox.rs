@@ -664,6 +664,15 @@ async fn status_counts_are_exact_and_dead_letters_replay_and_purge() {
     );
     // The last failure of the batch, in its order.
     assert_eq!(s.last_error.as_deref(), Some("HTTP 500"));
+    let ring: Vec<(&str, &str, i64)> = s
+        .recent_errors
+        .iter()
+        .map(|e| (e.error.as_str(), e.outcome.as_str(), e.events))
+        .collect();
+    assert_eq!(
+        ring,
+        [("HTTP 500", "retry", 1), ("HTTP 400 bad event", "dead", 1)]
+    );
     assert!(s.last_delivery_at.is_some());
     assert_eq!(s.per_minute.iter().map(|m| m.delivered).sum::<i64>(), 3);
 

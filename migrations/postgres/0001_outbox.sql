@@ -75,7 +75,9 @@ CREATE TABLE instances (
     heartbeat_at     BIGINT NOT NULL,
     last_delivery_at BIGINT,
     last_error       TEXT,
-    last_error_at    BIGINT
+    last_error_at    BIGINT,
+    -- The instance's ring of recent errors (JSON), merged by status.
+    recent_errors    TEXT
 );
 
 CREATE TABLE identities (

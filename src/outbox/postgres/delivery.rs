@@ -2,6 +2,7 @@
 //! `postgres` for the ordering design they keep).
 
 use super::{add_counters, bump_minute, lock_keys, pg_error};
+use crate::outbox::recent_errors::{self, RecentError};
 use crate::outbox::{ClaimedEvent, SettleOutcome, Settlement, StoreError, now_ms};
 use sqlx::{PgConnection, PgPool, Row};
 use std::collections::{HashMap, HashSet};
@@ -196,6 +197,7 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
     let (mut rel_ids, mut rel_actions): (Vec<i64>, Vec<Option<&str>>) = Default::default();
     let mut held_items: Vec<(&Settlement, &str, i64)> = Vec::new();
     let mut last_error: Option<&str> = None;
+    let mut reports: Vec<(&str, &'static str, i64)> = Vec::new();
     for s in &items {
         match &s.outcome {
             SettleOutcome::Delivered => {
@@ -205,10 +207,12 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
             SettleOutcome::Retry { at, error } => {
                 retry.push(s, Some(*at), error, now);
                 last_error = Some(error);
+                note_error(&mut reports, error, "retry");
             }
             SettleOutcome::Dead { reason } => {
                 dead.push(s, None, reason, now);
                 last_error = Some(reason);
+                note_error(&mut reports, reason, "dead");
             }
             SettleOutcome::Release => {
                 rel_ids.push(s.id);
@@ -341,7 +345,85 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
+    record_errors(&mut tx, me, &reports, now).await?;
     tx.commit().await.map_err(pg_error)?;
+    Ok(())
+}
+
+/// Counts one event under its (error, outcome) for the recent-errors ring.
+fn note_error<'a>(
+    reports: &mut Vec<(&'a str, &'static str, i64)>,
+    error: &'a str,
+    outcome: &'static str,
+) {
+    match reports
+        .iter_mut()
+        .find(|(e, o, _)| *e == error && *o == outcome)
+    {
+        Some(r) => r.2 += 1,
+        None => reports.push((error, outcome, 1)),
+    }
+}
+
+/// Longest error text kept in one ring entry.
+const ERROR_CHARS: usize = 500;
+
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(ERROR_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// Adds reports to this instance's ring of recent errors (its own row, so
+/// no other instance waits on it); status merges the instances' rings.
+/// Runs of the same error with the same outcome merge into one entry.
+pub(super) async fn record_errors(
+    conn: &mut PgConnection,
+    me: i64,
+    reports: &[(&str, &'static str, i64)],
+    now: i64,
+) -> Result<(), StoreError> {
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let current: Option<String> =
+        sqlx::query_scalar("SELECT recent_errors FROM instances WHERE id = $1")
+            .bind(me)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg_error)?
+            .flatten();
+    let mut ring = recent_errors::parse(current.as_deref());
+    let at = crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
+    );
+    for (error, outcome, events) in reports {
+        let error = clip(error);
+        match ring.first_mut() {
+            Some(head) if head.error == error && head.outcome == *outcome => {
+                head.at = at.clone();
+                head.events += events;
+            }
+            _ => ring.insert(
+                0,
+                RecentError {
+                    at: at.clone(),
+                    first_at: at.clone(),
+                    error,
+                    outcome: (*outcome).to_string(),
+                    events: *events,
+                },
+            ),
+        }
+    }
+    ring.truncate(recent_errors::KEEP);
+    sqlx::query("UPDATE instances SET recent_errors = $2 WHERE id = $1")
+        .bind(me)
+        .bind(serde_json::to_string(&ring).expect("entries serialise"))
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
     Ok(())
 }
 

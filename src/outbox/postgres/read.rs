@@ -3,6 +3,7 @@
 
 use super::pg_error;
 use crate::outbox::read::PER_MINUTE_WINDOW;
+use crate::outbox::recent_errors::{self, RecentError};
 use crate::outbox::{
     DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, StoreError, SyncStatus, now_ms,
 };
@@ -65,6 +66,18 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
         .fetch_one(&mut *tx)
         .await
         .map_err(pg_error)?;
+    let rings: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT recent_errors FROM instances WHERE recent_errors IS NOT NULL")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(pg_error)?;
+    // Newest first across instances (RFC 3339 in UTC sorts as text).
+    let mut recent: Vec<RecentError> = rings
+        .iter()
+        .flat_map(|r| recent_errors::parse(r.as_deref()))
+        .collect();
+    recent.sort_by(|a, b| b.at.cmp(&a.at));
+    recent.truncate(recent_errors::KEEP);
     // Ids grow with commit order per key, and a key's head is its lowest
     // active id: the first head is the oldest waiting event unless heads
     // are held; then the first event queued behind the oldest held heads.
@@ -123,7 +136,7 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
         last_delivery_at: last_delivery.map(rfc3339),
         last_error,
         last_error_at: last_error_at.map(rfc3339),
-        recent_errors: Vec::new(),
+        recent_errors: recent,
         accepted: c("accepted"),
         filtered: c("filtered"),
         duplicates: c("duplicates"),

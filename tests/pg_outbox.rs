@@ -975,6 +975,14 @@ async fn audience_updates_are_stored_read_and_settled() {
     e.audience = vec![("attr_Plan".into(), "\"pro\"".into())];
     a.ingest(vec![e]).await.unwrap();
     assert_eq!(a.audience_users_after("", 10).await.unwrap(), ["u1"]);
+    let mut more = ev("u2", "m-2");
+    more.forward = false;
+    more.audience = vec![
+        ("attr_Plan".into(), "\"free\"".into()),
+        ("attr_Seats".into(), "3".into()),
+    ];
+    a.ingest(vec![more]).await.unwrap();
+    assert_eq!(a.status().await.unwrap().sync.pending_contacts, 2);
     let pending = a
         .audience_pending_for(&["u1".into()], now_ms())
         .await
@@ -998,7 +1006,8 @@ async fn audience_updates_are_stored_read_and_settled() {
     a.audience(AudienceOp::Schedule { next_run_at: 42 })
         .await
         .unwrap();
-    assert!(a.audience_users_after("", 10).await.unwrap().is_empty());
+    assert_eq!(a.audience_users_after("", 10).await.unwrap(), ["u2"]);
+    assert_eq!(a.status().await.unwrap().sync.pending_contacts, 1);
     let key = (
         "acct".to_string(),
         "acct-contact".to_string(),

@@ -114,7 +114,10 @@ CREATE TABLE counters (
     accepted   BIGINT NOT NULL DEFAULT 0,
     duplicates BIGINT NOT NULL DEFAULT 0,
     filtered   BIGINT NOT NULL DEFAULT 0,
-    retries    BIGINT NOT NULL DEFAULT 0
+    retries    BIGINT NOT NULL DEFAULT 0,
+    -- Users with at least one pending audience update (the sync lane's
+    -- backlog), kept by the audience_pending triggers.
+    sync_contacts BIGINT NOT NULL DEFAULT 0
 );
 INSERT INTO counters (shard) SELECT generate_series(0, 15);
 
@@ -205,3 +208,41 @@ CREATE TRIGGER events_count_delete AFTER DELETE ON events
 CREATE TRIGGER events_count_update AFTER UPDATE ON events
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION events_counted_update();
+
+-- Pending audience attributes per user, so that the number of users with
+-- pending updates is kept exactly without counting the table. Row-level:
+-- the per-user row's lock orders concurrent changes of one user.
+CREATE TABLE audience_users (
+    user_id TEXT PRIMARY KEY,
+    n       INTEGER NOT NULL
+);
+
+CREATE FUNCTION audience_pending_added() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    now_pending INTEGER;
+BEGIN
+    INSERT INTO audience_users (user_id, n) VALUES (NEW.user_id, 1)
+    ON CONFLICT (user_id) DO UPDATE SET n = audience_users.n + 1
+    RETURNING n INTO now_pending;
+    IF now_pending = 1 THEN
+        UPDATE counters SET sync_contacts = sync_contacts + 1 WHERE shard = txid_current() % 16;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE FUNCTION audience_pending_removed() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    left_pending INTEGER;
+BEGIN
+    UPDATE audience_users SET n = n - 1 WHERE user_id = OLD.user_id RETURNING n INTO left_pending;
+    IF left_pending = 0 THEN
+        DELETE FROM audience_users WHERE user_id = OLD.user_id;
+        UPDATE counters SET sync_contacts = sync_contacts - 1 WHERE shard = txid_current() % 16;
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER audience_pending_count_insert AFTER INSERT ON audience_pending
+    FOR EACH ROW EXECUTE FUNCTION audience_pending_added();
+CREATE TRIGGER audience_pending_count_delete AFTER DELETE ON audience_pending
+    FOR EACH ROW EXECUTE FUNCTION audience_pending_removed();

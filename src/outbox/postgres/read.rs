@@ -36,6 +36,7 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
         "duplicates",
         "filtered",
         "retries",
+        "sync_contacts",
     ];
     let sums: Vec<String> = names
         .iter()
@@ -144,7 +145,7 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
         sync: SyncStatus {
             last_run_at: meta_time("sync_last_run_at"),
             next_run_at: meta_time("sync_next_run_at"),
-            pending_contacts: m("sync_pending_contacts"),
+            pending_contacts: c("sync_contacts"),
             last_run_sent: m("sync_last_run_sent"),
             last_run_skipped: m("sync_last_run_skipped"),
         },

@@ -10,6 +10,8 @@ mod recent_errors;
 mod reserve;
 mod writer;
 
+pub mod postgres;
+
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
 pub use lock::{DatabaseLock, lock_path};
 pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, SyncStatus};

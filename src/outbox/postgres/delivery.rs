@@ -1,0 +1,498 @@
+//! Claims, settlements and lease recovery (see the module doc of
+//! `postgres` for the ordering design they keep).
+
+use super::{add_counters, bump_minute, lock_keys, pg_error};
+use crate::outbox::recent_errors::{self, RecentError};
+use crate::outbox::{ClaimedEvent, SettleOutcome, Settlement, StoreError, now_ms};
+use sqlx::{PgConnection, PgPool, Row};
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+/// Failed attempts remembered per event for dead-letter inspection.
+const HISTORY_KEEP: i32 = 20;
+/// Keys whose leases one recovery pass brings back at most.
+const RECOVER_PAGE: i64 = 1000;
+
+pub(super) async fn claim(
+    pool: &PgPool,
+    me: i64,
+    max: usize,
+    lease: Duration,
+) -> Result<Vec<ClaimedEvent>, StoreError> {
+    let now = now_ms();
+    let mut tx = pool.begin().await.map_err(pg_error)?;
+    // Candidates without locks: twice the batch, so that heads another
+    // instance is claiming right now (their keys are skipped) leave room.
+    let candidates: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, order_key FROM events WHERE state = 0 AND lease_token IS NULL \
+         AND next_attempt_at <= $1 ORDER BY next_attempt_at, id LIMIT $2",
+    )
+    .bind(now)
+    .bind((max * 2) as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    if candidates.is_empty() {
+        tx.commit().await.map_err(pg_error)?;
+        return Ok(Vec::new());
+    }
+    let keys: Vec<&str> = candidates.iter().map(|(_, k)| k.as_str()).collect();
+    let locked: Vec<String> = sqlx::query_scalar(
+        "SELECT order_key FROM order_keys WHERE order_key = ANY($1) ORDER BY order_key \
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(&keys)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    let locked: HashSet<&str> = locked.iter().map(String::as_str).collect();
+    let wanted: Vec<i64> = candidates
+        .iter()
+        .filter(|(_, k)| locked.contains(k.as_str()))
+        .map(|(id, _)| *id)
+        .collect();
+    // Re-read under the key locks: a head another instance leased or a
+    // settle moved since the candidate read is left alone.
+    let heads: Vec<i64> = sqlx::query_scalar(
+        "SELECT h.id FROM events h WHERE h.id = ANY($1) AND h.state = 0 AND h.lease_token IS NULL \
+         AND NOT EXISTS (SELECT 1 FROM events l WHERE l.order_key = h.order_key AND l.lease_token IS NOT NULL) \
+         ORDER BY h.next_attempt_at, h.id LIMIT $2",
+    )
+    .bind(&wanted)
+    .bind(max as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    if heads.is_empty() {
+        tx.commit().await.map_err(pg_error)?;
+        return Ok(Vec::new());
+    }
+    // Each head brings the events queued behind it, in order, before the
+    // next head is taken. The room per head is what the heads leave free.
+    let room = max - heads.len();
+    let mut followers: HashMap<i64, Vec<i64>> = HashMap::new();
+    if room > 0 {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT h.id, f.id FROM unnest($1::int8[]) AS h(id) \
+             JOIN events he ON he.id = h.id \
+             CROSS JOIN LATERAL (SELECT e.id FROM events e WHERE e.order_key = he.order_key \
+                 AND e.state = 5 AND e.lease_token IS NULL AND e.id > he.id ORDER BY e.id LIMIT $2) f",
+        )
+        .bind(&heads)
+        .bind(room as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+        for (h, f) in rows {
+            followers.entry(h).or_default().push(f);
+        }
+    }
+    let mut ids: Vec<i64> = Vec::with_capacity(max);
+    for h in &heads {
+        if ids.len() >= max {
+            // Heads that do not fit stay due for the next claim.
+            break;
+        }
+        ids.push(*h);
+        let mut behind = followers.remove(h).unwrap_or_default();
+        behind.sort_unstable();
+        let fit = (max - ids.len()).min(behind.len());
+        ids.extend(behind.into_iter().take(fit));
+    }
+    // The token handed to the worker is the lease's expiry (ms), as in the
+    // SQLite outbox: delivery reads it as the time its requests must end
+    // by. With the owner it still fences: a later claim of the same event,
+    // by anyone, ends later.
+    let until = now + lease.as_millis() as i64;
+    let rows = sqlx::query(
+        "UPDATE events SET lease_owner = $2, lease_token = $3, lease_until = $3 \
+         WHERE id = ANY($1) \
+         RETURNING id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions, lease_token",
+    )
+    .bind(&ids)
+    .bind(me)
+    .bind(until)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    tx.commit().await.map_err(pg_error)?;
+    let mut claimed: Vec<ClaimedEvent> = rows
+        .into_iter()
+        .map(|r| ClaimedEvent {
+            id: r.get(0),
+            order_key: r.get(1),
+            kind: r.get(2),
+            payload: r.get(3),
+            attempts: r.get::<i32, _>(4) as i64 + 1,
+            accepted_at: r.get(5),
+            first_attempt_at: r.get::<Option<i64>, _>(6).unwrap_or(now),
+            lease: r.get(8),
+            claimed_at: now,
+            actions: r.get(7),
+        })
+        .collect();
+    claimed.sort_by_key(|c| c.id);
+    Ok(claimed)
+}
+
+fn history_entry(now: i64, error: &str) -> String {
+    serde_json::json!({ "at": crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(now).unwrap_or_default()), "error": error })
+    .to_string()
+}
+
+/// Failed attempts of one kind (retry or dead), as columns for `unnest`.
+#[derive(Default)]
+struct Failures<'a> {
+    ids: Vec<i64>,
+    at: Vec<i64>,
+    first: Vec<i64>,
+    error: Vec<&'a str>,
+    entry: Vec<String>,
+    actions: Vec<Option<&'a str>>,
+}
+
+impl<'a> Failures<'a> {
+    fn push(&mut self, s: &'a Settlement, at: Option<i64>, error: &'a str, now: i64) {
+        self.ids.push(s.id);
+        self.at.extend(at);
+        self.first.push(s.first_attempt_at);
+        self.error.push(error);
+        self.entry.push(history_entry(now, error));
+        self.actions.push(s.actions.as_deref());
+    }
+}
+
+pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Result<(), StoreError> {
+    let now = now_ms();
+    let mut tx = pool.begin().await.map_err(pg_error)?;
+    let keys: Vec<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
+    lock_keys(&mut tx, &keys).await?;
+    // Fencing: only rows that still carry this instance's lease token count.
+    let ids: Vec<i64> = items.iter().map(|s| s.id).collect();
+    let tokens: Vec<i64> = items.iter().map(|s| s.lease).collect();
+    let held: Vec<i64> = sqlx::query_scalar(
+        "UPDATE events e SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+         FROM unnest($1::int8[], $2::int8[]) AS t(id, tok) \
+         WHERE e.id = t.id AND e.lease_token = t.tok AND e.lease_owner = $3 RETURNING e.id",
+    )
+    .bind(&ids)
+    .bind(&tokens)
+    .bind(me)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    let held: HashSet<i64> = held.into_iter().collect();
+    let ignored = items.len() - held.len();
+    if ignored > 0 {
+        tracing::info!(
+            events = ignored,
+            "outcomes ignored: their lease is no longer held"
+        );
+    }
+    let items: Vec<&Settlement> = items.iter().filter(|s| held.contains(&s.id)).collect();
+
+    let (mut delivered, mut del_first) = (Vec::new(), Vec::new());
+    let (mut retry, mut dead) = (Failures::default(), Failures::default());
+    let (mut rel_ids, mut rel_actions): (Vec<i64>, Vec<Option<&str>>) = Default::default();
+    let mut held_items: Vec<(&Settlement, &str, i64)> = Vec::new();
+    let mut last_error: Option<&str> = None;
+    let mut reports: Vec<(&str, &'static str, i64)> = Vec::new();
+    for s in &items {
+        match &s.outcome {
+            SettleOutcome::Delivered => {
+                delivered.push(s.id);
+                del_first.push(s.first_attempt_at);
+            }
+            SettleOutcome::Retry { at, error } => {
+                retry.push(s, Some(*at), error, now);
+                last_error = Some(error);
+                note_error(&mut reports, error, "retry");
+            }
+            SettleOutcome::Dead { reason } => {
+                dead.push(s, None, reason, now);
+                last_error = Some(reason);
+                note_error(&mut reports, reason, "dead");
+            }
+            SettleOutcome::Release => {
+                rel_ids.push(s.id);
+                rel_actions.push(s.actions.as_deref());
+            }
+            SettleOutcome::Held { error, map_as_of } => held_items.push((s, error, *map_as_of)),
+        }
+    }
+    if !delivered.is_empty() {
+        sqlx::query(
+            "UPDATE events e SET state = 2, finished_at = $3, attempts = e.attempts + 1, \
+             first_attempt_at = t.first FROM unnest($1::int8[], $2::int8[]) AS t(id, first) \
+             WHERE e.id = t.id",
+        )
+        .bind(&delivered)
+        .bind(&del_first)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+    // Retried and released events are queued; the normalisation below makes
+    // the earliest of each key its head again, keeping its retry time.
+    if !retry.ids.is_empty() {
+        sqlx::query(
+            "UPDATE events e SET state = 5, next_attempt_at = t.at, attempts = e.attempts + 1, \
+             first_attempt_at = t.first, last_error = t.err, \
+             history = (CASE WHEN jsonb_array_length(COALESCE(e.history, '[]'::jsonb)) >= $7 \
+                 THEN COALESCE(e.history, '[]'::jsonb) - 0 ELSE COALESCE(e.history, '[]'::jsonb) END) \
+                 || jsonb_build_array(t.entry::jsonb), \
+             actions = COALESCE(e.actions, t.actions) \
+             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], $6::text[]) \
+                  AS t(id, at, first, err, entry, actions) \
+             WHERE e.id = t.id",
+        )
+        .bind(&retry.ids)
+        .bind(&retry.at)
+        .bind(&retry.first)
+        .bind(&retry.error)
+        .bind(&retry.entry)
+        .bind(&retry.actions)
+        .bind(HISTORY_KEEP)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+    if !rel_ids.is_empty() {
+        sqlx::query(
+            "UPDATE events e SET state = 5, next_attempt_at = $3, actions = COALESCE(e.actions, t.actions) \
+             FROM unnest($1::int8[], $2::text[]) AS t(id, actions) WHERE e.id = t.id",
+        )
+        .bind(&rel_ids)
+        .bind(&rel_actions)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+    for (s, error, map_as_of) in &held_items {
+        sqlx::query(
+            "UPDATE events SET state = 5, next_attempt_at = $2, attempts = attempts + 1, \
+             first_attempt_at = $3, last_error = $4, actions = COALESCE(actions, $5) WHERE id = $1",
+        )
+        .bind(s.id)
+        .bind(*map_as_of)
+        .bind(s.first_attempt_at)
+        .bind(*error)
+        .bind(s.actions.as_deref())
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+    if !dead.ids.is_empty() {
+        sqlx::query(
+            "UPDATE events e SET state = 3, finished_at = $6, attempts = e.attempts + 1, \
+             first_attempt_at = t.first, reason = t.reason, last_error = t.reason, \
+             history = COALESCE(e.history, '[]'::jsonb) || jsonb_build_array(t.entry::jsonb), \
+             actions = COALESCE(e.actions, t.actions) \
+             FROM unnest($1::int8[], $2::int8[], $3::text[], $4::text[], $5::text[]) \
+                  AS t(id, first, reason, entry, actions) \
+             WHERE e.id = t.id",
+        )
+        .bind(&dead.ids)
+        .bind(&dead.first)
+        .bind(&dead.error)
+        .bind(&dead.entry)
+        .bind(&dead.actions)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+    normalize(&mut tx, &keys).await?;
+    // A held outcome that left its event at the head holds the key, unless
+    // the identity map learned the user's ids after the worker read it (the
+    // identify's release may have run before this hold: the key lock orders
+    // the two, and this read sees the identify if it committed first).
+    for (s, _, map_as_of) in &held_items {
+        sqlx::query(
+            "UPDATE events SET state = CASE WHEN EXISTS (SELECT 1 FROM identities \
+                 WHERE user_id = $2 AND updated_at >= $3) THEN 0 ELSE 4 END, \
+             next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM identities \
+                 WHERE user_id = $2 AND updated_at >= $3) THEN $4 ELSE next_attempt_at END \
+             WHERE id = $1 AND state = 0",
+        )
+        .bind(s.id)
+        .bind(&s.order_key)
+        .bind(*map_as_of)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+    let failed = (retry.ids.len() + dead.ids.len()) as i64;
+    add_counters(&mut tx, &[("retries", retry.ids.len() as i64)]).await?;
+    bump_minute(&mut tx, now, 0, delivered.len() as i64, failed).await?;
+    if !delivered.is_empty() || last_error.is_some() {
+        sqlx::query(
+            "UPDATE instances SET \
+             last_delivery_at = CASE WHEN $2 THEN $3 ELSE last_delivery_at END, \
+             last_error = COALESCE($4, last_error), \
+             last_error_at = CASE WHEN $4 IS NULL THEN last_error_at ELSE $3 END \
+             WHERE id = $1",
+        )
+        .bind(me)
+        .bind(!delivered.is_empty())
+        .bind(now)
+        .bind(last_error)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+    record_errors(&mut tx, me, &reports, now).await?;
+    tx.commit().await.map_err(pg_error)?;
+    Ok(())
+}
+
+/// Counts one event under its (error, outcome) for the recent-errors ring.
+fn note_error<'a>(
+    reports: &mut Vec<(&'a str, &'static str, i64)>,
+    error: &'a str,
+    outcome: &'static str,
+) {
+    match reports
+        .iter_mut()
+        .find(|(e, o, _)| *e == error && *o == outcome)
+    {
+        Some(r) => r.2 += 1,
+        None => reports.push((error, outcome, 1)),
+    }
+}
+
+/// Longest error text kept in one ring entry.
+const ERROR_CHARS: usize = 500;
+
+fn clip(text: &str) -> String {
+    match text.char_indices().nth(ERROR_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// Adds reports to this instance's ring of recent errors (its own row, so
+/// no other instance waits on it); status merges the instances' rings.
+/// Runs of the same error with the same outcome merge into one entry.
+pub(super) async fn record_errors(
+    conn: &mut PgConnection,
+    me: i64,
+    reports: &[(&str, &'static str, i64)],
+    now: i64,
+) -> Result<(), StoreError> {
+    if reports.is_empty() {
+        return Ok(());
+    }
+    let current: Option<String> =
+        sqlx::query_scalar("SELECT recent_errors FROM instances WHERE id = $1")
+            .bind(me)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg_error)?
+            .flatten();
+    let mut ring = recent_errors::parse(current.as_deref());
+    let at = crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
+    );
+    for (error, outcome, events) in reports {
+        let error = clip(error);
+        match ring.first_mut() {
+            Some(head) if head.error == error && head.outcome == *outcome => {
+                head.at = at.clone();
+                head.events += events;
+            }
+            _ => ring.insert(
+                0,
+                RecentError {
+                    at: at.clone(),
+                    first_at: at.clone(),
+                    error,
+                    outcome: (*outcome).to_string(),
+                    events: *events,
+                },
+            ),
+        }
+    }
+    ring.truncate(recent_errors::KEEP);
+    sqlx::query("UPDATE instances SET recent_errors = $2 WHERE id = $1")
+        .bind(me)
+        .bind(serde_json::to_string(&ring).expect("entries serialise"))
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+    Ok(())
+}
+
+/// Restores the per-key invariant for keys the caller has locked: the
+/// lowest active id is the head (state 0, or 4 if it was held), every other
+/// active event is queued. Keys with an event in flight are left alone:
+/// their settle normalises them.
+pub(super) async fn normalize(conn: &mut PgConnection, keys: &[&str]) -> Result<(), StoreError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let heads = "WITH k AS (SELECT DISTINCT unnest($1::text[]) AS key), \
+         h AS (SELECT k.key, (SELECT e.id FROM events e WHERE e.order_key = k.key \
+                   AND e.state IN (0, 4, 5) ORDER BY e.id LIMIT 1) AS head \
+               FROM k WHERE NOT EXISTS (SELECT 1 FROM events l \
+                   WHERE l.order_key = k.key AND l.lease_token IS NOT NULL)) ";
+    sqlx::query(&format!(
+        "{heads} UPDATE events e SET state = 5 FROM h \
+         WHERE e.order_key = h.key AND e.state IN (0, 4) AND e.id > h.head"
+    ))
+    .bind(keys)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    sqlx::query(&format!(
+        "{heads} UPDATE events e SET state = 0 FROM h WHERE e.id = h.head AND e.state = 5"
+    ))
+    .bind(keys)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+/// Brings back leases that expired or whose owner's heartbeat is older
+/// than `expiry`, under the keys' locks, and normalises those keys. A live
+/// instance's unexpired lease is never taken.
+pub(super) async fn recover_leases(
+    conn: &mut PgConnection,
+    now: i64,
+    expiry: Duration,
+) -> Result<u64, StoreError> {
+    let dead_before = now - expiry.as_millis() as i64;
+    let stale = "lease_token IS NOT NULL AND (lease_until < $2 OR lease_owner IN \
+                 (SELECT id FROM instances WHERE heartbeat_at < $3))";
+    let keys: Vec<String> = sqlx::query_scalar(&format!(
+        "SELECT DISTINCT order_key FROM events WHERE {stale} AND $1::int8 IS NULL LIMIT {RECOVER_PAGE}"
+    ))
+    .bind(None::<i64>)
+    .bind(now)
+    .bind(dead_before)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    lock_keys(conn, &keys).await?;
+    let r = sqlx::query(&format!(
+        "UPDATE events SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
+         WHERE order_key = ANY($1) AND {stale}"
+    ))
+    .bind(&keys)
+    .bind(now)
+    .bind(dead_before)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    normalize(conn, &keys).await?;
+    Ok(r.rows_affected())
+}

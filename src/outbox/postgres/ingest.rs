@@ -1,0 +1,446 @@
+//! Group commit per instance: one task takes whatever ingest requests are
+//! queued into one transaction and answers each only after the commit.
+//! Every statement covers the whole group (arrays through `unnest`), so a
+//! group costs the same few round trips however many events it holds.
+
+use super::{PgConfig, add_counters, bump_minute, lock_keys, pg_error, retryable};
+use crate::outbox::{IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms, state};
+use sqlx::PgPool;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use tokio::sync::{Notify, mpsc, oneshot};
+
+/// How many queued requests one transaction takes at most.
+const GROUP_CAP: usize = 256;
+
+pub(super) struct Request {
+    pub events: Vec<NewEvent>,
+    pub reply: oneshot::Sender<Result<IngestReceipt, StoreError>>,
+}
+
+pub(super) async fn run(
+    pool: PgPool,
+    config: PgConfig,
+    stored: Arc<Notify>,
+    mut rx: mpsc::Receiver<Request>,
+) {
+    let mut group: Vec<Request> = Vec::with_capacity(GROUP_CAP);
+    while let Some(first) = rx.recv().await {
+        group.push(first);
+        while group.len() < GROUP_CAP {
+            match rx.try_recv() {
+                Ok(r) => group.push(r),
+                Err(_) => break,
+            }
+        }
+        let requests: Vec<&[NewEvent]> = group.iter().map(|r| r.events.as_slice()).collect();
+        let result = commit_with_retry(&pool, &config, &requests).await;
+        match result {
+            Ok(receipts) => {
+                for (r, receipt) in group.drain(..).zip(receipts) {
+                    let _ = r.reply.send(Ok(receipt));
+                }
+                stored.notify_waiters();
+            }
+            Err(e) if group.len() == 1 => {
+                if let Some(r) = group.pop() {
+                    let _ = r.reply.send(Err(e));
+                }
+            }
+            Err(_) => {
+                // One request's failure must not fail its neighbours.
+                for r in group.drain(..) {
+                    let single = [r.events.as_slice()];
+                    let result = commit_with_retry(&pool, &config, &single)
+                        .await
+                        .map(|mut v| v.pop().unwrap_or_default());
+                    let _ = r.reply.send(result);
+                }
+                stored.notify_waiters();
+            }
+        }
+    }
+}
+
+async fn commit_with_retry(
+    pool: &PgPool,
+    config: &PgConfig,
+    requests: &[&[NewEvent]],
+) -> Result<Vec<IngestReceipt>, StoreError> {
+    let mut attempt = 0;
+    loop {
+        match commit_group(pool, config, requests).await {
+            Err(e) if retryable(&e) && attempt < 5 => attempt += 1,
+            r => return r,
+        }
+    }
+}
+
+async fn commit_group(
+    pool: &PgPool,
+    config: &PgConfig,
+    requests: &[&[NewEvent]],
+) -> Result<Vec<IngestReceipt>, StoreError> {
+    let now = now_ms();
+    let mut tx = pool.begin().await.map_err(pg_error)?;
+    let all = || requests.iter().flat_map(|r| r.iter());
+
+    // Every key whose queue or held events this group may change.
+    let mut keys: Vec<&str> = Vec::new();
+    for e in all() {
+        if e.forward {
+            keys.push(&e.order_key);
+        }
+        if let Some(id) = &e.identity {
+            keys.push(&id.user_id);
+            if let Some(p) = &id.previous_id {
+                keys.push(p);
+            }
+        }
+    }
+    lock_keys(&mut tx, &keys).await?;
+
+    let total = all().filter(|e| e.forward).count() as u64;
+    let backlog: i64 =
+        sqlx::query_scalar("SELECT COALESCE(sum(s0 + s4 + s5), 0)::bigint FROM counters")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(pg_error)?;
+    if total > 0 && backlog.max(0) as u64 + total > config.max_backlog {
+        return Err(StoreError::Backlog(config.max_backlog));
+    }
+
+    // Deduplicate: within the group the first occurrence counts; against the
+    // table, the upsert returns a row for a new id or one older than the
+    // window. Concurrent inserts of one id (another instance) wait on the
+    // unique index for the other's commit and then see the conflict.
+    let mut first: HashSet<(&str, &str)> = HashSet::new();
+    let (mut sources, mut ids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
+    for e in all() {
+        if first.insert((&e.source, &e.message_id)) {
+            sources.push(&e.source);
+            ids.push(&e.message_id);
+        }
+    }
+    let cutoff = now - config.dedup_window.as_millis() as i64;
+    let fresh_rows: Vec<(String, String)> = sqlx::query_as(
+        "INSERT INTO message_ids (source, message_id, seen_at) \
+         SELECT s, m, $3 FROM unnest($1::text[], $2::text[]) AS t(s, m) ORDER BY s, m \
+         ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
+         WHERE message_ids.seen_at < $4 RETURNING source, message_id",
+    )
+    .bind(&sources)
+    .bind(&ids)
+    .bind(now)
+    .bind(cutoff)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    let fresh: HashSet<(&str, &str)> = fresh_rows
+        .iter()
+        .map(|(s, m)| (s.as_str(), m.as_str()))
+        .collect();
+
+    let mut receipts = Vec::with_capacity(requests.len());
+    let mut taken: HashSet<(&str, &str)> = HashSet::new();
+    let mut to_store: Vec<&NewEvent> = Vec::new();
+    let mut identities: Vec<&IdentityUpdate> = Vec::new();
+    let mut audience: HashMap<(&str, &str), &str> = HashMap::new();
+    for request in requests {
+        let mut receipt = IngestReceipt::default();
+        for e in request.iter() {
+            let k = (e.source.as_str(), e.message_id.as_str());
+            if !fresh.contains(&k) || !taken.insert(k) {
+                receipt.duplicates += 1;
+                continue;
+            }
+            if let Some(id) = &e.identity {
+                identities.push(id);
+            }
+            for (attr, value) in &e.audience {
+                audience.insert((&e.order_key, attr), value);
+            }
+            if !e.forward {
+                receipt.filtered += 1;
+                continue;
+            }
+            to_store.push(e);
+            receipt.stored += 1;
+        }
+        receipts.push(receipt);
+    }
+
+    if !to_store.is_empty() {
+        let mut distinct: Vec<&str> = to_store.iter().map(|e| e.order_key.as_str()).collect();
+        distinct.sort_unstable();
+        distinct.dedup();
+        // Keys already active stay as they are; for the others the first
+        // event of the group becomes the head. The key locks make this
+        // answer hold until commit.
+        let busy: Vec<String> = sqlx::query_scalar(
+            "SELECT k FROM unnest($1::text[]) AS t(k) WHERE EXISTS \
+             (SELECT 1 FROM events e WHERE e.order_key = t.k AND e.state IN (0, 4, 5))",
+        )
+        .bind(&distinct)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+        let mut active: HashSet<&str> = busy.iter().map(String::as_str).collect();
+        let states: Vec<i16> = to_store
+            .iter()
+            .map(|e| {
+                if active.insert(e.order_key.as_str()) {
+                    state::PENDING as i16
+                } else {
+                    state::QUEUED as i16
+                }
+            })
+            .collect();
+        let col = |f: fn(&NewEvent) -> &str| to_store.iter().map(|e| f(e)).collect::<Vec<&str>>();
+        // Ids are assigned in the order of the rows (the group's order).
+        sqlx::query(
+            "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) \
+             SELECT s, m, k, o, p, st, $7, $7 \
+             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[]) \
+                  WITH ORDINALITY AS t(s, m, k, o, p, st, n) ORDER BY n",
+        )
+        .bind(col(|e| &e.source))
+        .bind(col(|e| &e.message_id))
+        .bind(col(|e| e.kind))
+        .bind(col(|e| &e.order_key))
+        .bind(col(|e| &e.payload))
+        .bind(&states)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+
+    // Identifies and groups (ids, no alias) share a few statements for the
+    // whole group; aliases, rarer, go one by one after them.
+    let (aliases, plain): (Vec<&IdentityUpdate>, Vec<&IdentityUpdate>) = identities
+        .into_iter()
+        .partition(|id| id.previous_id.is_some());
+    apply_identities(&mut tx, &plain, now).await?;
+    for id in aliases {
+        apply_identity(&mut tx, id, now).await?;
+    }
+    if !audience.is_empty() {
+        let (mut users, mut attrs, mut values) = (Vec::new(), Vec::new(), Vec::new());
+        for ((u, a), v) in &audience {
+            users.push(*u);
+            attrs.push(*a);
+            values.push(*v);
+        }
+        sqlx::query(
+            "INSERT INTO audience_pending (user_id, attribute, value, updated_at) \
+             SELECT u, a, v, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS t(u, a, v) \
+             ON CONFLICT (user_id, attribute) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+        )
+        .bind(&users)
+        .bind(&attrs)
+        .bind(&values)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+
+    let sum = |f: fn(&IngestReceipt) -> usize| receipts.iter().map(f).sum::<usize>() as i64;
+    let accepted = sum(|r| r.stored);
+    add_counters(
+        &mut tx,
+        &[
+            ("accepted", accepted),
+            ("duplicates", sum(|r| r.duplicates)),
+            ("filtered", sum(|r| r.filtered)),
+        ],
+    )
+    .await?;
+    bump_minute(&mut tx, now, accepted, 0, 0).await?;
+    tx.commit().await.map_err(pg_error)?;
+    Ok(receipts)
+}
+
+/// The identity updates without an alias, in one pass: the map's upsert
+/// (later ids of a user in the group win, as they would one by one), the
+/// aliased ids that learn from them, and the release of held events.
+async fn apply_identities(
+    conn: &mut sqlx::PgConnection,
+    ids: &[&IdentityUpdate],
+    now: i64,
+) -> Result<(), StoreError> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut order: Vec<&str> = Vec::new();
+    let mut merged: HashMap<&str, (Option<&str>, Option<&str>)> = HashMap::new();
+    for id in ids {
+        let entry = merged.entry(id.user_id.as_str()).or_insert_with(|| {
+            order.push(id.user_id.as_str());
+            (None, None)
+        });
+        if let Some(a) = &id.account {
+            entry.0 = Some(a);
+        }
+        if let Some(c) = &id.contact {
+            entry.1 = Some(c);
+        }
+    }
+    let mut users: Vec<&str> = Vec::new();
+    let (mut accounts, mut contacts): (Vec<Option<&str>>, Vec<Option<&str>>) = Default::default();
+    for u in &order {
+        let (a, c) = merged[u];
+        if a.is_some() || c.is_some() {
+            users.push(u);
+            accounts.push(a);
+            contacts.push(c);
+        }
+    }
+    let mut released: Vec<String> = order.iter().map(|u| u.to_string()).collect();
+    if !users.is_empty() {
+        sqlx::query(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT u, a, c, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS t(u, a, c) \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(excluded.account_id, identities.account_id), \
+             contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&users)
+        .bind(&accounts)
+        .bind(&contacts)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+        // Earlier ids aliased to these users learn what they now know.
+        let aliased: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT a.previous_id, i.account_id, i.contact_id, $1 FROM aliases a \
+             JOIN identities i ON i.user_id = a.user_id \
+             WHERE a.user_id = ANY($2) AND a.previous_id <> a.user_id \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(identities.account_id, excluded.account_id), \
+             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+             updated_at = excluded.updated_at \
+             RETURNING user_id",
+        )
+        .bind(now)
+        .bind(&users)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+        if !aliased.is_empty() {
+            let keys: Vec<&str> = aliased.iter().map(String::as_str).collect();
+            lock_keys(conn, &keys).await?;
+        }
+        released.extend(aliased);
+    }
+    sqlx::query(
+        "UPDATE events SET state = 0, next_attempt_at = $1 WHERE order_key = ANY($2) AND state = 4",
+    )
+    .bind(now)
+    .bind(&released)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+/// Updates the identity map and releases the events held for the users it
+/// now knows (by their key, never a scan of held events). The same rules as
+/// the SQLite writer: aliases teach in both directions.
+async fn apply_identity(
+    conn: &mut sqlx::PgConnection,
+    id: &IdentityUpdate,
+    now: i64,
+) -> Result<(), StoreError> {
+    let teaches = id.account.is_some() || id.contact.is_some();
+    if teaches {
+        sqlx::query(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(excluded.account_id, identities.account_id), \
+             contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
+             updated_at = excluded.updated_at",
+        )
+        .bind(&id.user_id)
+        .bind(&id.account)
+        .bind(&id.contact)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+    }
+    let mut released = vec![id.user_id.clone()];
+    if teaches {
+        let aliased: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT a.previous_id, i.account_id, i.contact_id, $1 FROM aliases a \
+             JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = $2 AND a.previous_id <> a.user_id \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(identities.account_id, excluded.account_id), \
+             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+             updated_at = excluded.updated_at \
+             RETURNING user_id",
+        )
+        .bind(now)
+        .bind(&id.user_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+        if !aliased.is_empty() {
+            let keys: Vec<&str> = aliased.iter().map(String::as_str).collect();
+            lock_keys(conn, &keys).await?;
+        }
+        released.extend(aliased);
+    }
+    if let Some(prev) = &id.previous_id {
+        sqlx::query(
+            "INSERT INTO aliases (previous_id, user_id, created_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (previous_id) DO UPDATE SET user_id = excluded.user_id",
+        )
+        .bind(prev)
+        .bind(&id.user_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+        let known: Option<i32> = sqlx::query_scalar("SELECT 1 FROM identities WHERE user_id = $1")
+            .bind(&id.user_id)
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(pg_error)?;
+        let (from, to) = if known.is_some() {
+            (&id.user_id, prev)
+        } else {
+            (prev, &id.user_id)
+        };
+        sqlx::query(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT $1, account_id, contact_id, $2 FROM identities WHERE user_id = $3 \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(identities.account_id, excluded.account_id), \
+             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+             updated_at = excluded.updated_at",
+        )
+        .bind(to)
+        .bind(now)
+        .bind(from)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+        released.push(prev.clone());
+    }
+    // A held event is its key's head: releasing it changes no order.
+    sqlx::query(
+        "UPDATE events SET state = 0, next_attempt_at = $1 WHERE order_key = ANY($2) AND state = 4",
+    )
+    .bind(now)
+    .bind(&released)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}

@@ -1,0 +1,222 @@
+//! Maintenance (one instance at a time, under an advisory lock) and the
+//! dead-letter actions.
+
+use super::{Inner, MAINTENANCE_LOCK, delivery, lock_keys, pg_error};
+use crate::outbox::writer::MaintenanceReport;
+use crate::outbox::{StoreError, now_ms};
+use sqlx::PgPool;
+use std::time::Duration;
+
+/// Rows one pass deletes at most per table: a pass stays short however
+/// much is due, and the next pass continues.
+const PRUNE_BATCH: i64 = 10_000;
+/// Key rows looked at per pass.
+const KEY_PAGE: i64 = 5_000;
+/// Held heads looked at per pass.
+const HELD_PAGE: i64 = 500;
+
+pub(super) async fn maintain(
+    inner: &Inner,
+    retention: Duration,
+    held_budget: Duration,
+) -> Result<Option<MaintenanceReport>, StoreError> {
+    let now = now_ms();
+    let mut tx = inner.pool.begin().await.map_err(pg_error)?;
+    let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
+        .bind(MAINTENANCE_LOCK)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    if !ours {
+        tx.rollback().await.map_err(pg_error)?;
+        return Ok(None);
+    }
+    let mut report = MaintenanceReport {
+        leases_released: delivery::recover_leases(&mut tx, now, inner.config.instance_expiry)
+            .await?,
+        ..Default::default()
+    };
+
+    // The safety net under the identify's release: held heads whose user
+    // has both ids now are due again. A page per pass, resuming where the
+    // last pass stopped.
+    let cursor = *inner.held_cursor.lock().expect("cursor lock");
+    let page: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM events WHERE state = 4 AND id > $1 ORDER BY id LIMIT $2",
+    )
+    .bind(cursor)
+    .bind(HELD_PAGE)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    let next_cursor = match page.last() {
+        Some(last) if page.len() as i64 == HELD_PAGE => *last,
+        _ => 0,
+    };
+    if !page.is_empty() {
+        let r = sqlx::query(
+            "UPDATE events e SET state = 0, next_attempt_at = $2 \
+             WHERE e.id = ANY($1) AND e.state = 4 AND EXISTS (SELECT 1 FROM identities i \
+             WHERE i.user_id = e.order_key AND i.account_id IS NOT NULL AND i.contact_id IS NOT NULL)",
+        )
+        .bind(&page)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+        report.held_released = r.rows_affected();
+    }
+
+    // Held past the budget: dead, and the key's next event becomes its head.
+    let expired: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT id, order_key FROM events WHERE state = 4 \
+         AND COALESCE(first_attempt_at, accepted_at) < $1 ORDER BY id LIMIT 1000",
+    )
+    .bind(now - held_budget.as_millis() as i64)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    if !expired.is_empty() {
+        let keys: Vec<&str> = expired.iter().map(|(_, k)| k.as_str()).collect();
+        let ids: Vec<i64> = expired.iter().map(|(id, _)| *id).collect();
+        lock_keys(&mut tx, &keys).await?;
+        let r = sqlx::query(
+            "UPDATE events SET state = 3, finished_at = $2, reason = 'unresolved identity', \
+             last_error = 'unresolved identity' WHERE id = ANY($1) AND state = 4",
+        )
+        .bind(&ids)
+        .bind(now)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+        report.held_expired = r.rows_affected();
+        delivery::normalize(&mut tx, &keys).await?;
+    }
+
+    report.pruned_events = sqlx::query(
+        // ARRAY(...): the batch's ids are looked up one by one, never a
+        // join against the whole table.
+        "DELETE FROM events WHERE id = ANY(ARRAY(SELECT id FROM events WHERE state = 2 \
+         AND finished_at < $1 ORDER BY finished_at LIMIT $2))",
+    )
+    .bind(now - retention.as_millis() as i64)
+    .bind(PRUNE_BATCH)
+    .execute(&mut *tx)
+    .await
+    .map_err(pg_error)?
+    .rows_affected();
+    report.pruned_message_ids = sqlx::query(
+        "DELETE FROM message_ids WHERE ctid = ANY(ARRAY(SELECT ctid FROM message_ids \
+         WHERE seen_at < $1 ORDER BY seen_at LIMIT $2))",
+    )
+    .bind(now - inner.config.dedup_window.as_millis() as i64)
+    .bind(PRUNE_BATCH)
+    .execute(&mut *tx)
+    .await
+    .map_err(pg_error)?
+    .rows_affected();
+    // Key rows of idle keys, a page of the key table per pass (resuming
+    // where the last pass stopped): locked first (skipping keys in use),
+    // then deleted only if still idle in a snapshot taken under the lock.
+    let key_cursor = inner.key_cursor.lock().expect("cursor lock").clone();
+    let page: Vec<String> = sqlx::query_scalar(
+        "SELECT order_key FROM order_keys WHERE order_key > $1 ORDER BY order_key LIMIT $2",
+    )
+    .bind(&key_cursor)
+    .bind(KEY_PAGE)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    let next_key_cursor = match page.last() {
+        Some(last) if page.len() as i64 == KEY_PAGE => last.clone(),
+        _ => String::new(),
+    };
+    let idle: Vec<String> = sqlx::query_scalar(
+        "SELECT order_key FROM order_keys k WHERE order_key = ANY($1) AND NOT EXISTS \
+         (SELECT 1 FROM events e WHERE e.order_key = k.order_key AND e.state IN (0, 4, 5)) \
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(&page)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    if !idle.is_empty() {
+        sqlx::query(
+            "DELETE FROM order_keys k WHERE k.order_key = ANY($1) AND NOT EXISTS \
+             (SELECT 1 FROM events e WHERE e.order_key = k.order_key AND e.state IN (0, 4, 5))",
+        )
+        .bind(&idle)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
+    sqlx::query("DELETE FROM minute_stats WHERE minute < $1")
+        .bind(now.div_euclid(60_000) - 180)
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    tx.commit().await.map_err(pg_error)?;
+    *inner.held_cursor.lock().expect("cursor lock") = next_cursor;
+    *inner.key_cursor.lock().expect("cursor lock") = next_key_cursor;
+    Ok(Some(report))
+}
+
+/// Dead events go back as queued with a fresh budget; the normalisation
+/// puts each key's queue back in id (commit) order.
+pub(super) async fn replay(pool: &PgPool, ids: Option<&[i64]>) -> Result<u64, StoreError> {
+    let now = now_ms();
+    let mut tx = pool.begin().await.map_err(pg_error)?;
+    let targets: Vec<(i64, String)> = match ids {
+        Some(ids) => {
+            sqlx::query_as(
+                "SELECT id, order_key FROM events WHERE state = 3 AND id = ANY($1) ORDER BY id",
+            )
+            .bind(ids)
+            .fetch_all(&mut *tx)
+            .await
+        }
+        None => {
+            sqlx::query_as("SELECT id, order_key FROM events WHERE state = 3 ORDER BY id")
+                .fetch_all(&mut *tx)
+                .await
+        }
+    }
+    .map_err(pg_error)?;
+    if targets.is_empty() {
+        tx.commit().await.map_err(pg_error)?;
+        return Ok(0);
+    }
+    let keys: Vec<&str> = targets.iter().map(|(_, k)| k.as_str()).collect();
+    let ids: Vec<i64> = targets.iter().map(|(id, _)| *id).collect();
+    lock_keys(&mut tx, &keys).await?;
+    let r = sqlx::query(
+        "UPDATE events SET state = 5, next_attempt_at = $2, first_attempt_at = NULL, reason = NULL, \
+         finished_at = NULL, attempts = 0 WHERE id = ANY($1) AND state = 3",
+    )
+    .bind(&ids)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    delivery::normalize(&mut tx, &keys).await?;
+    tx.commit().await.map_err(pg_error)?;
+    Ok(r.rows_affected())
+}
+
+pub(super) async fn purge(pool: &PgPool, ids: Option<&[i64]>) -> Result<u64, StoreError> {
+    let r = match ids {
+        Some(ids) => {
+            sqlx::query("DELETE FROM events WHERE state = 3 AND id = ANY($1)")
+                .bind(ids)
+                .execute(pool)
+                .await
+        }
+        None => {
+            sqlx::query("DELETE FROM events WHERE state = 3")
+                .execute(pool)
+                .await
+        }
+    }
+    .map_err(pg_error)?;
+    Ok(r.rows_affected())
+}

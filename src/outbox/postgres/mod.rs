@@ -1,0 +1,517 @@
+//! The PostgreSQL outbox: the same operations as the SQLite writer and
+//! reader, for any number of forwarder instances sharing one database.
+//!
+//! Per-key ordering across instances. Every ordering key has a row in
+//! `order_keys`, and every change to a key's queue (ingest appending to it,
+//! a settle, a lease recovery, a replay or a held event dying) first locks
+//! that row, all keys of a transaction at once in sorted order, with an
+//! `INSERT ... ON CONFLICT DO UPDATE ... WHERE false` that locks an existing
+//! row without writing it. Ingest allocates its event ids (an identity
+//! column) only after it holds the key's lock and commits before releasing
+//! it, so within a key the id order is the commit order whichever instance
+//! accepted the event. A key's lowest active id is its head (state 0, or 4
+//! while held), the rest are queued (5); after a change the key is
+//! normalised under its lock (the lowest active id becomes the head, any
+//! other head is queued again), except while any of its events is leased.
+//! Claims never wait: they pick due, unleased heads, lock their keys with
+//! `FOR UPDATE SKIP LOCKED` (a key another instance is changing is skipped
+//! this round), re-read the heads under the lock and lease each head together
+//! with the queued events behind it, in id order, under one lease token. So
+//! a key is in flight under at most one lease anywhere, its events go out in
+//! commit order, and a retried, released or held head stays the head, with
+//! everything behind it waiting. A lease is (owner instance, token, expiry):
+//! a settle counts only for rows that still carry its owner and token, and
+//! leases come back (under the key lock, then normalised) when they expire or
+//! when their owner's heartbeat is older than the instance expiry.
+
+mod audience;
+mod delivery;
+mod ingest;
+mod maintain;
+mod read;
+
+pub use super::writer::MaintenanceReport;
+use super::{
+    ClaimedEvent, DeadLetter, DeadListFilter, IngestReceipt, NewEvent, OutboxStatus, Settlement,
+    StoreError, now_ms,
+};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor};
+use std::collections::HashMap;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{Notify, mpsc};
+use tokio::task::JoinHandle;
+
+/// The PostgreSQL schema, separate from the SQLite one.
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The advisory lock (`pg_try_advisory_xact_lock`) that lets one instance
+/// at a time run maintenance.
+pub const MAINTENANCE_LOCK: i64 = 0x6366_775f_6d61_696e;
+
+/// Settings of a PostgreSQL outbox.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    pub dedup_window: Duration,
+    pub max_backlog: u64,
+    /// How often this instance proves it is alive (and looks for leases of
+    /// instances that are not).
+    pub heartbeat: Duration,
+    /// An instance whose heartbeat is older than this is dead: its leases
+    /// come back however long they were taken for.
+    pub instance_expiry: Duration,
+    pub max_connections: u32,
+    /// How long a request waits for a connection before the outbox is
+    /// called unavailable (ingest answers 503 instead of hanging).
+    pub acquire_timeout: Duration,
+}
+
+impl Default for PgConfig {
+    fn default() -> Self {
+        PgConfig {
+            dedup_window: Duration::from_secs(24 * 3600),
+            max_backlog: 10_000_000,
+            heartbeat: Duration::from_secs(2),
+            instance_expiry: Duration::from_secs(10),
+            max_connections: 16,
+            acquire_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// Handle to the shared outbox, registered as one instance. Cheap to clone;
+/// the instance stops its heartbeat when the last clone is dropped.
+#[derive(Clone)]
+pub struct PgOutbox {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    instance: i64,
+    config: PgConfig,
+    ingest: mpsc::Sender<ingest::Request>,
+    stored: Arc<Notify>,
+    held_cursor: Mutex<i64>,
+    key_cursor: Mutex<String>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Maps a driver error onto the outbox's classes: an unreachable or
+/// restarting server is transient (ingest answers 503 and retries are
+/// welcome), a full disk is `Full`, anything else is a bug or a schema
+/// problem.
+pub(crate) fn pg_error(e: sqlx::Error) -> StoreError {
+    match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => StoreError::Busy(format!("PostgreSQL is unreachable: {e}")),
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
+            if code.starts_with("08") || code.starts_with("57P") {
+                StoreError::Busy(format!("PostgreSQL is unavailable: {}", db.message()))
+            } else if code.starts_with("53") {
+                StoreError::Full(db.message().to_string())
+            } else {
+                StoreError::Database(e)
+            }
+        }
+        _ => StoreError::Database(e),
+    }
+}
+
+/// Deadlocks and serialization failures: the transaction is run again.
+fn retryable(e: &StoreError) -> bool {
+    match e {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            matches!(db.code().as_deref(), Some("40P01") | Some("40001"))
+        }
+        _ => false,
+    }
+}
+
+/// Runs a transaction again after a deadlock or serialization failure (a
+/// few times; PostgreSQL picked it as the victim, the other side went on).
+async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, StoreError>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(e) if retryable(&e) && attempt < 5 => {
+                attempt += 1;
+                tracing::debug!(error = %e, attempt, "outbox transaction retried");
+            }
+            r => return r,
+        }
+    }
+}
+
+/// Refuses a session that would acknowledge before the commit is durable.
+async fn check_synchronous_commit(conn: &mut sqlx::PgConnection) -> Result<(), sqlx::Error> {
+    let value: String = sqlx::query_scalar("SHOW synchronous_commit")
+        .fetch_one(&mut *conn)
+        .await?;
+    if value.eq_ignore_ascii_case("off") {
+        return Err(sqlx::Error::Configuration(
+            "synchronous_commit is off for this server, database or role: a commit could be \
+             acknowledged before it is durable, and an acknowledged event lost in a crash; \
+             set synchronous_commit to on (or local, remote_write, remote_apply)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+impl PgOutbox {
+    /// Connects, refuses a server with `synchronous_commit` off, migrates
+    /// (concurrent starts are serialised by the migrator's advisory lock),
+    /// registers this instance and starts its heartbeat and group-commit
+    /// tasks.
+    pub async fn connect(url: &str, config: PgConfig) -> Result<PgOutbox, StoreError> {
+        let opts = PgConnectOptions::from_str(url)
+            .map_err(StoreError::Database)?
+            .log_statements(tracing::log::LevelFilter::Trace)
+            .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
+        // One connection first, so that a refusal names its reason instead
+        // of surfacing as a pool timeout.
+        let mut first = opts.connect().await.map_err(pg_error)?;
+        check_synchronous_commit(&mut first)
+            .await
+            .map_err(StoreError::Database)?;
+        MIGRATOR.run(&mut first).await?;
+        let _ = first.close().await;
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections.max(2))
+            .acquire_timeout(config.acquire_timeout)
+            .after_connect(|conn, _| Box::pin(check_synchronous_commit(conn)))
+            .connect_with(opts)
+            .await
+            .map_err(pg_error)?;
+        let now = now_ms();
+        let instance: i64 = sqlx::query_scalar(
+            "INSERT INTO instances (started_at, heartbeat_at) VALUES ($1, $1) RETURNING id",
+        )
+        .bind(now)
+        .fetch_one(&pool)
+        .await
+        .map_err(pg_error)?;
+        let (tx, rx) = mpsc::channel(4096);
+        let stored = Arc::new(Notify::new());
+        let writer = tokio::spawn(ingest::run(
+            pool.clone(),
+            config.clone(),
+            stored.clone(),
+            rx,
+        ));
+        let beat = tokio::spawn(heartbeat_loop(pool.clone(), instance, config.clone()));
+        Ok(PgOutbox {
+            inner: Arc::new(Inner {
+                pool,
+                instance,
+                config,
+                ingest: tx,
+                stored,
+                held_cursor: Mutex::new(0),
+                key_cursor: Mutex::new(String::new()),
+                tasks: vec![writer, beat],
+            }),
+        })
+    }
+
+    /// This instance's id: the owner of the leases it takes.
+    pub fn instance_id(&self) -> i64 {
+        self.inner.instance
+    }
+
+    /// Woken after a commit that stored new events, so idle delivery wakes.
+    pub fn stored(&self) -> Arc<Notify> {
+        self.inner.stored.clone()
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    /// Whether the database answers at all (for `/readyz`).
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        self.inner
+            .pool
+            .execute("SELECT 1")
+            .await
+            .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// Stores events durably; returns after the commit that holds them.
+    /// Requests queued meanwhile share the transaction (group commit).
+    pub async fn ingest(&self, events: Vec<NewEvent>) -> Result<IngestReceipt, StoreError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        self.inner
+            .ingest
+            .send(ingest::Request { events, reply })
+            .await
+            .map_err(|_| StoreError::WriterGone)?;
+        rx.await.map_err(|_| StoreError::WriterGone)?
+    }
+
+    /// Claims up to `max` due events (heads of their keys, each with the
+    /// events queued behind it) under one lease of this instance.
+    pub async fn claim(
+        &self,
+        max: usize,
+        lease: Duration,
+    ) -> Result<Vec<ClaimedEvent>, StoreError> {
+        if max == 0 {
+            return Ok(Vec::new());
+        }
+        let pool = &self.inner.pool;
+        let me = self.inner.instance;
+        with_retry(|| delivery::claim(pool, me, max, lease)).await
+    }
+
+    /// Records outcomes, atomically for the batch; outcomes whose lease this
+    /// instance no longer holds are ignored.
+    pub async fn settle(&self, items: Vec<Settlement>) -> Result<(), StoreError> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let pool = &self.inner.pool;
+        let me = self.inner.instance;
+        let items = &items;
+        with_retry(|| delivery::settle(pool, me, items)).await
+    }
+
+    /// Proves this instance alive now (the background task does it every
+    /// `heartbeat`).
+    pub async fn heartbeat(&self) -> Result<(), StoreError> {
+        beat(&self.inner.pool, self.inner.instance).await
+    }
+
+    /// Returns expired leases and those of dead instances to their keys.
+    pub async fn recover_leases(&self) -> Result<u64, StoreError> {
+        let pool = &self.inner.pool;
+        let expiry = self.inner.config.instance_expiry;
+        with_retry(|| async move {
+            let mut tx = pool.begin().await.map_err(pg_error)?;
+            let n = delivery::recover_leases(&mut tx, now_ms(), expiry).await?;
+            tx.commit().await.map_err(pg_error)?;
+            Ok(n)
+        })
+        .await
+    }
+
+    /// One bounded maintenance pass: leases back, held events released or
+    /// dead past their budget, delivered events past retention and old
+    /// message ids pruned. `None` when another instance is running it.
+    pub async fn maintain(
+        &self,
+        retention: Duration,
+        held_budget: Duration,
+    ) -> Result<Option<MaintenanceReport>, StoreError> {
+        let inner = &self.inner;
+        with_retry(|| maintain::maintain(inner, retention, held_budget)).await
+    }
+
+    /// Dead events back into delivery (all of them with `None`).
+    pub async fn replay(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        let pool = &self.inner.pool;
+        let ids = ids.as_deref();
+        with_retry(|| maintain::replay(pool, ids)).await
+    }
+
+    /// Deletes dead events (all of them with `None`).
+    pub async fn purge(&self, ids: Option<Vec<i64>>) -> Result<u64, StoreError> {
+        maintain::purge(&self.inner.pool, ids.as_deref()).await
+    }
+
+    /// Records a shared operator fact (the sync schedule and the like).
+    pub async fn set_meta(&self, name: &str, value: &str) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO meta (name, value) VALUES ($1, $2) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )
+        .bind(name)
+        .bind(value)
+        .execute(&self.inner.pool)
+        .await
+        .map_err(pg_error)?;
+        Ok(())
+    }
+
+    /// Status from sharded counters and index probes.
+    pub async fn status(&self) -> Result<OutboxStatus, StoreError> {
+        read::status(&self.inner.pool).await
+    }
+
+    /// Known ids for these users: `user -> (account, contact)`.
+    pub async fn identities(
+        &self,
+        users: &[&str],
+    ) -> Result<HashMap<String, (Option<String>, Option<String>)>, StoreError> {
+        read::identities(&self.inner.pool, users).await
+    }
+
+    /// Dead letters, oldest first, with filters and keyset paging.
+    pub async fn dead_list(&self, f: &DeadListFilter) -> Result<Vec<DeadLetter>, StoreError> {
+        read::dead_list(&self.inner.pool, f).await
+    }
+
+    /// One dead letter with its history and payload.
+    pub async fn dead_show(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+        read::dead_show(&self.inner.pool, id).await
+    }
+
+    /// All-or-nothing check of an explicit selection (see the SQLite
+    /// reader's `dead_selection`).
+    pub async fn dead_selection(
+        &self,
+        ids: &[i64],
+    ) -> Result<Result<Vec<i64>, String>, StoreError> {
+        read::dead_selection(&self.inner.pool, ids).await
+    }
+
+    /// Ids of every dead letter matching a filter (paging ignored).
+    pub async fn dead_ids(&self, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
+        read::dead_ids(&self.inner.pool, f).await
+    }
+
+    /// Leaves the cluster cleanly: the heartbeat stops and is marked stale,
+    /// so whatever this instance still holds comes back to the others at
+    /// once instead of after the instance expiry.
+    pub async fn close(self) {
+        for t in &self.inner.tasks {
+            t.abort();
+        }
+        let _ = sqlx::query("UPDATE instances SET heartbeat_at = 0 WHERE id = $1")
+            .bind(self.inner.instance)
+            .execute(&self.inner.pool)
+            .await;
+        self.inner.pool.close().await;
+    }
+}
+
+async fn beat(pool: &PgPool, instance: i64) -> Result<(), StoreError> {
+    sqlx::query("UPDATE instances SET heartbeat_at = GREATEST(heartbeat_at, $2) WHERE id = $1")
+        .bind(instance)
+        .bind(now_ms())
+        .execute(pool)
+        .await
+        .map_err(pg_error)?;
+    Ok(())
+}
+
+/// Keeps this instance alive in `instances` and brings back the leases of
+/// instances that stopped doing so.
+async fn heartbeat_loop(pool: PgPool, instance: i64, config: PgConfig) {
+    let mut tick = tokio::time::interval(config.heartbeat);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = beat(&pool, instance).await {
+            tracing::warn!(error = %e, "outbox heartbeat failed");
+            continue;
+        }
+        let recovered = with_retry(|| async {
+            let mut tx = pool.begin().await.map_err(pg_error)?;
+            let n = delivery::recover_leases(&mut tx, now_ms(), config.instance_expiry).await?;
+            tx.commit().await.map_err(pg_error)?;
+            Ok(n)
+        })
+        .await;
+        match recovered {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "leases of expired claims came back"),
+            Err(e) => tracing::warn!(error = %e, "lease recovery failed"),
+        }
+    }
+}
+
+/// Locks the rows of these ordering keys (creating missing ones) until the
+/// transaction ends, in sorted order so that two transactions never wait on
+/// each other in a cycle. See the module doc.
+async fn lock_keys(conn: &mut sqlx::PgConnection, keys: &[&str]) -> Result<(), StoreError> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    let mut sorted: Vec<&str> = keys.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    sqlx::query(
+        "INSERT INTO order_keys (order_key) SELECT k FROM unnest($1::text[]) AS t(k) ORDER BY k \
+         ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false",
+    )
+    .bind(&sorted)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+/// Adds deltas to the transaction's shard of the counters. The names are
+/// columns of `counters` and come from this module only.
+async fn add_counters(
+    conn: &mut sqlx::PgConnection,
+    deltas: &[(&'static str, i64)],
+) -> Result<(), StoreError> {
+    let deltas: Vec<&(&str, i64)> = deltas.iter().filter(|(_, n)| *n != 0).collect();
+    if deltas.is_empty() {
+        return Ok(());
+    }
+    let sets: Vec<String> = deltas
+        .iter()
+        .enumerate()
+        .map(|(i, (name, _))| format!("{name} = {name} + ${}", i + 1))
+        .collect();
+    let sql = format!(
+        "UPDATE counters SET {} WHERE shard = txid_current() % 16",
+        sets.join(", ")
+    );
+    let mut q = sqlx::query(&sql);
+    for (_, n) in deltas {
+        q = q.bind(*n);
+    }
+    q.execute(&mut *conn).await.map_err(pg_error)?;
+    Ok(())
+}
+
+/// Adds to this minute's activity, in the transaction's shard.
+async fn bump_minute(
+    conn: &mut sqlx::PgConnection,
+    now: i64,
+    accepted: i64,
+    delivered: i64,
+    failed: i64,
+) -> Result<(), StoreError> {
+    if accepted == 0 && delivered == 0 && failed == 0 {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO minute_stats (minute, shard, accepted, delivered, failed) \
+         VALUES ($1, (txid_current() % 16)::smallint, $2, $3, $4) \
+         ON CONFLICT (minute, shard) DO UPDATE SET accepted = minute_stats.accepted + excluded.accepted, \
+         delivered = minute_stats.delivered + excluded.delivered, failed = minute_stats.failed + excluded.failed",
+    )
+    .bind(now.div_euclid(60_000))
+    .bind(accepted)
+    .bind(delivered)
+    .bind(failed)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}

@@ -1,0 +1,268 @@
+//! Reads: status from sharded counters and index probes (never a scan of
+//! the backlog), identity look-ups, dead letters.
+
+use super::pg_error;
+use crate::outbox::read::PER_MINUTE_WINDOW;
+use crate::outbox::recent_errors::{self, RecentError};
+use crate::outbox::{
+    DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, StoreError, SyncStatus, now_ms,
+};
+use serde_json::Value;
+use sqlx::postgres::PgRow;
+use sqlx::{PgPool, Row};
+use std::collections::HashMap;
+
+fn rfc3339(ms: i64) -> String {
+    crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default(),
+    )
+}
+
+pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
+    let mut tx = pool.begin().await.map_err(pg_error)?;
+    // One snapshot for every figure.
+    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    let names = [
+        "s0",
+        "s3",
+        "s4",
+        "s5",
+        "leased",
+        "delivered",
+        "accepted",
+        "duplicates",
+        "filtered",
+        "retries",
+        "sync_contacts",
+    ];
+    let sums: Vec<String> = names
+        .iter()
+        .map(|n| format!("COALESCE(sum({n}), 0)::bigint"))
+        .collect();
+    let row = sqlx::query(&format!("SELECT {} FROM counters", sums.join(", ")))
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    let counts: HashMap<&str, i64> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, row.get::<i64, _>(i)))
+        .collect();
+    let meta: HashMap<String, String> =
+        sqlx::query_as("SELECT name, value FROM meta WHERE value IS NOT NULL")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(pg_error)?
+            .into_iter()
+            .collect();
+    let (last_delivery, last_error, last_error_at): (Option<i64>, Option<String>, Option<i64>) =
+        sqlx::query_as(
+            "SELECT (SELECT max(last_delivery_at) FROM instances), e.last_error, e.last_error_at \
+             FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT last_error, last_error_at FROM instances \
+             WHERE last_error_at IS NOT NULL ORDER BY last_error_at DESC LIMIT 1) e ON true",
+        )
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    let rings: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT recent_errors FROM instances WHERE recent_errors IS NOT NULL")
+            .fetch_all(&mut *tx)
+            .await
+            .map_err(pg_error)?;
+    // Newest first across instances (RFC 3339 in UTC sorts as text).
+    let mut recent: Vec<RecentError> = rings
+        .iter()
+        .flat_map(|r| recent_errors::parse(r.as_deref()))
+        .collect();
+    recent.sort_by(|a, b| b.at.cmp(&a.at));
+    recent.truncate(recent_errors::KEEP);
+    // Ids grow with commit order per key, and a key's head is its lowest
+    // active id: the first head is the oldest waiting event unless heads
+    // are held; then the first event queued behind the oldest held heads.
+    let (oldest, oldest_held): (Option<i64>, Option<i64>) = sqlx::query_as(
+        "SELECT LEAST( \
+             (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1), \
+             (SELECT min(q.accepted_at) FROM (SELECT order_key FROM events WHERE state = 4 \
+                  ORDER BY id LIMIT 100) h \
+              CROSS JOIN LATERAL (SELECT e.accepted_at FROM events e WHERE e.order_key = h.order_key \
+                  AND e.state IN (0, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) q)), \
+         (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1)",
+    )
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(pg_error)?;
+    let now = now_ms();
+    let this_minute = now.div_euclid(60_000);
+    let since = this_minute - (PER_MINUTE_WINDOW - 1);
+    let rows: HashMap<i64, (i64, i64, i64)> = sqlx::query(
+        "SELECT minute, sum(accepted)::bigint, sum(delivered)::bigint, sum(failed)::bigint \
+         FROM minute_stats WHERE minute >= $1 GROUP BY minute",
+    )
+    .bind(since)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(pg_error)?
+    .into_iter()
+    .map(|r| (r.get::<i64, _>(0), (r.get(1), r.get(2), r.get(3))))
+    .collect();
+    tx.commit().await.map_err(pg_error)?;
+    let per_minute = (since..=this_minute)
+        .map(|m| {
+            let (accepted, delivered, failed) = rows.get(&m).copied().unwrap_or_default();
+            MinuteStat {
+                minute: rfc3339(m * 60_000),
+                accepted,
+                delivered,
+                failed,
+            }
+        })
+        .collect();
+    let age = |t: Option<i64>| t.map(|o| ((now - o).max(0) as f64) / 1000.0).unwrap_or(0.0);
+    let c = |n: &str| counts.get(n).copied().unwrap_or(0);
+    let m = |n: &str| meta.get(n).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
+    let meta_time = |n: &str| meta.get(n).and_then(|v| v.parse::<i64>().ok()).map(rfc3339);
+    Ok(OutboxStatus {
+        generated_at: rfc3339(now),
+        // Leased events keep their state (0 or 5); `leased` counts them.
+        pending: c("s0") + c("s5") - c("leased"),
+        in_flight: c("leased"),
+        delivered: c("delivered"),
+        dead: c("s3"),
+        held: c("s4"),
+        oldest_pending_age_seconds: age(oldest),
+        oldest_held_age_seconds: age(oldest_held),
+        last_delivery_at: last_delivery.map(rfc3339),
+        last_error,
+        last_error_at: last_error_at.map(rfc3339),
+        recent_errors: recent,
+        accepted: c("accepted"),
+        filtered: c("filtered"),
+        duplicates: c("duplicates"),
+        retries: c("retries"),
+        sync: SyncStatus {
+            last_run_at: meta_time("sync_last_run_at"),
+            next_run_at: meta_time("sync_next_run_at"),
+            pending_contacts: c("sync_contacts"),
+            last_run_sent: m("sync_last_run_sent"),
+            last_run_skipped: m("sync_last_run_skipped"),
+        },
+        per_minute,
+    })
+}
+
+pub(super) async fn identities(
+    pool: &PgPool,
+    users: &[&str],
+) -> Result<HashMap<String, (Option<String>, Option<String>)>, StoreError> {
+    if users.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT user_id, account_id, contact_id FROM identities WHERE user_id = ANY($1)",
+    )
+    .bind(users)
+    .fetch_all(pool)
+    .await
+    .map_err(pg_error)?;
+    Ok(rows.into_iter().map(|(u, a, c)| (u, (a, c))).collect())
+}
+
+const DEAD_COLUMNS: &str = "id, message_id, kind, order_key, reason, attempts, accepted_at, \
+     finished_at, history::text AS history, payload";
+
+/// Parameters: $1 after id, $2 since, $3 until, $4 reason substring, $5
+/// limit (NULL: all).
+const DEAD_FILTER: &str = "FROM events WHERE state = 3 AND id > $1 \
+     AND ($2::int8 IS NULL OR finished_at >= $2) AND ($3::int8 IS NULL OR finished_at < $3) \
+     AND ($4::text IS NULL OR strpos(lower(reason), lower($4)) > 0) \
+     ORDER BY id LIMIT $5";
+
+fn dead_from_row(r: &PgRow) -> DeadLetter {
+    let payload: String = r.get("payload");
+    let history: Option<String> = r.get("history");
+    DeadLetter {
+        id: r.get("id"),
+        message_id: r.get("message_id"),
+        kind: r.get("kind"),
+        order_key: r.get("order_key"),
+        reason: r.get::<Option<String>, _>("reason").unwrap_or_default(),
+        attempts: r.get::<i32, _>("attempts") as i64,
+        accepted_at: rfc3339(r.get("accepted_at")),
+        died_at: r.get::<Option<i64>, _>("finished_at").map(rfc3339),
+        history: history
+            .and_then(|h| serde_json::from_str(&h).ok())
+            .unwrap_or(Value::Array(vec![])),
+        event: serde_json::from_str(&payload).unwrap_or(Value::Null),
+    }
+}
+
+pub(super) async fn dead_list(
+    pool: &PgPool,
+    f: &DeadListFilter,
+) -> Result<Vec<DeadLetter>, StoreError> {
+    let limit = if f.limit <= 0 { 100 } else { f.limit };
+    let rows = sqlx::query(&format!("SELECT {DEAD_COLUMNS} {DEAD_FILTER}"))
+        .bind(f.after_id.unwrap_or(0))
+        .bind(f.since_ms)
+        .bind(f.until_ms)
+        .bind(f.reason_contains.as_deref())
+        .bind(Some(limit))
+        .fetch_all(pool)
+        .await
+        .map_err(pg_error)?;
+    Ok(rows.iter().map(dead_from_row).collect())
+}
+
+pub(super) async fn dead_show(pool: &PgPool, id: i64) -> Result<Option<DeadLetter>, StoreError> {
+    let row = sqlx::query(&format!(
+        "SELECT {DEAD_COLUMNS} FROM events WHERE state = 3 AND id = $1"
+    ))
+    .bind(id)
+    .fetch_optional(pool)
+    .await
+    .map_err(pg_error)?;
+    Ok(row.as_ref().map(dead_from_row))
+}
+
+pub(super) async fn dead_selection(
+    pool: &PgPool,
+    ids: &[i64],
+) -> Result<Result<Vec<i64>, String>, StoreError> {
+    let mut wanted = ids.to_vec();
+    wanted.sort_unstable();
+    wanted.dedup();
+    let found: Vec<i64> =
+        sqlx::query_scalar("SELECT id FROM events WHERE state = 3 AND id = ANY($1) ORDER BY id")
+            .bind(&wanted)
+            .fetch_all(pool)
+            .await
+            .map_err(pg_error)?;
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|id| found.binary_search(id).is_err())
+        .map(i64::to_string)
+        .collect();
+    Ok(if missing.is_empty() {
+        Ok(wanted)
+    } else {
+        Err(format!(
+            "not dead events: {}; nothing was changed",
+            missing.join(", ")
+        ))
+    })
+}
+
+pub(super) async fn dead_ids(pool: &PgPool, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
+    sqlx::query_scalar(&format!("SELECT id {DEAD_FILTER}"))
+        .bind(0i64)
+        .bind(f.since_ms)
+        .bind(f.until_ms)
+        .bind(f.reason_contains.as_deref())
+        .bind(None::<i64>)
+        .fetch_all(pool)
+        .await
+        .map_err(pg_error)
+}

@@ -1,0 +1,1035 @@
+//! The PostgreSQL outbox against a real server, several instances on one
+//! database. Each test makes its own database, so they run in parallel.
+//! Without a reachable server the tests are skipped with one line; under
+//! `CI=true` they fail instead.
+
+use churnzero_forwarder::outbox::postgres::{MAINTENANCE_LOCK, PgConfig, PgOutbox};
+use churnzero_forwarder::outbox::{
+    ClaimedEvent, DeadListFilter, IdentityUpdate, NewEvent, SettleOutcome, Settlement, now_ms,
+};
+use sqlx::{Connection, PgConnection};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+fn server_base() -> String {
+    std::env::var("FORWARDER_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432".into())
+}
+
+/// A database of its own, dropped when the test ends.
+struct TestDb {
+    name: String,
+}
+
+impl TestDb {
+    async fn new() -> Option<TestDb> {
+        let admin = format!("{}/test", server_base());
+        let conn =
+            tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&admin)).await;
+        let mut conn = match conn {
+            Ok(Ok(c)) => c,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "connect timed out".into(),
+                };
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("PostgreSQL at {admin} is required under CI: {why}");
+                }
+                eprintln!("SKIPPED: PostgreSQL outbox tests need a server at {admin} ({why})");
+                return None;
+            }
+        };
+        let name = format!("cfw_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let _ = conn.close().await;
+        Some(TestDb { name })
+    }
+
+    fn url(&self) -> String {
+        format!("{}/{}", server_base(), self.name)
+    }
+
+    async fn conn(&self) -> PgConnection {
+        PgConnection::connect(&self.url()).await.expect("connect")
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                if let Ok(mut c) = PgConnection::connect(&format!("{}/test", server_base())).await {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut c)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}
+
+macro_rules! test_db {
+    () => {
+        match TestDb::new().await {
+            Some(db) => db,
+            None => return,
+        }
+    };
+}
+
+fn config() -> PgConfig {
+    PgConfig {
+        heartbeat: Duration::from_millis(100),
+        instance_expiry: Duration::from_secs(1),
+        max_connections: 8,
+        ..PgConfig::default()
+    }
+}
+
+async fn instance(db: &TestDb) -> PgOutbox {
+    PgOutbox::connect(&db.url(), config())
+        .await
+        .expect("connect outbox")
+}
+
+fn ev(key: &str, msg: &str) -> NewEvent {
+    NewEvent {
+        source: "src".into(),
+        message_id: msg.into(),
+        kind: "track",
+        order_key: key.into(),
+        payload: format!(r#"{{"messageId":"{msg}"}}"#),
+        forward: true,
+        identity: None,
+        audience: Vec::new(),
+    }
+}
+
+fn msg_of(c: &ClaimedEvent) -> String {
+    let v: serde_json::Value = serde_json::from_str(&c.payload).expect("payload");
+    v["messageId"].as_str().expect("messageId").to_string()
+}
+
+fn outcome(c: &ClaimedEvent, outcome: SettleOutcome) -> Settlement {
+    Settlement {
+        id: c.id,
+        lease: c.lease,
+        order_key: c.order_key.clone(),
+        first_attempt_at: c.first_attempt_at,
+        outcome,
+        actions: None,
+    }
+}
+
+fn delivered(c: &ClaimedEvent) -> Settlement {
+    outcome(c, SettleOutcome::Delivered)
+}
+
+async fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(conn).await.expect(sql)
+}
+
+/// Polls until `f` is true (observable state, not a fixed sleep).
+async fn wait_for<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while !f().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ingest_is_acked_after_commit_and_deduplicated_across_instances() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    // A third party holds the messageId's row, so that both instances reach
+    // the dedup insert of the same id before either can commit.
+    let mut blocker = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("INSERT INTO message_ids (source, message_id, seen_at) VALUES ('src', 'm-1', 0)")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move { a.ingest(vec![ev("u1", "m-1")]).await }
+    });
+    let tb = tokio::spawn({
+        let b = b.clone();
+        async move { b.ingest(vec![ev("u1", "m-1")]).await }
+    });
+    let mut watch = db.conn().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while scalar(
+        &mut watch,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock'",
+    )
+    .await
+        != 2
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "both ingests never waited on a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        !ta.is_finished() && !tb.is_finished(),
+        "an ingest answered before its commit"
+    );
+    assert_eq!(scalar(&mut watch, "SELECT count(*) FROM events").await, 0);
+    sqlx::query("ROLLBACK").execute(&mut blocker).await.unwrap();
+    let ra = ta.await.unwrap().expect("ingest a");
+    let rb = tb.await.unwrap().expect("ingest b");
+    assert_eq!(ra.stored + rb.stored, 1, "{ra:?} {rb:?}");
+    assert_eq!(ra.duplicates + rb.duplicates, 1, "{ra:?} {rb:?}");
+    assert_eq!(
+        scalar(
+            &mut watch,
+            "SELECT count(*) FROM events WHERE message_id = 'm-1'"
+        )
+        .await,
+        1
+    );
+    for o in [&a, &b] {
+        let s = o.status().await.unwrap();
+        assert_eq!((s.accepted, s.duplicates, s.pending), (1, 1, 1));
+    }
+    // An acknowledged ingest is visible to any other session.
+    a.ingest(vec![ev("u2", "m-2")]).await.unwrap();
+    assert_eq!(
+        scalar(
+            &mut watch,
+            "SELECT count(*) FROM events WHERE message_id = 'm-2'"
+        )
+        .await,
+        1
+    );
+}
+
+/// Waits until `n` sessions of the test database wait on a lock.
+async fn wait_for_lock_waiters(conn: &mut PgConnection, n: i64) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while scalar(
+        conn,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock'",
+    )
+    .await
+        != n
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never {n} sessions waiting on a lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_key_ingested_by_two_instances_at_once_has_one_head() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    // Hold back every insert into events, so that both ingests have looked
+    // at the key's queue before either has stored anything.
+    let mut blocker = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut blocker).await.unwrap();
+    sqlx::query("LOCK TABLE events IN SHARE MODE")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let ta = tokio::spawn({
+        let a = a.clone();
+        async move { a.ingest(vec![ev("u1", "m-a")]).await }
+    });
+    let tb = tokio::spawn({
+        let b = b.clone();
+        async move { b.ingest(vec![ev("u1", "m-b")]).await }
+    });
+    let mut watch = db.conn().await;
+    wait_for_lock_waiters(&mut watch, 2).await;
+    sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
+    ta.await.unwrap().unwrap();
+    tb.await.unwrap().unwrap();
+    let states: Vec<i16> = sqlx::query_scalar("SELECT state FROM events ORDER BY id")
+        .fetch_all(&mut watch)
+        .await
+        .unwrap();
+    assert_eq!(
+        states,
+        vec![0, 5],
+        "one head, the later event queued behind it"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_requests_share_commits() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let mut watch = db.conn().await;
+    let before = scalar(
+        &mut watch,
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .await;
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                a.ingest(vec![ev(&format!("u{}", i % 7), &format!("m-{i}"))])
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert_eq!(t.await.unwrap().unwrap().stored, 1);
+    }
+    // pg_stat_database is updated when a backend reports, not at once.
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut watch)
+        .await
+        .unwrap();
+    let after = scalar(
+        &mut watch,
+        "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()",
+    )
+    .await;
+    assert_eq!(scalar(&mut watch, "SELECT count(*) FROM events").await, 200);
+    assert!(
+        after - before < 150,
+        "{} commits for 200 requests",
+        after - before
+    );
+    // Per key, one head and the rest queued.
+    assert_eq!(
+        scalar(&mut watch, "SELECT count(*) FROM events WHERE state = 0").await,
+        7
+    );
+}
+
+/// Keys whose events are in flight, and under which lease: a claim that
+/// returns an event of a key held under another lease is a violation.
+#[derive(Default)]
+struct InFlight {
+    held: Mutex<HashMap<String, i64>>,
+    violations: Mutex<Vec<String>>,
+}
+
+impl InFlight {
+    fn take(&self, who: &str, batch: &[ClaimedEvent]) {
+        let mut held = self.held.lock().unwrap();
+        for c in batch {
+            match held.get(&c.order_key) {
+                Some(l) if *l != c.lease => self.violations.lock().unwrap().push(format!(
+                    "{who} claimed {} of {} while lease {l} holds it",
+                    c.id, c.order_key
+                )),
+                _ => {
+                    held.insert(c.order_key.clone(), c.lease);
+                }
+            }
+        }
+    }
+    fn give_back(&self, batch: &[ClaimedEvent]) {
+        let mut held = self.held.lock().unwrap();
+        for c in batch {
+            held.remove(&c.order_key);
+        }
+    }
+}
+
+/// What a delivery worker would do: the first attempt of `k0-0` is held
+/// (ids unknown), the first attempt of each key's event 5 is retried, the
+/// rest is delivered; after a failure, the key's later events in the batch
+/// are given back.
+fn decide(batch: &[ClaimedEvent], log: &Mutex<HashMap<String, Vec<String>>>) -> Vec<Settlement> {
+    let mut failed: HashSet<String> = HashSet::new();
+    let mut out = Vec::new();
+    for c in batch {
+        let msg = msg_of(c);
+        if failed.contains(&c.order_key) {
+            out.push(outcome(c, SettleOutcome::Release));
+        } else if msg == "k0-0" && c.attempts == 1 {
+            failed.insert(c.order_key.clone());
+            out.push(outcome(
+                c,
+                SettleOutcome::Held {
+                    error: "ids unknown".into(),
+                    map_as_of: c.claimed_at,
+                },
+            ));
+        } else if msg.ends_with("-5") && c.attempts == 1 {
+            failed.insert(c.order_key.clone());
+            out.push(outcome(
+                c,
+                SettleOutcome::Retry {
+                    at: now_ms() + 30,
+                    error: "HTTP 503".into(),
+                },
+            ));
+        } else {
+            log.lock()
+                .unwrap()
+                .entry(c.order_key.clone())
+                .or_default()
+                .push(msg);
+            out.push(delivered(c));
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_key_order_holds_across_instances_through_retries_and_holds() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    const KEYS: usize = 4;
+    const PER_KEY: usize = 12;
+    // One user's events accepted by the two instances in turn.
+    for i in 0..PER_KEY {
+        for k in 0..KEYS {
+            let via = if (i + k) % 2 == 0 { &a } else { &b };
+            via.ingest(vec![ev(&format!("k{k}"), &format!("k{k}-{i}"))])
+                .await
+                .unwrap();
+        }
+    }
+    let log: Arc<Mutex<HashMap<String, Vec<String>>>> = Arc::default();
+    let flight = Arc::new(InFlight::default());
+    let lease = Duration::from_secs(30);
+
+    // Both instances in flight at once, for certain: a holds its batch
+    // while b claims.
+    let ca = a.claim(3, lease).await.unwrap();
+    flight.take("a", &ca);
+    let cb = b.claim(3, lease).await.unwrap();
+    flight.take("b", &cb);
+    assert!(!ca.is_empty() && !cb.is_empty(), "a {ca:?} b {cb:?}");
+    let keys_a: HashSet<&str> = ca.iter().map(|c| c.order_key.as_str()).collect();
+    assert!(cb.iter().all(|c| !keys_a.contains(c.order_key.as_str())));
+    flight.give_back(&ca);
+    a.settle(decide(&ca, &log)).await.unwrap();
+    flight.give_back(&cb);
+    b.settle(decide(&cb, &log)).await.unwrap();
+
+    let total = KEYS * PER_KEY + 1; // and the identify of k0
+    let worker = |o: PgOutbox, who: &'static str| {
+        let (log, flight) = (log.clone(), flight.clone());
+        tokio::spawn(async move {
+            let mut claims = 0;
+            loop {
+                let n: usize = log.lock().unwrap().values().map(Vec::len).sum();
+                if n >= total {
+                    return claims;
+                }
+                let batch = o.claim(3, lease).await.unwrap();
+                if batch.is_empty() {
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    continue;
+                }
+                claims += 1;
+                flight.take(who, &batch);
+                // The "network call": the other instance claims meanwhile.
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                let settle = decide(&batch, &log);
+                flight.give_back(&batch);
+                o.settle(settle).await.unwrap();
+            }
+        })
+    };
+    let wa = worker(a.clone(), "a");
+    let wb = worker(b.clone(), "b");
+    // The held head waits for its identify, which b accepts.
+    wait_for("k0-0 to be held", || {
+        let a = a.clone();
+        async move { a.status().await.unwrap().held == 1 }
+    })
+    .await;
+    let mut identify = ev("k0", "k0-identify");
+    identify.kind = "identify";
+    identify.identity = Some(IdentityUpdate {
+        user_id: "k0".into(),
+        account: Some("acct".into()),
+        contact: Some("contact".into()),
+        previous_id: None,
+    });
+    b.ingest(vec![identify]).await.unwrap();
+    let both = tokio::time::timeout(Duration::from_secs(30), async {
+        (wa.await.unwrap(), wb.await.unwrap())
+    })
+    .await
+    .expect("delivery finished");
+    assert!(both.0 > 0 && both.1 > 0, "claims per instance: {both:?}");
+    assert!(
+        flight.violations.lock().unwrap().is_empty(),
+        "{:?}",
+        flight.violations.lock().unwrap()
+    );
+    let log = log.lock().unwrap().clone();
+    for k in 0..KEYS {
+        let mut want: Vec<String> = (0..PER_KEY).map(|i| format!("k{k}-{i}")).collect();
+        if k == 0 {
+            want.push("k0-identify".into());
+        }
+        assert_eq!(log[&format!("k{k}")], want, "order of k{k}");
+    }
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.delivered, s.pending, s.in_flight, s.held, s.retries),
+        (total as i64, 0, 0, 0, KEYS as i64)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outcome_without_the_lease_is_ignored() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
+    let ca = a.claim(10, Duration::from_millis(300)).await.unwrap();
+    assert_eq!(ca.len(), 1);
+    // Delivery reads the lease as the time its requests must end by.
+    assert_eq!(ca[0].lease, ca[0].claimed_at + 300);
+    // a's lease runs out; b brings it back and claims it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let cb = loop {
+        // Either instance's recovery may be the one that brings it back.
+        b.recover_leases().await.unwrap();
+        let cb = b.claim(10, Duration::from_secs(30)).await.unwrap();
+        if !cb.is_empty() {
+            break cb;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the lease never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(cb.len(), 1);
+    assert_eq!(cb[0].id, ca[0].id);
+    assert_ne!(cb[0].lease, ca[0].lease);
+    // a wakes up and reports: ignored, b still holds the event.
+    a.settle(vec![outcome(
+        &ca[0],
+        SettleOutcome::Dead {
+            reason: "late".into(),
+        },
+    )])
+    .await
+    .unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!((s.delivered, s.dead, s.in_flight), (0, 0, 1));
+    let mut conn = db.conn().await;
+    let owner = scalar(&mut conn, "SELECT lease_owner FROM events").await;
+    assert_eq!(owner, b.instance_id());
+    b.settle(vec![delivered(&cb[0])]).await.unwrap();
+    let s = b.status().await.unwrap();
+    assert_eq!((s.delivered, s.dead, s.in_flight, s.pending), (1, 0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_dead_instances_leases_come_back_after_the_instance_expiry() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1"), ev("u1", "m-2")])
+        .await
+        .unwrap();
+    // A long lease: only the instance's death can bring it back early.
+    let ca = a.claim(10, Duration::from_secs(600)).await.unwrap();
+    assert_eq!(ca.len(), 2);
+    // a is alive: nobody takes what it holds, not even a new instance.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(b.recover_leases().await.unwrap(), 0);
+    assert!(
+        b.claim(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let c = instance(&db).await;
+    assert!(
+        c.claim(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    drop(a); // its heartbeat stops
+    // Any live instance's heartbeat may be the one that brings them back;
+    // a claim skips keys that a recovery holds at that moment, so poll.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let cb = loop {
+        let cb = b.claim(10, Duration::from_secs(30)).await.unwrap();
+        if !cb.is_empty() {
+            break cb;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "a's leases never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(cb.iter().map(msg_of).collect::<Vec<_>>(), ["m-1", "m-2"]);
+    b.settle(cb.iter().map(delivered).collect()).await.unwrap();
+    let s = b.status().await.unwrap();
+    assert_eq!((s.delivered, s.pending, s.in_flight), (2, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn status_counts_are_exact_and_dead_letters_replay_and_purge() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let mut filtered = ev("u9", "m-f");
+    filtered.forward = false;
+    let r = a
+        .ingest(vec![
+            ev("u1", "u1-0"),
+            ev("u1", "u1-1"),
+            ev("u2", "u2-0"),
+            ev("u1", "u1-2"),
+            ev("u2", "u2-1"),
+            ev("u3", "u3-0"),
+            filtered,
+        ])
+        .await
+        .unwrap();
+    assert_eq!((r.stored, r.filtered, r.duplicates), (6, 1, 0));
+    let r = a.ingest(vec![ev("u1", "u1-0")]).await.unwrap();
+    assert_eq!(r.duplicates, 1);
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.pending, s.in_flight, s.accepted, s.duplicates, s.filtered),
+        (6, 0, 6, 1, 1)
+    );
+    assert!(s.oldest_pending_age_seconds >= 0.0);
+    let batch = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(batch.len(), 6);
+    let s = a.status().await.unwrap();
+    assert_eq!((s.pending, s.in_flight), (0, 6));
+    let by: HashMap<String, &ClaimedEvent> = batch.iter().map(|c| (msg_of(c), c)).collect();
+    a.settle(vec![
+        delivered(by["u1-0"]),
+        delivered(by["u1-1"]),
+        delivered(by["u1-2"]),
+        outcome(
+            by["u2-0"],
+            SettleOutcome::Dead {
+                reason: "HTTP 400 bad event".into(),
+            },
+        ),
+        outcome(by["u2-1"], SettleOutcome::Release),
+        outcome(
+            by["u3-0"],
+            SettleOutcome::Retry {
+                at: now_ms() + 600_000,
+                error: "HTTP 500".into(),
+            },
+        ),
+    ])
+    .await
+    .unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (
+            s.delivered,
+            s.dead,
+            s.pending,
+            s.in_flight,
+            s.retries,
+            s.held
+        ),
+        (3, 1, 2, 0, 1, 0)
+    );
+    // The last failure of the batch, in its order.
+    assert_eq!(s.last_error.as_deref(), Some("HTTP 500"));
+    let ring: Vec<(&str, &str, i64)> = s
+        .recent_errors
+        .iter()
+        .map(|e| (e.error.as_str(), e.outcome.as_str(), e.events))
+        .collect();
+    assert_eq!(
+        ring,
+        [("HTTP 500", "retry", 1), ("HTTP 400 bad event", "dead", 1)]
+    );
+    assert!(s.last_delivery_at.is_some());
+    assert_eq!(s.per_minute.iter().map(|m| m.delivered).sum::<i64>(), 3);
+
+    let dead = a.dead_list(&DeadListFilter::default()).await.unwrap();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "HTTP 400 bad event");
+    assert_eq!(dead[0].history.as_array().map(Vec::len), Some(1));
+    assert_eq!(dead[0].event["messageId"], "u2-0");
+    let id = dead[0].id;
+    assert!(a.dead_show(id).await.unwrap().is_some());
+    assert!(a.dead_selection(&[id, 999_999]).await.unwrap().is_err());
+    let f = DeadListFilter {
+        reason_contains: Some("400".into()),
+        ..Default::default()
+    };
+    assert_eq!(a.dead_ids(&f).await.unwrap(), vec![id]);
+
+    // u2's queue moved on (u3-0 is not due yet).
+    let next = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.iter().map(msg_of).collect::<Vec<_>>(), ["u2-1"]);
+    a.settle(next.iter().map(delivered).collect())
+        .await
+        .unwrap();
+    assert_eq!(a.replay(Some(vec![id])).await.unwrap(), 1);
+    let s = a.status().await.unwrap();
+    assert_eq!((s.dead, s.pending, s.delivered), (0, 2, 4));
+    let again = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(again.iter().map(msg_of).collect::<Vec<_>>(), ["u2-0"]);
+    a.settle(vec![outcome(
+        &again[0],
+        SettleOutcome::Dead {
+            reason: "still bad".into(),
+        },
+    )])
+    .await
+    .unwrap();
+    assert_eq!(a.purge(None).await.unwrap(), 1);
+
+    // Pruning keeps the delivered total; the counters match the rows.
+    let report = a
+        .maintain(Duration::ZERO, Duration::from_secs(3600))
+        .await
+        .unwrap()
+        .expect("no other instance maintains");
+    assert_eq!(report.pruned_events, 4);
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.delivered, s.dead, s.pending, s.in_flight, s.accepted),
+        (4, 0, 1, 0, 6)
+    );
+    let mut conn = db.conn().await;
+    let rows: Vec<(i16, i64)> =
+        sqlx::query_as("SELECT state, count(*) FROM events GROUP BY state ORDER BY state")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    assert_eq!(rows, vec![(0, 1)]);
+    let counted: (i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+        "SELECT sum(s0)::bigint, sum(s2)::bigint, sum(s3)::bigint, sum(s4)::bigint, \
+         sum(s5)::bigint, sum(leased)::bigint FROM counters",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(counted, (1, 0, 0, 0, 0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_commit_off_is_refused() {
+    let db = test_db!();
+    // Off for the session (connection options) ...
+    let url = format!("{}?options=-c%20synchronous_commit%3Doff", db.url());
+    let err = PgOutbox::connect(&url, config())
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("synchronous_commit is off"),
+        "{err}"
+    );
+    // ... and off for the database.
+    let mut conn = db.conn().await;
+    sqlx::query(&format!(
+        "ALTER DATABASE {} SET synchronous_commit = off",
+        db.name
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let err = PgOutbox::connect(&db.url(), config())
+        .await
+        .err()
+        .expect("refused");
+    assert!(
+        err.to_string().contains("synchronous_commit is off"),
+        "{err}"
+    );
+    sqlx::query(&format!(
+        "ALTER DATABASE {} SET synchronous_commit = on",
+        db.name
+    ))
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    PgOutbox::connect(&db.url(), config())
+        .await
+        .expect("on is accepted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_runs_on_one_instance_at_a_time() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    a.settle(c.iter().map(delivered).collect()).await.unwrap();
+    // Another instance is maintaining: this one skips its pass.
+    let mut other = db.conn().await;
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(MAINTENANCE_LOCK)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    assert!(
+        a.maintain(Duration::ZERO, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(scalar(&mut other, "SELECT count(*) FROM events").await, 1);
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(MAINTENANCE_LOCK)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let report = a
+        .maintain(Duration::ZERO, Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(report.map(|r| r.pruned_events), Some(1));
+    assert_eq!(scalar(&mut other, "SELECT count(*) FROM events").await, 0);
+    assert_eq!(
+        scalar(&mut other, "SELECT count(*) FROM order_keys").await,
+        0
+    );
+}
+
+fn identify(user: &str, msg: &str, account: Option<&str>, previous: Option<&str>) -> NewEvent {
+    let mut e = ev(user, msg);
+    e.kind = "identify";
+    e.identity = Some(IdentityUpdate {
+        user_id: user.into(),
+        account: account.map(Into::into),
+        contact: account.map(|a| format!("{a}-contact")),
+        previous_id: previous.map(Into::into),
+    });
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hold_after_the_identify_committed_is_due_at_once() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    // The worker read the map (empty) at claim time; the identify commits
+    // on another instance before the worker reports the hold.
+    b.ingest(vec![identify("u1", "m-id", Some("acct"), None)])
+        .await
+        .unwrap();
+    a.settle(vec![outcome(
+        &c[0],
+        SettleOutcome::Held {
+            error: "ids unknown".into(),
+            map_as_of: c[0].claimed_at,
+        },
+    )])
+    .await
+    .unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!((s.held, s.pending), (0, 2));
+    let again = b.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(
+        again.iter().map(msg_of).collect::<Vec<_>>(),
+        ["m-1", "m-id"]
+    );
+    assert_eq!(
+        b.identities(&["u1"]).await.unwrap()["u1"],
+        (Some("acct".into()), Some("acct-contact".into()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alias_then_identify_releases_the_anonymous_users_held_events() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("anon-1", "m-1")]).await.unwrap();
+    // The alias links the ids but teaches nothing: ids still unknown.
+    let mut alias = identify("user-1", "m-alias", None, Some("anon-1"));
+    alias.kind = "alias";
+    alias.forward = false;
+    a.ingest(vec![alias]).await.unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    a.settle(vec![outcome(
+        &c[0],
+        SettleOutcome::Held {
+            error: "ids unknown".into(),
+            map_as_of: c[0].claimed_at,
+        },
+    )])
+    .await
+    .unwrap();
+    assert_eq!(a.status().await.unwrap().held, 1);
+    // The identify of the user teaches the aliased id and releases it.
+    let mut learn = identify("user-1", "m-id", Some("acct"), None);
+    learn.forward = false;
+    a.ingest(vec![learn]).await.unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!((s.held, s.pending), (0, 1));
+    assert_eq!(
+        a.identities(&["anon-1"]).await.unwrap()["anon-1"]
+            .0
+            .as_deref(),
+        Some("acct")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_past_the_backlog_limit_is_refused_and_stores_nothing() {
+    let db = test_db!();
+    let cfg = PgConfig {
+        max_backlog: 3,
+        ..config()
+    };
+    let a = PgOutbox::connect(&db.url(), cfg).await.unwrap();
+    a.ingest(vec![ev("u1", "m-1"), ev("u2", "m-2")])
+        .await
+        .unwrap();
+    let err = a
+        .ingest(vec![ev("u1", "m-3"), ev("u3", "m-4")])
+        .await
+        .unwrap_err();
+    assert!(err.is_transient(), "{err}");
+    let s = a.status().await.unwrap();
+    assert_eq!((s.pending, s.accepted), (2, 2));
+    // The refused messageIds were not remembered: a retry is stored.
+    a.ingest(vec![ev("u1", "m-3")]).await.unwrap();
+    assert_eq!(a.status().await.unwrap().pending, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partly_settled_batch_keeps_its_key_from_other_instances() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1"), ev("u1", "m-2"), ev("u1", "m-3")])
+        .await
+        .unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(c.len(), 3);
+    // The first event is settled alone (a split batch); the rest is still
+    // in flight, so nobody may start the key's later events.
+    a.settle(vec![delivered(&c[0])]).await.unwrap();
+    assert!(
+        b.claim(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    a.settle(vec![
+        outcome(
+            &c[1],
+            SettleOutcome::Retry {
+                at: now_ms() - 1,
+                error: "HTTP 503".into(),
+            },
+        ),
+        outcome(&c[2], SettleOutcome::Release),
+    ])
+    .await
+    .unwrap();
+    let next = b.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.iter().map(msg_of).collect::<Vec<_>>(), ["m-2", "m-3"]);
+    assert_eq!(next[0].attempts, 2);
+    let s = b.status().await.unwrap();
+    assert_eq!(
+        (s.delivered, s.in_flight, s.pending, s.retries),
+        (1, 2, 0, 1)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audience_updates_are_stored_read_and_settled() {
+    use churnzero_forwarder::outbox::{AudienceOp, AudienceSettlement, DeliveredValue};
+    let db = test_db!();
+    let a = instance(&db).await;
+    let mut e = identify("u1", "m-1", Some("acct"), None);
+    e.forward = false;
+    e.audience = vec![("attr_Plan".into(), "\"pro\"".into())];
+    a.ingest(vec![e]).await.unwrap();
+    assert_eq!(a.audience_users_after("", 10).await.unwrap(), ["u1"]);
+    let mut more = ev("u2", "m-2");
+    more.forward = false;
+    more.audience = vec![
+        ("attr_Plan".into(), "\"free\"".into()),
+        ("attr_Seats".into(), "3".into()),
+    ];
+    a.ingest(vec![more]).await.unwrap();
+    assert_eq!(a.status().await.unwrap().sync.pending_contacts, 2);
+    let pending = a
+        .audience_pending_for(&["u1".into()], now_ms())
+        .await
+        .unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(pending[0].value, "\"pro\"");
+    a.audience(AudienceOp::Settle(AudienceSettlement {
+        run_started_at: Some(now_ms()),
+        consumed: pending,
+        delivered: vec![DeliveredValue {
+            account: "acct".into(),
+            contact: "acct-contact".into(),
+            attribute: "attr_Plan".into(),
+            value: "\"pro\"".into(),
+        }],
+        sent: 1,
+        ..Default::default()
+    }))
+    .await
+    .unwrap();
+    a.audience(AudienceOp::Schedule { next_run_at: 42 })
+        .await
+        .unwrap();
+    assert_eq!(a.audience_users_after("", 10).await.unwrap(), ["u2"]);
+    assert_eq!(a.status().await.unwrap().sync.pending_contacts, 1);
+    let key = (
+        "acct".to_string(),
+        "acct-contact".to_string(),
+        "attr_Plan".to_string(),
+    );
+    let values = a
+        .audience_delivered_values(std::slice::from_ref(&key))
+        .await
+        .unwrap();
+    assert_eq!(values[&key], "\"pro\"");
+    assert_eq!(a.sync_next_run_at().await.unwrap(), Some(42));
+    assert_eq!(a.status().await.unwrap().sync.last_run_sent, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_server_is_a_transient_error() {
+    // Nothing listens on port 1: the answer is quick and says "try again",
+    // so ingest can answer 503 rather than 500.
+    let err = PgOutbox::connect("postgres://root@127.0.0.1:1/test", config())
+        .await
+        .err()
+        .expect("no server");
+    assert!(err.is_transient(), "{err}");
+    assert!(err.to_string().contains("unreachable"), "{err}");
+}

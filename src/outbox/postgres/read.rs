@@ -80,16 +80,17 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     recent.sort_by(|a, b| b.at.cmp(&a.at));
     recent.truncate(recent_errors::KEEP);
     // Ids grow with commit order per key, and a key's head is its lowest
-    // active id: the first head is the oldest waiting event unless heads
-    // are held; then the first event queued behind the oldest held heads.
-    let (oldest, oldest_held): (Option<i64>, Option<i64>) = sqlx::query_as(
-        "SELECT LEAST( \
-             (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1), \
-             (SELECT min(q.accepted_at) FROM (SELECT order_key FROM events WHERE state = 4 \
-                  ORDER BY id LIMIT 100) h \
-              CROSS JOIN LATERAL (SELECT e.accepted_at FROM events e WHERE e.order_key = h.order_key \
-                  AND e.state IN (0, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) q)), \
-         (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1)",
+    // active id: the first head not held is the oldest event that can be
+    // sent. Events queued behind a held head cannot be, and count with the
+    // held (as on SQLite). Their number is read per held key through the
+    // key index: the cost follows the held users' queues, not the backlog.
+    let (oldest, oldest_held, held_queued): (Option<i64>, Option<i64>, i64) = sqlx::query_as(
+        "SELECT (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1), \
+                (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1), \
+                (SELECT coalesce(sum(q.n), 0)::bigint FROM \
+                    (SELECT DISTINCT order_key FROM events WHERE state = 4) h \
+                  CROSS JOIN LATERAL (SELECT count(*) AS n FROM events e \
+                    WHERE e.order_key = h.order_key AND e.state IN (0, 4, 5) AND e.state = 5) q)",
     )
     .fetch_one(&mut *tx)
     .await
@@ -127,11 +128,12 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     Ok(OutboxStatus {
         generated_at: rfc3339(now),
         // Leased events keep their state (0 or 5); `leased` counts them.
-        pending: c("s0") + c("s5") - c("leased"),
+        pending: c("s0") + c("s5") - c("leased") - held_queued,
         in_flight: c("leased"),
         delivered: c("delivered"),
         dead: c("s3"),
-        held: c("s4"),
+        held: c("s4") + held_queued,
+        held_queued,
         oldest_pending_age_seconds: age(oldest),
         oldest_held_age_seconds: age(oldest_held),
         last_delivery_at: last_delivery.map(rfc3339),

@@ -9,7 +9,7 @@
 //! `sync_last_run_at`, `sync_next_run_at`, `sync_last_run_sent` and
 //! `sync_last_run_skipped` are written here in the same transactions as the
 //! rows they describe; `sync_pending_contacts` is kept by triggers
-//! (migrations/0002_sync_lane.sql).
+//! (migrations/sqlite/0002_sync_lane.sql).
 //!
 //! "Last run" means the last window that had something to do (sent, skipped
 //! or dropped an update); its counters grow while it is in progress. A window

@@ -158,7 +158,7 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 fn connect_options(path: &Path, read_only: bool) -> Result<SqliteConnectOptions, StoreError> {
     let url = format!("sqlite://{}", path.display());

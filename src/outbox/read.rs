@@ -217,7 +217,7 @@ impl Reader {
         Ok(OutboxStatus {
             generated_at: ms_to_rfc3339(now),
             // Leased events keep their state; state_counts row 1 counts the
-            // leases (see migrations/0004_leases.sql), row 6 the events
+            // leases (see migrations/sqlite/0004_leases.sql), row 6 the events
             // queued behind held heads (0006_held_queue.sql).
             pending: c(0) + c(5) - c(1) - c(6),
             in_flight: c(1),

@@ -18,7 +18,7 @@ pub use read::Reader;
 pub use reserve::RESERVE_BYTES;
 pub use writer::Writer;
 
-use super::{StoreError, WriterConfig, now_ms, state};
+use super::{EventState, StoreError, WriterConfig, now_ms};
 use sqlx::ConnectOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use std::path::Path;

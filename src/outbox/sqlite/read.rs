@@ -2,6 +2,7 @@
 //! the backlog), identity look-ups for delivery, dead letters for operators.
 
 use super::{StoreError, now_ms, reader_pool};
+use crate::outbox::EventState;
 use crate::outbox::recent_errors;
 use crate::outbox::{
     DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, PER_MINUTE_WINDOW, SyncStatus,
@@ -11,6 +12,12 @@ use sqlx::sqlite::SqliteArguments;
 use sqlx::{Arguments, Row, SqlitePool};
 use std::collections::HashMap;
 use std::path::Path;
+
+/// `state_counts` rows that count no event state: the leases (claims in
+/// flight, 0004_leases.sql) and the events queued behind held heads
+/// (0006_held_queue.sql). Their numbers are kept out of [`EventState`]'s.
+const LEASES_ROW: i64 = 1;
+const HELD_QUEUED_ROW: i64 = 6;
 
 /// Handle to the reader pool. Cheap to clone.
 #[derive(Clone)]
@@ -117,6 +124,7 @@ impl Reader {
                 }
             })
             .collect();
+        use EventState::{Dead, Held, Pending, Queued};
         let age = |t: Option<i64>| t.map(|o| ((now - o).max(0) as f64) / 1000.0).unwrap_or(0.0);
         let c = |s: i64| counts.get(&s).copied().unwrap_or(0);
         let t = |n: &str| totals.get(n).copied().unwrap_or(0);
@@ -126,12 +134,12 @@ impl Reader {
             // Leased events keep their state; state_counts row 1 counts the
             // leases (see migrations/sqlite/0004_leases.sql), row 6 the events
             // queued behind held heads (0006_held_queue.sql).
-            pending: c(0) + c(5) - c(1) - c(6),
-            in_flight: c(1),
+            pending: c(Pending.code()) + c(Queued.code()) - c(LEASES_ROW) - c(HELD_QUEUED_ROW),
+            in_flight: c(LEASES_ROW),
             delivered: t("delivered"),
-            dead: c(3),
-            held: c(4) + c(6),
-            held_queued: c(6),
+            dead: c(Dead.code()),
+            held: c(Held.code()) + c(HELD_QUEUED_ROW),
+            held_queued: c(HELD_QUEUED_ROW),
             oldest_pending_age_seconds: age(oldest),
             oldest_held_age_seconds: age(oldest_held),
             last_delivery_at: meta_time(&meta, "last_delivery_at"),

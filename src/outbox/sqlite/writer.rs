@@ -7,7 +7,7 @@
 use super::audience;
 use super::direct::{Db, StatementCache, Step};
 use super::reserve::Reserve;
-use super::{StoreError, now_ms, set_meta, state};
+use super::{EventState, StoreError, now_ms, set_meta};
 use crate::outbox::{
     AudienceOp, ClaimedEvent, DEAD_CHUNK, DeadListFilter, DeadSelection, IdentityUpdate,
     IngestReceipt, MaintenanceReport, NewEvent, SettleOutcome, Settlement, WriterConfig,
@@ -877,7 +877,14 @@ fn insert_locked<'e>(
             q.text(3, e.kind)?;
             q.text(4, &e.order_key)?;
             q.text(5, &e.payload)?;
-            q.int(6, if busy { state::QUEUED } else { state::PENDING })?;
+            q.int(
+                6,
+                if busy {
+                    EventState::Queued.code()
+                } else {
+                    EventState::Pending.code()
+                },
+            )?;
             q.int(7, now)?;
             q.run()?;
             receipt.stored += 1;
@@ -1158,7 +1165,7 @@ async fn settle(
                      actions = COALESCE(actions, ?) \
                      WHERE id = ?",
                 )
-                .bind(if head { state::PENDING } else { state::QUEUED })
+                .bind(if head { EventState::Pending.code() } else { EventState::Queued.code() })
                 .bind(*at)
                 .bind(s.first_attempt_at)
                 .bind(error)
@@ -1181,7 +1188,11 @@ async fn settle(
                     "UPDATE events SET state = ?, next_attempt_at = ?, \
                      actions = COALESCE(actions, ?) WHERE id = ?",
                 )
-                .bind(if head { state::PENDING } else { state::QUEUED })
+                .bind(if head {
+                    EventState::Pending.code()
+                } else {
+                    EventState::Queued.code()
+                })
                 .bind(now)
                 .bind(&s.actions)
                 .bind(s.id)
@@ -1206,9 +1217,9 @@ async fn settle(
                     .map_err(db)?
                     .is_some();
                 let state = match (head, learned) {
-                    (false, _) => state::QUEUED,
-                    (true, true) => state::PENDING,
-                    (true, false) => state::HELD,
+                    (false, _) => EventState::Queued.code(),
+                    (true, true) => EventState::Pending.code(),
+                    (true, false) => EventState::Held.code(),
                 };
                 // A held event's next_attempt_at records when the map was
                 // read for it, so maintenance can tell later changes apart.

@@ -275,7 +275,7 @@ pub async fn run(
         unrecorded_start: None,
     };
     let now = now_ms();
-    let planned = match lane.outbox.reader.sync_next_run_at().await {
+    let planned = match lane.outbox.sync_next_run_at().await {
         Ok(Some(at)) => at.min(now + interval_ms),
         Ok(None) => now + interval_ms,
         Err(e) => {
@@ -339,7 +339,7 @@ impl Lane {
     /// Writes a schedule step; a failure is logged, as the lane's schedule
     /// lives on in memory and the next step writes it again.
     async fn record(&self, op: AudienceOp) {
-        if let Err(e) = self.outbox.writer.audience(op).await {
+        if let Err(e) = self.outbox.audience(op).await {
             tracing::warn!(error = %e, "recording the sync schedule failed");
         }
     }
@@ -353,7 +353,6 @@ impl Lane {
             s.run_started_at = self.unrecorded_start;
         }
         self.outbox
-            .writer
             .audience(AudienceOp::Settle(s))
             .await
             .map_err(|e| {
@@ -379,7 +378,7 @@ impl Lane {
         deadline: Instant,
         report: &mut RunReport,
     ) -> Result<(), Stop> {
-        let reader = self.outbox.reader.clone();
+        let reader = self.outbox.clone();
         let mut after = String::new();
         loop {
             if *self.shutdown.borrow() {

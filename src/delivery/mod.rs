@@ -111,7 +111,7 @@ pub async fn run(
     });
     let permits = Arc::new(Semaphore::new(ctx.config.workers));
     let lease = ctx.config.lease();
-    let stored = ctx.outbox.writer.stored.clone();
+    let stored = ctx.outbox.stored_signal();
     'dispatch: loop {
         if *shutdown.borrow() {
             break;
@@ -128,7 +128,7 @@ pub async fn run(
         let notified = stored.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let mut batch = match ctx.outbox.writer.claim(ctx.claim_size(), lease).await {
+        let mut batch = match ctx.outbox.claim(ctx.claim_size(), lease).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "claiming events failed");
@@ -170,7 +170,6 @@ pub async fn run(
             }
             match ctx
                 .outbox
-                .writer
                 .claim(ctx.config.batch_size - batch.len(), lease)
                 .await
             {
@@ -216,7 +215,7 @@ async fn release(ctx: &Context, batch: Vec<ClaimedEvent>) {
 async fn settle_with_retries(ctx: &Context, items: Vec<Settlement>) {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=5 {
-        match ctx.outbox.writer.settle(items.clone()).await {
+        match ctx.outbox.settle(items.clone()).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::error!(error = %e, attempt, "recording delivery outcomes failed");
@@ -396,7 +395,7 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
         u.dedup();
         u
     };
-    let known = match ctx.outbox.reader.identities(&users).await {
+    let known = match ctx.outbox.identities(&users).await {
         Ok(k) => k,
         Err(e) => {
             let err = format!("identity look-up failed: {e}");

@@ -15,7 +15,7 @@ pub mod settings;
 pub mod tls;
 
 use crate::churnzero::mapping::{self, MappingConfig};
-use crate::outbox::{IdentityUpdate, NewEvent, Writer};
+use crate::outbox::{IdentityUpdate, NewEvent, Outbox};
 use crate::secret::{Secret, find_match};
 use crate::segment::{self, CallType, EventError};
 use axum::Router;
@@ -93,7 +93,7 @@ impl ClientPolicy {
 /// Shared state of the ingest routes.
 #[derive(Clone)]
 pub struct IngestState {
-    pub writer: Writer,
+    pub outbox: Outbox,
     pub write_keys: Arc<Vec<WriteKey>>,
     pub mapping: Arc<MappingConfig>,
     pub clients: Arc<ClientPolicy>,
@@ -382,9 +382,9 @@ async fn ingest(
         }
     }
     if !undated.is_empty() {
-        let writer = state.writer.clone();
+        let outbox = state.outbox.clone();
         tokio::spawn(async move {
-            if let Err(e) = writer.note_errors(undated).await {
+            if let Err(e) = outbox.note_errors(undated).await {
                 tracing::warn!(error = %e, "recording an undated event in recent_errors failed");
             }
         });
@@ -412,7 +412,7 @@ async fn ingest(
         });
     }
 
-    let receipt = state.writer.ingest(events).await.map_err(|e| match e {
+    let receipt = state.outbox.ingest(events).await.map_err(|e| match e {
         e if e.is_transient() => {
             tracing::warn!(error = %e, "ingest refused: outbox cannot take events now");
             ApiError {

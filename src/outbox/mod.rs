@@ -1,7 +1,14 @@
 //! The outbox: the only place an accepted event lives until it is
 //! delivered or dead. This module holds what the rest of the service sees
-//! of it (the data types, the errors); the storage engines live below it,
-//! each with its own SQL.
+//! of it: the storage contract (store.rs), its data types and errors, and
+//! the [`Outbox`] handle that callers hold. The storage engines live below
+//! it, each with its own SQL and its own migrations.
+//!
+//! [`Outbox`] is an enum over the backends rather than an `Arc<dyn ..>`:
+//! every ingest request, claim and settlement crosses this boundary, and a
+//! `match` costs neither a boxed future per call nor a virtual call, and
+//! lets the compiler inline the backend's method. The traits in store.rs
+//! are the contract each backend implements.
 
 mod audience;
 mod error;
@@ -9,6 +16,7 @@ mod event;
 pub(crate) mod recent_errors;
 pub mod sqlite;
 mod status;
+pub mod store;
 
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
 pub use error::StoreError;
@@ -17,12 +25,151 @@ pub use event::{
     NewEvent, SettleOutcome, Settlement, WriterConfig,
 };
 pub use recent_errors::RecentError;
-pub use sqlite::{
-    DatabaseLock, Outbox, RESERVE_BYTES, Reader, Writer, lock_path, open_cli_writer, open_reader,
-};
+pub use sqlite::{DatabaseLock, RESERVE_BYTES, lock_path};
 pub use status::{
     DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, PER_MINUTE_WINDOW, SyncStatus,
 };
+pub use store::{AudienceKey, KnownIds, OutboxReads, OutboxStore};
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// The outbox as callers hold it: cheap to clone, one variant per storage
+/// engine. All reads and writes go through its methods (see
+/// [`OutboxStore`] for what each promises).
+#[derive(Clone)]
+pub enum Outbox {
+    Sqlite(sqlite::SqliteOutbox),
+}
+
+/// The read side alone, for the offline commands (`status`, `dead list`,
+/// `dead show`) that work beside a running server and never write.
+#[derive(Clone)]
+pub enum OutboxReader {
+    Sqlite(sqlite::Reader),
+}
+
+/// Generates the inherent methods of [`Outbox`] and [`OutboxReader`] that
+/// forward to the backend's trait implementation.
+macro_rules! forward {
+    ($( $(#[$m:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        $(
+            $(#[$m])*
+            pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret, StoreError> {
+                match self {
+                    Self::Sqlite(b) => b.$name($($arg),*).await,
+                }
+            }
+        )*
+    };
+}
+
+macro_rules! forward_reads {
+    () => {
+        forward! {
+            /// Whether the database answers at all (for `/readyz`).
+            fn ping(&self) -> ();
+            /// All status figures from one snapshot.
+            fn status(&self) -> OutboxStatus;
+            /// The identity map's entries for these users.
+            fn identities(&self, users: &[&str]) -> HashMap<String, KnownIds>;
+            /// Dead letters, oldest first, filtered.
+            fn dead_list(&self, filter: &DeadListFilter) -> Vec<DeadLetter>;
+            /// A page of dead letters and the id to continue after.
+            fn dead_page(&self, filter: &DeadListFilter) -> (Vec<DeadLetter>, Option<i64>);
+            /// One dead letter with its history and payload.
+            fn dead_show(&self, id: i64) -> Option<DeadLetter>;
+            /// Checks an explicit selection, all or nothing.
+            fn dead_selection(&self, ids: &[i64]) -> Result<Vec<i64>, String>;
+            /// When the sync lane's next window is due (ms).
+            fn sync_next_run_at(&self) -> Option<i64>;
+            /// A page of users with pending audience updates.
+            fn audience_users_after(&self, after: &str, limit: usize) -> Vec<String>;
+            /// Pending audience updates of these users up to `cut`.
+            fn audience_pending_for(&self, users: &[String], cut: i64) -> Vec<PendingUpdate>;
+            /// Values ChurnZero last accepted for these keys.
+            fn audience_delivered_values(&self, keys: &[AudienceKey]) -> HashMap<AudienceKey, String>;
+        }
+    };
+}
+
+impl Outbox {
+    /// Opens (creating and migrating) the SQLite outbox at `path` as its
+    /// one owner; see [`sqlite::SqliteOutbox::open`].
+    pub async fn open(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+        Ok(Outbox::Sqlite(
+            sqlite::SqliteOutbox::open(path, config).await?,
+        ))
+    }
+
+    /// The SQLite handle, for the SQLite-only tools and tests (pool access,
+    /// file checks); `None` on another backend.
+    pub fn as_sqlite(&self) -> Option<&sqlite::SqliteOutbox> {
+        match self {
+            Outbox::Sqlite(s) => Some(s),
+        }
+    }
+
+    /// The read side of this outbox, for code written against reads only.
+    pub fn reader(&self) -> OutboxReader {
+        match self {
+            Outbox::Sqlite(s) => OutboxReader::Sqlite(s.reader.clone()),
+        }
+    }
+
+    /// Woken after a commit that stored new events.
+    pub fn stored_signal(&self) -> Arc<Notify> {
+        match self {
+            Outbox::Sqlite(b) => b.stored_signal(),
+        }
+    }
+
+    forward_reads!();
+
+    forward! {
+        /// Stores a request's events; returns after the commit that holds them.
+        fn ingest(&self, events: Vec<NewEvent>) -> IngestReceipt;
+        /// Claims up to `max` due events under a lease.
+        fn claim(&self, max: usize, lease: Duration) -> Vec<ClaimedEvent>;
+        /// Records attempts' outcomes, atomically for the batch.
+        fn settle(&self, items: Vec<Settlement>) -> ();
+        /// Leases, held budget, retention and dedup pruning.
+        fn maintain(&self, retention: Duration, held_budget: Duration) -> MaintenanceReport;
+        /// Dead events back into delivery (all with `None`).
+        fn replay(&self, ids: Option<Vec<i64>>) -> u64;
+        /// Deletes dead events (all with `None`).
+        fn purge(&self, ids: Option<Vec<i64>>) -> u64;
+        /// Replays what an operator selected.
+        fn replay_selected(&self, which: DeadSelection) -> u64;
+        /// Purges what an operator selected.
+        fn purge_selected(&self, which: DeadSelection) -> u64;
+        /// Records a step of the audience sync lane.
+        fn audience(&self, op: AudienceOp) -> ();
+        /// Adds reports to the recent-errors ring.
+        fn note_errors(&self, reports: Vec<(String, &'static str, i64)>) -> ();
+        /// Leaves nothing for the next start to read back (shutdown).
+        fn checkpoint(&self) -> ();
+    }
+}
+
+impl OutboxReader {
+    forward_reads!();
+}
+
+/// Opens the read side only, for the offline commands: never creates and
+/// never migrates (a server of another version may be running).
+pub async fn open_reader(path: &Path) -> Result<OutboxReader, StoreError> {
+    Ok(OutboxReader::Sqlite(sqlite::open_reader(path).await?))
+}
+
+/// Opens a writing handle for the offline commands (`dead replay`, `dead
+/// purge`), beside a running server or without one.
+pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+    Ok(Outbox::Sqlite(sqlite::open_cli_writer(path, config).await?))
+}
 
 /// The states an event row is in, and the one place in the code where
 /// their stored numbers are written down: SQL keeps the numbers (partial

@@ -11,6 +11,7 @@ mod lock;
 mod read;
 mod recent_errors;
 mod reserve;
+mod store;
 mod writer;
 
 pub use lock::{DatabaseLock, lock_path};
@@ -90,9 +91,9 @@ fn max_page_count() -> Option<u64> {
         .filter(|n| *n > 0)
 }
 
-/// Opened outbox: the writer handle and the reader pool.
+/// An opened SQLite outbox: the writer handle and the reader pool.
 #[derive(Clone)]
-pub struct Outbox {
+pub struct SqliteOutbox {
     pub writer: Writer,
     pub reader: Reader,
     /// The file's owner lock, held while any clone lives (`serve`'s
@@ -100,12 +101,12 @@ pub struct Outbox {
     _lock: Option<std::sync::Arc<DatabaseLock>>,
 }
 
-impl Outbox {
+impl SqliteOutbox {
     /// Opens (creating and migrating) the database as its one owner: takes
     /// the file's lock first (a second server is refused before it touches
     /// anything), then releases the leases a previous process left behind
     /// and starts the writer task.
-    pub async fn open(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+    pub async fn open(path: &Path, config: WriterConfig) -> Result<SqliteOutbox, StoreError> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir).map_err(|e| StoreError::Full(e.to_string()))?;
@@ -124,7 +125,7 @@ impl Outbox {
         let reader = Reader::open(path).await?;
         let checkpointer = connect_options(path, false)?.connect().await?;
         tokio::spawn(checkpoint_loop(checkpointer, writer.downgrade()));
-        Ok(Outbox {
+        Ok(SqliteOutbox {
             writer,
             reader,
             _lock: Some(std::sync::Arc::new(lock)),
@@ -253,7 +254,10 @@ async fn schema_check(path: &Path) -> Result<(), StoreError> {
 /// migrations beside a server: a file of the current schema is used as is;
 /// an outdated one is upgraded only when no server holds it (the command
 /// then holds the file's lock while it works).
-pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+pub async fn open_cli_writer(
+    path: &Path,
+    config: WriterConfig,
+) -> Result<SqliteOutbox, StoreError> {
     require_outbox_file(path)?;
     let lock = match schema_check(path).await {
         Ok(()) => None,
@@ -271,15 +275,15 @@ pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox
         },
         Err(e) => return Err(e),
     };
-    Outbox::open_without_recovery(path, config, lock).await
+    SqliteOutbox::open_without_recovery(path, config, lock).await
 }
 
-impl Outbox {
+impl SqliteOutbox {
     async fn open_without_recovery(
         path: &Path,
         mut config: WriterConfig,
         lock: Option<DatabaseLock>,
-    ) -> Result<Outbox, StoreError> {
+    ) -> Result<SqliteOutbox, StoreError> {
         config.release_leases_at_start = false;
         let mut conn = connect_options(path, false)?.connect().await?;
         if lock.is_some() {
@@ -292,7 +296,7 @@ impl Outbox {
             writer = writer.pace_chunks(writer::OFFLINE_CHUNK_PAUSE);
         }
         let reader = Reader::open(path).await?;
-        Ok(Outbox {
+        Ok(SqliteOutbox {
             writer,
             reader,
             _lock: lock.map(std::sync::Arc::new),

@@ -42,6 +42,7 @@
 
 use crate::churnzero::client::{ChurnZeroClient, SendOutcome};
 use crate::churnzero::mapping::{self, Ids, MappingConfig};
+use crate::churnzero::poison::Isolation;
 use crate::delivery::retry::RetryPolicy;
 use crate::outbox::{
     AudienceOp, AudienceSettlement, DeliveredValue, Outbox, PendingUpdate, StoreError, now_ms,
@@ -429,15 +430,16 @@ impl Lane {
         }
     }
 
-    /// Sends contacts (one action each), isolating refused ones by halving.
+    /// Sends contacts (one action each), isolating refused ones (see
+    /// [`Isolation`]).
     async fn send(
         &mut self,
         contacts: Vec<ContactUpdate>,
         deadline: Instant,
         report: &mut RunReport,
     ) -> Result<(), Stop> {
-        let mut stack = vec![contacts];
-        while let Some(part) = stack.pop() {
+        let mut parts = Isolation::new(contacts);
+        while let Some(part) = parts.next_part() {
             match self.send_with_retries(&part, deadline, report).await? {
                 None => {
                     let values: usize = part.iter().map(|c| c.values.len()).sum();
@@ -460,14 +462,10 @@ impl Lane {
                     report.values_sent += values as u64;
                     metrics::counter!("sync_values_sent_total").increment(values as u64);
                 }
-                Some(_) if part.len() > 1 => {
-                    let mut first = part;
-                    let second = first.split_off(first.len() / 2);
-                    stack.push(second);
-                    stack.push(first);
-                }
                 Some(error) => {
-                    let c = part.into_iter().next().expect("one contact");
+                    let Some(c) = parts.refused(part) else {
+                        continue;
+                    };
                     tracing::warn!(account = %c.ids.account, contact = %c.ids.contact, %error,
                         "ChurnZero refused an audience update; dropping it");
                     let values = c.values.len() as u64;

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+pub mod identity;
 pub mod ingest;
 pub mod mock_churnzero;
 pub mod operator;

@@ -12,6 +12,8 @@ pub mod retry;
 use crate::churnzero::client::{ChurnZeroClient, SendOutcome};
 use crate::churnzero::mapping::{self, Ids, MappingConfig};
 use crate::churnzero::poison::Isolation;
+pub use crate::identity::KnownIds;
+use crate::identity::resolve;
 use crate::outbox::{ClaimedEvent, Outbox, SettleOutcome, Settlement, now_ms};
 use gate::Gate;
 use retry::{RetryDecision, RetryPolicy};
@@ -254,16 +256,6 @@ enum Fate {
 enum Stop {
     Retry(String, Option<Duration>),
     Release,
-}
-
-/// Ids the identity map holds for one user: (account, contact).
-pub type KnownIds = (Option<String>, Option<String>);
-
-/// Resolves the ids an event needs: its own, else the identity map's.
-fn resolve(own: mapping::PartialIds, known: Option<&KnownIds>) -> Option<Ids> {
-    let account = own.account.or_else(|| known.and_then(|k| k.0.clone()))?;
-    let contact = own.contact.or_else(|| known.and_then(|k| k.1.clone()))?;
-    Some(Ids { account, contact })
 }
 
 /// What one attempt does with one stored event.

@@ -15,7 +15,8 @@ pub mod settings;
 pub mod tls;
 
 use crate::churnzero::mapping::{self, MappingConfig};
-use crate::outbox::{IdentityUpdate, NewEvent, Outbox};
+use crate::identity::identity_update;
+use crate::outbox::{NewEvent, Outbox};
 use crate::secret::{Secret, find_match};
 use crate::segment::{self, CallType, EventError};
 use axum::Router;
@@ -479,50 +480,6 @@ pub fn to_new_event(
         forward: valid.forward,
         identity,
         audience,
-    }
-}
-
-/// identify: the ids its traits carry (contact defaults to the userId);
-/// group: the user belongs to the group's account; alias: previousId is the
-/// same person as userId.
-fn identity_update(
-    mapping: &MappingConfig,
-    call: CallType,
-    key: &str,
-    event: &Value,
-) -> Option<IdentityUpdate> {
-    let own = mapping::ids_from_event(mapping, event);
-    match call {
-        CallType::Identify => Some(IdentityUpdate {
-            user_id: key.to_string(),
-            account: own.account,
-            contact: own.contact.or_else(|| {
-                event
-                    .get("userId")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            }),
-            previous_id: None,
-        }),
-        CallType::Group => Some(IdentityUpdate {
-            user_id: key.to_string(),
-            account: event
-                .get("groupId")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            contact: None,
-            previous_id: None,
-        }),
-        CallType::Alias => Some(IdentityUpdate {
-            user_id: key.to_string(),
-            account: None,
-            contact: None,
-            previous_id: event
-                .get("previousId")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        }),
-        _ => None,
     }
 }
 

@@ -3,6 +3,7 @@
 //! backend.
 
 use super::DeadListFilter;
+use crate::identity::IdentityUpdate;
 use std::time::Duration;
 
 /// Dead letters one replay or purge transaction touches at most. A replay
@@ -27,16 +28,6 @@ impl Default for WriterConfig {
             release_leases_at_start: true,
         }
     }
-}
-
-/// What an identify, group or alias call teaches the identity map.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct IdentityUpdate {
-    pub user_id: String,
-    pub account: Option<String>,
-    pub contact: Option<String>,
-    /// For alias: the earlier id that is the same person as `user_id`.
-    pub previous_id: Option<String>,
 }
 
 /// One validated event on its way into the outbox.

@@ -18,11 +18,12 @@ pub mod sqlite;
 mod status;
 pub mod store;
 
+pub use crate::identity::IdentityUpdate;
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
 pub use error::StoreError;
 pub use event::{
-    ClaimedEvent, DEAD_CHUNK, DeadSelection, IdentityUpdate, IngestReceipt, MaintenanceReport,
-    NewEvent, SettleOutcome, Settlement, WriterConfig,
+    ClaimedEvent, DEAD_CHUNK, DeadSelection, IngestReceipt, MaintenanceReport, NewEvent,
+    SettleOutcome, Settlement, WriterConfig,
 };
 pub use recent_errors::RecentError;
 pub use sqlite::{DatabaseLock, RESERVE_BYTES, lock_path};

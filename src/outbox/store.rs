@@ -15,8 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
 
-/// A user's ids as the identity map knows them: (account, contact).
-pub type KnownIds = (Option<String>, Option<String>);
+pub use crate::identity::KnownIds;
 
 /// An (account, contact, attribute) key of the audience store.
 pub type AudienceKey = (String, String, String);

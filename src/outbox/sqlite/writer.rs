@@ -8,6 +8,7 @@ use super::audience;
 use super::direct::{Db, StatementCache, Step};
 use super::reserve::Reserve;
 use super::{EventState, StoreError, now_ms, set_meta};
+use crate::identity;
 use crate::outbox::{
     AudienceOp, ClaimedEvent, DEAD_CHUNK, DeadListFilter, DeadSelection, IdentityUpdate,
     IngestReceipt, MaintenanceReport, NewEvent, SettleOutcome, Settlement, WriterConfig,
@@ -935,7 +936,7 @@ async fn apply_identity(
                   account_id = COALESCE(excluded.account_id, identities.account_id), \
                   contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
                   updated_at = excluded.updated_at";
-    if id.account.is_some() || id.contact.is_some() {
+    if id.teaches_ids() {
         sqlx::query(upsert)
             .bind(&id.user_id)
             .bind(&id.account)
@@ -945,10 +946,10 @@ async fn apply_identity(
             .await
             .map_err(db)?;
     }
-    let mut released = vec![id.user_id.clone()];
-    if id.account.is_some() || id.contact.is_some() {
+    let mut aliased = Vec::new();
+    if id.teaches_ids() {
         // Earlier ids aliased to this user learn what it now knows.
-        let aliased: Vec<String> = sqlx::query_scalar(
+        aliased = sqlx::query_scalar(
             "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
              SELECT a.previous_id, i.account_id, i.contact_id, ? FROM aliases a \
              JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = ? AND a.previous_id <> a.user_id \
@@ -963,7 +964,6 @@ async fn apply_identity(
         .fetch_all(&mut *conn)
         .await
         .map_err(db)?;
-        released.extend(aliased);
     }
     if let Some(prev) = &id.previous_id {
         sqlx::query(
@@ -983,11 +983,7 @@ async fn apply_identity(
                 .fetch_optional(&mut *conn)
                 .await
                 .map_err(db)?;
-        let (from, to) = if known.is_some() {
-            (&id.user_id, prev)
-        } else {
-            (prev, &id.user_id)
-        };
+        let (from, to) = identity::alias_teacher(&id.user_id, prev, known.is_some());
         sqlx::query(
             "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
              SELECT ?, account_id, contact_id, ? FROM identities WHERE user_id = ? \
@@ -1002,9 +998,8 @@ async fn apply_identity(
         .execute(&mut *conn)
         .await
         .map_err(db)?;
-        released.push(prev.clone());
     }
-    for key in released {
+    for key in identity::released_by(id, aliased) {
         sqlx::query(
             "UPDATE events INDEXED BY events_key SET state = 0, next_attempt_at = ? \
              WHERE order_key = ? AND state IN (0, 1, 4, 5) AND state = 4",

@@ -44,6 +44,7 @@ use crate::churnzero::client::{ChurnZeroClient, SendOutcome};
 use crate::churnzero::mapping::{self, Ids, MappingConfig};
 use crate::churnzero::poison::Isolation;
 use crate::delivery::retry::RetryPolicy;
+use crate::identity::{self, KnownIds, PartialIds};
 use crate::outbox::{
     AudienceOp, AudienceSettlement, DeliveredValue, Outbox, PendingUpdate, StoreError, now_ms,
 };
@@ -151,23 +152,16 @@ struct Merged {
 
 /// Resolves users to ids and merges their updates per contact; an
 /// attribute's latest update wins (ties: the later row read).
-fn merge(
-    rows: Vec<PendingUpdate>,
-    identities: &HashMap<String, (Option<String>, Option<String>)>,
-) -> Merged {
+fn merge(rows: Vec<PendingUpdate>, identities: &HashMap<String, KnownIds>) -> Merged {
     let mut merged = Merged::default();
     let mut index: HashMap<Ids, usize> = HashMap::new();
     let mut stamps: HashMap<(usize, String), i64> = HashMap::new();
     for row in rows {
-        let ids = match identities.get(&row.user_id) {
-            Some((Some(account), Some(contact))) => Ids {
-                account: account.clone(),
-                contact: contact.clone(),
-            },
-            _ => {
-                merged.unresolved_users.insert(row.user_id);
-                continue;
-            }
+        // Audience updates carry no ids of their own: the map's, or none.
+        let Some(ids) = identity::resolve(PartialIds::default(), identities.get(&row.user_id))
+        else {
+            merged.unresolved_users.insert(row.user_id);
+            continue;
         };
         let i = *index.entry(ids.clone()).or_insert_with(|| {
             merged.contacts.push(ContactUpdate {

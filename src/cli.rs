@@ -365,7 +365,7 @@ fn parse_time(name: &str, v: &Option<String>) -> anyhow::Result<Option<i64>> {
 /// nothing is changed. `--all` and ranges are matched chunk by chunk as
 /// the writer goes, never read whole.
 async fn selected(
-    reader: &outbox::Reader,
+    reader: &outbox::OutboxReader,
     sel: &DeadSelection,
 ) -> anyhow::Result<outbox::DeadSelection> {
     if sel.all {
@@ -480,8 +480,8 @@ async fn dead(args: DeadArgs) -> anyhow::Result<()> {
         }
         DeadCommand::Replay(sel) => {
             let ob = outbox::open_cli_writer(&args.database, Default::default()).await?;
-            let which = selected(&ob.reader, &sel).await?;
-            let n = ob.writer.replay_selected(which).await?;
+            let which = selected(&ob.reader(), &sel).await?;
+            let n = ob.replay_selected(which).await?;
             if args.json {
                 println!("{}", serde_json::json!({ "replayed": n }));
             } else {
@@ -494,8 +494,8 @@ async fn dead(args: DeadArgs) -> anyhow::Result<()> {
         }
         DeadCommand::Purge(sel) => {
             let ob = outbox::open_cli_writer(&args.database, Default::default()).await?;
-            let which = selected(&ob.reader, &sel).await?;
-            let n = ob.writer.purge_selected(which).await?;
+            let which = selected(&ob.reader(), &sel).await?;
+            let n = ob.purge_selected(which).await?;
             if args.json {
                 println!("{}", serde_json::json!({ "purged": n }));
             } else {

@@ -166,7 +166,7 @@ impl Server {
         let app = Router::new()
             .merge(ingest::router(
                 IngestState {
-                    writer: outbox.writer.clone(),
+                    outbox: outbox.clone(),
                     write_keys,
                     mapping: mapping.clone(),
                     clients: Arc::new(ingest::ClientPolicy::new(&settings.clients)),
@@ -236,7 +236,7 @@ impl Server {
         }
         // Nothing writes any more: fold the WAL into the database so the
         // next start has nothing to read back.
-        if let Err(e) = self.outbox.writer.checkpoint().await {
+        if let Err(e) = self.outbox.checkpoint().await {
             tracing::warn!(error = %e, "final WAL checkpoint failed; the next start recovers the WAL");
         }
         tracing::info!("churnzero-forwarder stopped");
@@ -513,7 +513,7 @@ async fn maintenance(
             _ = tokio::time::sleep(every) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        match outbox.writer.maintain(retention, held_budget).await {
+        match outbox.maintain(retention, held_budget).await {
             Ok(r) => {
                 if r.leases_released > 0 || r.held_expired > 0 {
                     tracing::info!(

@@ -42,7 +42,9 @@
 
 use crate::churnzero::client::{ChurnZeroClient, SendOutcome};
 use crate::churnzero::mapping::{self, Ids, MappingConfig};
+use crate::churnzero::poison::Isolation;
 use crate::delivery::retry::RetryPolicy;
+use crate::identity::{self, KnownIds, PartialIds};
 use crate::outbox::{
     AudienceOp, AudienceSettlement, DeliveredValue, Outbox, PendingUpdate, StoreError, now_ms,
 };
@@ -150,23 +152,16 @@ struct Merged {
 
 /// Resolves users to ids and merges their updates per contact; an
 /// attribute's latest update wins (ties: the later row read).
-fn merge(
-    rows: Vec<PendingUpdate>,
-    identities: &HashMap<String, (Option<String>, Option<String>)>,
-) -> Merged {
+fn merge(rows: Vec<PendingUpdate>, identities: &HashMap<String, KnownIds>) -> Merged {
     let mut merged = Merged::default();
     let mut index: HashMap<Ids, usize> = HashMap::new();
     let mut stamps: HashMap<(usize, String), i64> = HashMap::new();
     for row in rows {
-        let ids = match identities.get(&row.user_id) {
-            Some((Some(account), Some(contact))) => Ids {
-                account: account.clone(),
-                contact: contact.clone(),
-            },
-            _ => {
-                merged.unresolved_users.insert(row.user_id);
-                continue;
-            }
+        // Audience updates carry no ids of their own: the map's, or none.
+        let Some(ids) = identity::resolve(PartialIds::default(), identities.get(&row.user_id))
+        else {
+            merged.unresolved_users.insert(row.user_id);
+            continue;
         };
         let i = *index.entry(ids.clone()).or_insert_with(|| {
             merged.contacts.push(ContactUpdate {
@@ -275,7 +270,7 @@ pub async fn run(
         unrecorded_start: None,
     };
     let now = now_ms();
-    let planned = match lane.outbox.reader.sync_next_run_at().await {
+    let planned = match lane.outbox.sync_next_run_at().await {
         Ok(Some(at)) => at.min(now + interval_ms),
         Ok(None) => now + interval_ms,
         Err(e) => {
@@ -339,7 +334,7 @@ impl Lane {
     /// Writes a schedule step; a failure is logged, as the lane's schedule
     /// lives on in memory and the next step writes it again.
     async fn record(&self, op: AudienceOp) {
-        if let Err(e) = self.outbox.writer.audience(op).await {
+        if let Err(e) = self.outbox.audience(op).await {
             tracing::warn!(error = %e, "recording the sync schedule failed");
         }
     }
@@ -353,7 +348,6 @@ impl Lane {
             s.run_started_at = self.unrecorded_start;
         }
         self.outbox
-            .writer
             .audience(AudienceOp::Settle(s))
             .await
             .map_err(|e| {
@@ -379,7 +373,7 @@ impl Lane {
         deadline: Instant,
         report: &mut RunReport,
     ) -> Result<(), Stop> {
-        let reader = self.outbox.reader.clone();
+        let reader = self.outbox.clone();
         let mut after = String::new();
         loop {
             if *self.shutdown.borrow() {
@@ -430,15 +424,16 @@ impl Lane {
         }
     }
 
-    /// Sends contacts (one action each), isolating refused ones by halving.
+    /// Sends contacts (one action each), isolating refused ones (see
+    /// [`Isolation`]).
     async fn send(
         &mut self,
         contacts: Vec<ContactUpdate>,
         deadline: Instant,
         report: &mut RunReport,
     ) -> Result<(), Stop> {
-        let mut stack = vec![contacts];
-        while let Some(part) = stack.pop() {
+        let mut parts = Isolation::new(contacts);
+        while let Some(part) = parts.next_part() {
             match self.send_with_retries(&part, deadline, report).await? {
                 None => {
                     let values: usize = part.iter().map(|c| c.values.len()).sum();
@@ -461,14 +456,10 @@ impl Lane {
                     report.values_sent += values as u64;
                     metrics::counter!("sync_values_sent_total").increment(values as u64);
                 }
-                Some(_) if part.len() > 1 => {
-                    let mut first = part;
-                    let second = first.split_off(first.len() / 2);
-                    stack.push(second);
-                    stack.push(first);
-                }
                 Some(error) => {
-                    let c = part.into_iter().next().expect("one contact");
+                    let Some(c) = parts.refused(part) else {
+                        continue;
+                    };
                     tracing::warn!(account = %c.ids.account, contact = %c.ids.contact, %error,
                         "ChurnZero refused an audience update; dropping it");
                     let values = c.values.len() as u64;

@@ -62,7 +62,7 @@ fn event(user: &str) -> NewEvent {
 /// over, which the caller then reports).
 async fn first_chunk_done(outbox: &Outbox, task: &tokio::task::JoinHandle<u64>) {
     wait_for("the first chunk", Duration::from_secs(60), || async {
-        let dead = outbox.reader.status().await.unwrap().dead;
+        let dead = outbox.status().await.unwrap().dead;
         (dead < DEAD || task.is_finished()).then_some(())
     })
     .await;
@@ -75,22 +75,18 @@ async fn ingest_commits_between_the_chunks_of_a_replay_and_a_purge_of_everything
     drop(Outbox::open(&db, WriterConfig::default()).await.unwrap());
     seed_dead(&db, DEAD).await;
     let outbox = Outbox::open(&db, WriterConfig::default()).await.unwrap();
-    assert_eq!(outbox.reader.status().await.unwrap().dead, DEAD);
+    assert_eq!(outbox.status().await.unwrap().dead, DEAD);
 
-    let writer = outbox.writer.clone();
+    let writer = outbox.clone();
     let replay = tokio::spawn(async move { writer.replay(None).await.unwrap() });
     first_chunk_done(&outbox, &replay).await;
-    outbox
-        .writer
-        .ingest(vec![event("during-replay")])
-        .await
-        .unwrap();
+    outbox.ingest(vec![event("during-replay")]).await.unwrap();
     assert!(
         !replay.is_finished(),
         "the ingest waited for the whole replay"
     );
     assert_eq!(replay.await.unwrap(), DEAD as u64);
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!((s.dead, s.pending), (0, DEAD + 1));
 
     // Dead again (straight in the file), then purged the same way.
@@ -108,21 +104,17 @@ async fn ingest_commits_between_the_chunks_of_a_replay_and_a_purge_of_everything
         conn.close().await.unwrap();
         Outbox::open(&db, WriterConfig::default()).await.unwrap()
     };
-    assert_eq!(outbox.reader.status().await.unwrap().dead, DEAD);
-    let writer = outbox.writer.clone();
+    assert_eq!(outbox.status().await.unwrap().dead, DEAD);
+    let writer = outbox.clone();
     let purge = tokio::spawn(async move { writer.purge(None).await.unwrap() });
     first_chunk_done(&outbox, &purge).await;
-    outbox
-        .writer
-        .ingest(vec![event("during-purge")])
-        .await
-        .unwrap();
+    outbox.ingest(vec![event("during-purge")]).await.unwrap();
     assert!(
         !purge.is_finished(),
         "the ingest waited for the whole purge"
     );
     assert_eq!(purge.await.unwrap(), DEAD as u64);
-    assert_eq!(outbox.reader.status().await.unwrap().dead, 0);
+    assert_eq!(outbox.status().await.unwrap().dead, 0);
 }
 
 #[tokio::test]

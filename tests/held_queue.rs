@@ -40,11 +40,7 @@ fn identify(user: &str) -> NewEvent {
 /// Claims everything due and settles `held_user`'s events as held, the
 /// others as released (never sent).
 async fn hold(outbox: &Outbox, held_user: &str) -> Vec<ClaimedEvent> {
-    let claimed = outbox
-        .writer
-        .claim(100, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let claimed = outbox.claim(100, Duration::from_secs(60)).await.unwrap();
     let settlements = claimed
         .iter()
         .map(|e| Settlement {
@@ -63,7 +59,7 @@ async fn hold(outbox: &Outbox, held_user: &str) -> Vec<ClaimedEvent> {
             actions: None,
         })
         .collect();
-    outbox.writer.settle(settlements).await.unwrap();
+    outbox.settle(settlements).await.unwrap();
     claimed
 }
 
@@ -80,16 +76,15 @@ async fn events_behind_a_held_head_count_as_held_and_do_not_age_the_pending() {
     // h: three events, the first of which will wait for ids; p: one event
     // accepted clearly later.
     outbox
-        .writer
         .ingest(vec![event(1, "h"), event(2, "h"), event(3, "h")])
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let p_sent = Instant::now();
-    outbox.writer.ingest(vec![event(1, "p")]).await.unwrap();
+    outbox.ingest(vec![event(1, "p")]).await.unwrap();
     hold(&outbox, "h").await;
 
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!(counts(&s), (1, 3, 2, 0), "{s:?}");
     // The oldest pending is p's event, not h's queued ones (300 ms older).
     let pending_ms = s.oldest_pending_age_seconds * 1000.0;
@@ -103,13 +98,13 @@ async fn events_behind_a_held_head_count_as_held_and_do_not_age_the_pending() {
     );
 
     // More of h's events arrive while it is held: they count as held too.
-    outbox.writer.ingest(vec![event(4, "h")]).await.unwrap();
-    let s = outbox.reader.status().await.unwrap();
+    outbox.ingest(vec![event(4, "h")]).await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!(counts(&s), (1, 4, 3, 0), "{s:?}");
 
     // h's ids arrive: the head is released and its queue is pending again.
-    outbox.writer.ingest(vec![identify("h")]).await.unwrap();
-    let s = outbox.reader.status().await.unwrap();
+    outbox.ingest(vec![identify("h")]).await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!((s.held, s.held_queued), (0, 0), "{s:?}");
     assert_eq!(s.pending, 6, "h's four, p's and the identify: {s:?}");
     assert!(s.oldest_pending_age_seconds * 1000.0 >= 300.0, "{s:?}");
@@ -122,29 +117,27 @@ async fn the_held_count_follows_expiry_and_replay() {
         .await
         .unwrap();
     outbox
-        .writer
         .ingest(vec![event(1, "x"), event(2, "x")])
         .await
         .unwrap();
     hold(&outbox, "x").await;
-    assert_eq!(counts(&outbox.reader.status().await.unwrap()), (0, 2, 1, 0));
+    assert_eq!(counts(&outbox.status().await.unwrap()), (0, 2, 1, 0));
 
     // The held budget runs out: the head is dead, the follower is pending.
     tokio::time::sleep(Duration::from_millis(20)).await;
     outbox
-        .writer
         .maintain(Duration::from_secs(3600), Duration::from_millis(1))
         .await
         .unwrap();
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!((counts(&s), s.dead), ((1, 0, 0, 0), 1), "{s:?}");
-    let dead_id = outbox.reader.dead_list(&Default::default()).await.unwrap()[0].id;
+    let dead_id = outbox.dead_list(&Default::default()).await.unwrap()[0].id;
 
     // The follower is held in turn; replaying the dead head puts it in
     // the queue behind that held event: held as well.
     hold(&outbox, "x").await;
-    assert_eq!(counts(&outbox.reader.status().await.unwrap()), (0, 1, 0, 0));
-    assert_eq!(outbox.writer.replay(Some(vec![dead_id])).await.unwrap(), 1);
-    let s = outbox.reader.status().await.unwrap();
+    assert_eq!(counts(&outbox.status().await.unwrap()), (0, 1, 0, 0));
+    assert_eq!(outbox.replay(Some(vec![dead_id])).await.unwrap(), 1);
+    let s = outbox.status().await.unwrap();
     assert_eq!((counts(&s), s.dead), ((0, 2, 1, 0), 0), "{s:?}");
 }

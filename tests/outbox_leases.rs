@@ -52,13 +52,9 @@ async fn a_claim_takes_a_users_head_with_its_followers_and_counts_them_in_flight
         events.push(event(n, "a"));
         events.push(event(n, "b"));
     }
-    outbox.writer.ingest(events).await.unwrap();
+    outbox.ingest(events).await.unwrap();
 
-    let first = outbox
-        .writer
-        .claim(4, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let first = outbox.claim(4, Duration::from_secs(60)).await.unwrap();
     let names: Vec<(String, i64)> = first
         .iter()
         .map(|e| (e.order_key.clone(), e.attempts))
@@ -74,12 +70,11 @@ async fn a_claim_takes_a_users_head_with_its_followers_and_counts_them_in_flight
             ("a".into(), 1)
         ]
     );
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!((s.pending, s.in_flight), (2, 4));
     // Nothing else is claimable: b's head is in flight, its followers queued.
     assert!(
         outbox
-            .writer
             .claim(4, Duration::from_secs(60))
             .await
             .unwrap()
@@ -87,18 +82,13 @@ async fn a_claim_takes_a_users_head_with_its_followers_and_counts_them_in_flight
     );
 
     outbox
-        .writer
         .settle(settle_all(&first, SettleOutcome::Delivered))
         .await
         .unwrap();
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!((s.pending, s.in_flight, s.delivered), (2, 0, 4));
     // b's next event was promoted and comes with its follower.
-    let second = outbox
-        .writer
-        .claim(4, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let second = outbox.claim(4, Duration::from_secs(60)).await.unwrap();
     let payloads: Vec<&str> = second.iter().map(|e| e.payload.as_str()).collect();
     assert_eq!(payloads.len(), 2);
     assert!(payloads[0].contains("\"e2\"") && payloads[1].contains("\"e3\""));
@@ -108,37 +98,27 @@ async fn a_claim_takes_a_users_head_with_its_followers_and_counts_them_in_flight
 async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored() {
     let dir = tempfile::tempdir().unwrap();
     let outbox = open(&dir.path().join("o.db")).await;
-    outbox.writer.ingest(vec![event(1, "u")]).await.unwrap();
+    outbox.ingest(vec![event(1, "u")]).await.unwrap();
 
-    let stale = outbox
-        .writer
-        .claim(10, Duration::from_millis(1))
-        .await
-        .unwrap();
+    let stale = outbox.claim(10, Duration::from_millis(1)).await.unwrap();
     assert_eq!(stale.len(), 1);
     // Wait for the lease to lapse, then let maintenance return it.
     while now_ms() <= stale[0].lease {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let report = outbox
-        .writer
         .maintain(Duration::from_secs(3600), Duration::from_secs(3600))
         .await
         .unwrap();
     assert_eq!(report.leases_released, 1);
-    assert_eq!(outbox.reader.status().await.unwrap().in_flight, 0);
+    assert_eq!(outbox.status().await.unwrap().in_flight, 0);
 
-    let fresh = outbox
-        .writer
-        .claim(10, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let fresh = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(fresh.len(), 1);
     assert_eq!(fresh[0].id, stale[0].id);
     // The first worker comes back late with a failure: it no longer owns
     // the event, so nothing changes.
     outbox
-        .writer
         .settle(settle_all(
             &stale,
             SettleOutcome::Dead {
@@ -147,14 +127,13 @@ async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored() {
         ))
         .await
         .unwrap();
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!((s.dead, s.in_flight), (0, 1));
     outbox
-        .writer
         .settle(settle_all(&fresh, SettleOutcome::Delivered))
         .await
         .unwrap();
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!((s.delivered, s.in_flight, s.pending, s.dead), (1, 0, 0, 0));
 }
 
@@ -165,19 +144,13 @@ async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest() {
     {
         let outbox = open(&path).await;
         outbox
-            .writer
             .ingest(vec![event(1, "u"), event(2, "u")])
             .await
             .unwrap();
-        let claimed = outbox
-            .writer
-            .claim(10, Duration::from_secs(600))
-            .await
-            .unwrap();
+        let claimed = outbox.claim(10, Duration::from_secs(600)).await.unwrap();
         assert_eq!(claimed.len(), 2);
         // A retry records the attempt on the row.
         outbox
-            .writer
             .settle(settle_all(
                 &claimed,
                 SettleOutcome::Retry {
@@ -187,26 +160,18 @@ async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest() {
             ))
             .await
             .unwrap();
-        let again = outbox
-            .writer
-            .claim(10, Duration::from_secs(600))
-            .await
-            .unwrap();
+        let again = outbox.claim(10, Duration::from_secs(600)).await.unwrap();
         assert_eq!(
             again.iter().map(|e| e.attempts).collect::<Vec<_>>(),
             vec![2, 2]
         );
-        assert_eq!(outbox.reader.status().await.unwrap().in_flight, 2);
+        assert_eq!(outbox.status().await.unwrap().in_flight, 2);
         // The process goes away with both events in flight.
     }
     let outbox = open(&path).await;
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     assert_eq!((s.pending, s.in_flight), (2, 0));
-    let claimed = outbox
-        .writer
-        .claim(10, Duration::from_secs(600))
-        .await
-        .unwrap();
+    let claimed = outbox.claim(10, Duration::from_secs(600)).await.unwrap();
     // The attempt cut short by the restart never reached ChurnZero's answer,
     // so it is not counted: this is the second recorded attempt.
     assert_eq!(
@@ -227,16 +192,12 @@ async fn events_in_flight_count_once_against_the_backlog_limit() {
         .await
         .unwrap();
     let four: Vec<NewEvent> = (1..=4).map(|n| event(n, &format!("u{n}"))).collect();
-    outbox.writer.ingest(four).await.unwrap();
-    let claimed = outbox
-        .writer
-        .claim(10, Duration::from_secs(60))
-        .await
-        .unwrap();
+    outbox.ingest(four).await.unwrap();
+    let claimed = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(claimed.len(), 4);
     // 4 waiting (all in flight) + 1 fits a limit of 5; a sixth does not.
-    outbox.writer.ingest(vec![event(5, "u5")]).await.unwrap();
-    let refused = outbox.writer.ingest(vec![event(6, "u6")]).await;
+    outbox.ingest(vec![event(5, "u5")]).await.unwrap();
+    let refused = outbox.ingest(vec![event(6, "u6")]).await;
     assert!(
         matches!(refused, Err(StoreError::Backlog(5))),
         "the sixth event is over the limit: {refused:?}"
@@ -249,21 +210,16 @@ async fn events_queued_behind_a_held_head_are_held_and_do_not_age_the_pending() 
     let outbox = open(&dir.path().join("o.db")).await;
     // User h: two events; user p: one event accepted clearly later.
     outbox
-        .writer
         .ingest(vec![event(1, "h"), event(2, "h")])
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(150)).await;
     let p_sent = std::time::Instant::now();
-    outbox.writer.ingest(vec![event(1, "p")]).await.unwrap();
+    outbox.ingest(vec![event(1, "p")]).await.unwrap();
 
     // h's head waits for its ids (held), its second event queues behind it;
     // p's event goes back to pending untouched.
-    let claimed = outbox
-        .writer
-        .claim(10, Duration::from_secs(60))
-        .await
-        .unwrap();
+    let claimed = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
     assert_eq!(claimed.len(), 3);
     let settlements = claimed
         .iter()
@@ -283,9 +239,9 @@ async fn events_queued_behind_a_held_head_are_held_and_do_not_age_the_pending() 
             actions: None,
         })
         .collect();
-    outbox.writer.settle(settlements).await.unwrap();
+    outbox.settle(settlements).await.unwrap();
 
-    let s = outbox.reader.status().await.unwrap();
+    let s = outbox.status().await.unwrap();
     // h's queued event cannot be sent before its head: it counts as held.
     assert_eq!(
         (s.pending, s.held, s.held_queued, s.in_flight),

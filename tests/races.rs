@@ -485,7 +485,7 @@ mod outbox_level {
     }
 
     async fn counts(outbox: &Outbox) -> (i64, i64, i64) {
-        let s = outbox.reader.status().await.unwrap();
+        let s = outbox.status().await.unwrap();
         (s.pending, s.held, s.in_flight)
     }
 
@@ -495,31 +495,21 @@ mod outbox_level {
         let outbox = Outbox::open(&dir.path().join("o.db"), WriterConfig::default())
             .await
             .unwrap();
-        outbox.writer.ingest(vec![track("x", 1)]).await.unwrap();
-        let claimed = outbox
-            .writer
-            .claim(10, Duration::from_secs(60))
-            .await
-            .unwrap();
+        outbox.ingest(vec![track("x", 1)]).await.unwrap();
+        let claimed = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
         // The identify commits while the track is in flight: its release
         // finds nothing held. The worker, which read the map before, holds.
         outbox
-            .writer
             .ingest(vec![identify("x", Some("acc-x"), Some("x"))])
             .await
             .unwrap();
         outbox
-            .writer
             .settle(vec![held(&claimed[0], claimed[0].claimed_at)])
             .await
             .unwrap();
         // Due again at once, with the identify queued behind it.
         assert_eq!(counts(&outbox).await.1, 0, "nothing held");
-        let again = outbox
-            .writer
-            .claim(10, Duration::from_secs(60))
-            .await
-            .unwrap();
+        let again = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
         let ids: Vec<i64> = again.iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![claimed[0].id, claimed[0].id + 1]);
     }
@@ -532,17 +522,11 @@ mod outbox_level {
             .unwrap();
         // y's map knows only the account: y's track stays held, no loop.
         outbox
-            .writer
             .ingest(vec![identify("y", Some("acc-y"), None)])
             .await
             .unwrap();
-        let first = outbox
-            .writer
-            .claim(10, Duration::from_secs(60))
-            .await
-            .unwrap();
+        let first = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
         outbox
-            .writer
             .settle(
                 first
                     .iter()
@@ -555,50 +539,37 @@ mod outbox_level {
             .await
             .unwrap();
         outbox
-            .writer
             .ingest(vec![track("x", 1), track("y", 1)])
             .await
             .unwrap();
-        let claimed = outbox
-            .writer
-            .claim(10, Duration::from_secs(60))
-            .await
-            .unwrap();
+        let claimed = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
         assert_eq!(claimed.len(), 2);
         outbox
-            .writer
             .ingest(vec![identify("x", Some("acc-x"), Some("x"))])
             .await
             .unwrap();
         // A hold that missed the identify anyway (as a worker from before
         // the settle's re-check could write): held, with the ids known.
         outbox
-            .writer
             .settle(claimed.iter().map(|e| held(e, i64::MAX)).collect())
             .await
             .unwrap();
         // Both tracks held, and x's identify queued behind x's: held too.
         assert_eq!(counts(&outbox).await.1, 3);
         let report = outbox
-            .writer
             .maintain(Duration::from_secs(3600), Duration::from_secs(3600))
             .await
             .unwrap();
         assert_eq!(report.held_released, 1);
         // x's track (and its identify behind it) due; y's still held.
         assert_eq!(counts(&outbox).await.1, 1);
-        let due = outbox
-            .writer
-            .claim(10, Duration::from_secs(60))
-            .await
-            .unwrap();
+        let due = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
         let due: Vec<(&str, &str)> = due
             .iter()
             .map(|e| (e.order_key.as_str(), e.kind.as_str()))
             .collect();
         assert_eq!(due, vec![("x", "track"), ("x", "identify")]);
         let report = outbox
-            .writer
             .maintain(Duration::from_secs(3600), Duration::from_secs(3600))
             .await
             .unwrap();

@@ -223,7 +223,7 @@ async fn offline_writers_never_migrate_beside_a_server() {
     for name in ["0001_outbox.sql", "0002_sync_lane.sql", "0003_aliases.sql"] {
         std::fs::copy(
             Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("migrations")
+                .join("migrations/sqlite")
                 .join(name),
             migrations.path().join(name),
         )

@@ -1,4 +1,4 @@
-//! `Reader::status` reads all its figures in one read transaction. A client
+//! The SQLite status read (`Outbox::status`) reads all its figures in one read transaction. A client
 //! that disconnects, a request or scrape timeout, drops the status future
 //! wherever it is; the pooled connection must not go back to the pool
 //! inside that transaction (a stale snapshot for the identity look-ups that
@@ -49,13 +49,13 @@ async fn a_status_dropped_midway_leaves_no_read_transaction_behind() {
     let path = dir.path().join("o.db");
     let outbox = Outbox::open(&path, WriterConfig::default()).await.unwrap();
     let events: Vec<NewEvent> = (1..=20).map(|n| event(n, &format!("u{n}"), None)).collect();
-    outbox.writer.ingest(events).await.unwrap();
+    outbox.ingest(events).await.unwrap();
 
     // Drop it after 1 poll, after 2, ... until it completes within the
     // budget: every await point of the status read is a drop point once.
     let mut dropped = 0;
     for polls in 1..200 {
-        if poll_then_drop(outbox.reader.status(), polls).await {
+        if poll_then_drop(outbox.status(), polls).await {
             break;
         }
         dropped += 1;
@@ -68,7 +68,6 @@ async fn a_status_dropped_midway_leaves_no_read_transaction_behind() {
     // Every pooled connection at once (the pool holds at most 4): none is
     // inside a transaction, and each sees a write made now.
     outbox
-        .writer
         .ingest(vec![event(
             1,
             "late-user",
@@ -81,7 +80,7 @@ async fn a_status_dropped_midway_leaves_no_read_transaction_behind() {
         )])
         .await
         .unwrap();
-    let pool = outbox.reader.pool();
+    let pool = outbox.as_sqlite().expect("an SQLite outbox").reader.pool();
     let mut held = Vec::new();
     for _ in 0..4 {
         held.push(pool.acquire().await.unwrap());
@@ -103,10 +102,10 @@ async fn a_status_dropped_midway_leaves_no_read_transaction_behind() {
     }
     drop(held);
     for _ in 0..8 {
-        let s = outbox.reader.status().await.unwrap();
+        let s = outbox.status().await.unwrap();
         assert_eq!(s.pending, 21);
     }
-    let ids = outbox.reader.identities(&["late-user"]).await.unwrap();
+    let ids = outbox.identities(&["late-user"]).await.unwrap();
     assert_eq!(ids["late-user"].0.as_deref(), Some("acc-late"));
 
     // No reader pins the WAL: a full checkpoint gets through.

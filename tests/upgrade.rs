@@ -18,7 +18,7 @@ async fn previous_version_database(db: &Path) {
     for name in ["0001_outbox.sql", "0002_sync_lane.sql", "0003_aliases.sql"] {
         std::fs::copy(
             Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("migrations")
+                .join("migrations/sqlite")
                 .join(name),
             migrations.path().join(name),
         )
@@ -104,4 +104,86 @@ async fn serve_upgrades_a_previous_database_and_delivers_what_was_in_flight() {
     let (code, out, err) = run_binary(&["status", "--database", db.to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("delivered"), "{out}");
+}
+
+/// A database migrated by any earlier release recorded each migration's
+/// version and the SHA-384 of its SQL; the migrator refuses to start on a
+/// file whose recorded checksum differs from the embedded one. These are
+/// the checksums released databases hold, so the embedded migrations (where
+/// ever they live in the source tree) must keep producing exactly them.
+#[tokio::test]
+async fn released_migrations_keep_their_versions_and_checksums() {
+    const RELEASED: [(i64, &str); 6] = [
+        (
+            1,
+            "5d364fb6dbd0a5dd7ab9787262203b2aef2d93239129437c834de2dbfe2400eb86575493c45eb221827126633cbc4a0d",
+        ),
+        (
+            2,
+            "fa17ba804d3740629c69f56373f8bbc92d0313be3ee470cfa06905361f4d36937470fff7a33ebdf5f8aafba3e7a81a18",
+        ),
+        (
+            3,
+            "c14a90a0bbed2916944aac2e987f765b2c660a2b71f6865851eafc4f1788192b5adf58fab836bb9b9a87d6d155ec02a0",
+        ),
+        (
+            4,
+            "499a9d92a1e58b951ddd9968829709660cb349cd7bc99da57a056116e82f692c1681d1c2511eed3116f79110ebc8705f",
+        ),
+        (
+            5,
+            "6b7a1258efcd8a08fa2529f4387dd8d9d365e8809eb8d1ff85ff2c3cb3305ee0714421fb303685587689c53b35ec7b91",
+        ),
+        (
+            6,
+            "9d0a89580d64276f68fff4fa9ddb0ed978106a0d5bbd7b980562bba0d5f1d006d1844f34b4e8cd05330f9bf6ac16970b",
+        ),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    drop(
+        churnzero_forwarder::outbox::Outbox::open(&db, Default::default())
+            .await
+            .unwrap(),
+    );
+    let url = format!("sqlite://{}", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let rows: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    conn.close().await.unwrap();
+    let recorded: Vec<(i64, String)> = rows
+        .into_iter()
+        .map(|(v, sum)| (v, sum.iter().map(|b| format!("{b:02x}")).collect()))
+        .collect();
+    let released: Vec<(i64, String)> = RELEASED
+        .iter()
+        .map(|(v, sum)| (*v, sum.to_string()))
+        .collect();
+    assert_eq!(recorded[..released.len()], released[..]);
+}
+
+/// A database that an earlier release created and fully migrated starts
+/// as it is: no migration is re-run or refused, and its events are served.
+#[tokio::test]
+async fn serve_starts_on_a_database_of_the_current_schema_made_elsewhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    // Migrated from the SQL files as an earlier build embedded them.
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    Migrator::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"))
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    conn.close().await.unwrap();
+    let mock = mock().await;
+    let server = Binary::serve(&db, &mock.url(), &[]).await;
+    let s = wait_status(&server.base, "pending", 0).await;
+    assert_eq!(s["dead"], 0);
+    drop(server);
 }

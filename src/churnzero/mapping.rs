@@ -106,19 +106,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 use toml::Spanned;
 
+use crate::identity::{ACCOUNT_ID_KEYS, CONTACT_ID_KEYS};
+pub use crate::identity::{Ids, PartialIds, ids_from_event};
+
 /// ChurnZero limits `description` to this many characters.
 pub const DESCRIPTION_MAX_CHARS: usize = 255;
-
-const ACCOUNT_ID_KEYS: [&str; 3] = [
-    "accountExternalId",
-    "accountExternalID",
-    "account_external_id",
-];
-const CONTACT_ID_KEYS: [&str; 3] = [
-    "contactExternalId",
-    "contactExternalID",
-    "contact_external_id",
-];
 
 const STANDARD_ACCOUNT_FIELDS: [&str; 15] = [
     "Name",
@@ -284,8 +276,8 @@ pub struct MappingConfig {
     quantity_property: Option<String>,
     /// `None` means the Segment default, `description`.
     description_property: Option<String>,
-    account_id_keys: Vec<String>,
-    contact_id_keys: Vec<String>,
+    pub(crate) account_id_keys: Vec<String>,
+    pub(crate) contact_id_keys: Vec<String>,
     traits: HashMap<String, FieldRule>,
     group_traits: HashMap<String, FieldRule>,
     custom_fields: HashMap<String, FieldRule>,
@@ -516,50 +508,15 @@ impl MappingConfig {
     }
 }
 
-/// The ChurnZero ids an event resolves to; ChurnZero needs both on every
-/// action.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Ids {
-    pub account: String,
-    pub contact: String,
-}
-
-/// Ids the event itself carries; whatever is missing comes from the identity
-/// map. See the module documentation for the keys and their order.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PartialIds {
-    pub account: Option<String>,
-    pub contact: Option<String>,
-}
-
-impl PartialIds {
-    /// Fills the gaps from another source (typically the identity map), the
-    /// event's own ids winning.
-    pub fn or(self, fallback: PartialIds) -> PartialIds {
-        PartialIds {
-            account: self.account.or(fallback.account),
-            contact: self.contact.or(fallback.contact),
-        }
-    }
-
-    /// `Some` only when both ids are known, i.e. the event can be delivered.
-    pub fn complete(self) -> Option<Ids> {
-        match (self.account, self.contact) {
-            (Some(account), Some(contact)) => Some(Ids { account, contact }),
-            _ => None,
-        }
-    }
-}
-
-fn event_type(event: &Value) -> &str {
+pub(crate) fn event_type(event: &Value) -> &str {
     event.get("type").and_then(Value::as_str).unwrap_or("")
 }
 
-fn object<'a>(event: &'a Value, key: &str) -> Option<&'a Map<String, Value>> {
+pub(crate) fn object<'a>(event: &'a Value, key: &str) -> Option<&'a Map<String, Value>> {
     event.get(key).and_then(Value::as_object)
 }
 
-fn context_traits(event: &Value) -> Option<&Map<String, Value>> {
+pub(crate) fn context_traits(event: &Value) -> Option<&Map<String, Value>> {
     event
         .get("context")
         .and_then(|c| c.get("traits"))
@@ -567,7 +524,7 @@ fn context_traits(event: &Value) -> Option<&Map<String, Value>> {
 }
 
 /// Looks a key up literally, then as a dotted path into nested objects.
-fn lookup<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
+pub(crate) fn lookup<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     if let Some(v) = obj.get(key) {
         return Some(v);
     }
@@ -582,50 +539,12 @@ fn lookup<'a>(obj: &'a Map<String, Value>, key: &str) -> Option<&'a Value> {
     Some(current)
 }
 
-fn id_value(v: &Value) -> Option<String> {
+pub(crate) fn id_value(v: &Value) -> Option<String> {
     match v {
         Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         _ => None,
     }
-}
-
-fn find_id(
-    sources: &[Option<&Map<String, Value>>],
-    builtin: &[&str],
-    configured: &[String],
-) -> Option<String> {
-    sources.iter().flatten().find_map(|obj| {
-        builtin
-            .iter()
-            .copied()
-            .chain(configured.iter().map(String::as_str))
-            .find_map(|key| lookup(obj, key).and_then(id_value))
-    })
-}
-
-/// Reads the ids an event carries so that events naming their account and
-/// contact need no identity lookup and are never held.
-pub fn ids_from_event(cfg: &MappingConfig, event: &Value) -> PartialIds {
-    let traits = object(event, "traits");
-    let properties = object(event, "properties");
-    let sources = match event_type(event) {
-        "identify" | "group" => [traits, context_traits(event), properties],
-        _ => [properties, context_traits(event), traits],
-    };
-    let mut account = find_id(&sources, &ACCOUNT_ID_KEYS, &cfg.account_id_keys);
-    let contact = find_id(&sources, &CONTACT_ID_KEYS, &cfg.contact_id_keys);
-    if event_type(event) == "group" {
-        if let Some(group_id) = event.get("groupId").and_then(id_value) {
-            account = Some(group_id);
-        }
-    } else if account.is_none() {
-        account = event
-            .get("context")
-            .and_then(|c| c.get("groupId"))
-            .and_then(id_value);
-    }
-    PartialIds { account, contact }
 }
 
 /// Normalises a timestamp to the one form sent as `eventDate`:

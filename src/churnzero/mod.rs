@@ -1,5 +1,7 @@
 //! Everything that speaks ChurnZero: how Segment events become ChurnZero
-//! actions ([`mapping`]) and how those actions are sent ([`client`]).
+//! actions ([`mapping`]), how those actions are sent ([`client`]), and how
+//! a refused request is split to find the refused actions ([`poison`]).
 
 pub mod client;
 pub mod mapping;
+pub mod poison;

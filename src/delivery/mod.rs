@@ -11,6 +11,9 @@ pub mod retry;
 
 use crate::churnzero::client::{ChurnZeroClient, SendOutcome};
 use crate::churnzero::mapping::{self, Ids, MappingConfig};
+use crate::churnzero::poison::Isolation;
+pub use crate::identity::KnownIds;
+use crate::identity::resolve;
 use crate::outbox::{ClaimedEvent, Outbox, SettleOutcome, Settlement, now_ms};
 use gate::Gate;
 use retry::{RetryDecision, RetryPolicy};
@@ -111,7 +114,7 @@ pub async fn run(
     });
     let permits = Arc::new(Semaphore::new(ctx.config.workers));
     let lease = ctx.config.lease();
-    let stored = ctx.outbox.writer.stored.clone();
+    let stored = ctx.outbox.stored_signal();
     'dispatch: loop {
         if *shutdown.borrow() {
             break;
@@ -128,7 +131,7 @@ pub async fn run(
         let notified = stored.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
-        let mut batch = match ctx.outbox.writer.claim(ctx.claim_size(), lease).await {
+        let mut batch = match ctx.outbox.claim(ctx.claim_size(), lease).await {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "claiming events failed");
@@ -170,7 +173,6 @@ pub async fn run(
             }
             match ctx
                 .outbox
-                .writer
                 .claim(ctx.config.batch_size - batch.len(), lease)
                 .await
             {
@@ -216,7 +218,7 @@ async fn release(ctx: &Context, batch: Vec<ClaimedEvent>) {
 async fn settle_with_retries(ctx: &Context, items: Vec<Settlement>) {
     let mut delay = Duration::from_millis(100);
     for attempt in 1..=5 {
-        match ctx.outbox.writer.settle(items.clone()).await {
+        match ctx.outbox.settle(items.clone()).await {
             Ok(()) => return,
             Err(e) => {
                 tracing::error!(error = %e, attempt, "recording delivery outcomes failed");
@@ -254,16 +256,6 @@ enum Fate {
 enum Stop {
     Retry(String, Option<Duration>),
     Release,
-}
-
-/// Ids the identity map holds for one user: (account, contact).
-pub type KnownIds = (Option<String>, Option<String>);
-
-/// Resolves the ids an event needs: its own, else the identity map's.
-fn resolve(own: mapping::PartialIds, known: Option<&KnownIds>) -> Option<Ids> {
-    let account = own.account.or_else(|| known.and_then(|k| k.0.clone()))?;
-    let contact = own.contact.or_else(|| known.and_then(|k| k.1.clone()))?;
-    Some(Ids { account, contact })
 }
 
 /// What one attempt does with one stored event.
@@ -396,7 +388,7 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
         u.dedup();
         u
     };
-    let known = match ctx.outbox.reader.identities(&users).await {
+    let known = match ctx.outbox.identities(&users).await {
         Ok(k) => k,
         Err(e) => {
             let err = format!("identity look-up failed: {e}");
@@ -486,127 +478,135 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
     settlements(ctx, &batch, fates, firsts)
 }
 
-/// Sends `units`; on a non-retryable answer splits in halves until the
-/// refused events are alone, so a poison event harms only itself. After a
+/// Sends `units`; a refused request is split until the refused events are
+/// alone (see [`Isolation`]), so a poison event harms only itself. After a
 /// retryable failure nothing more is sent from this batch (order and
 /// back-pressure): the rest is retried together. Nothing is sent after
 /// `send_by` (ms): a closed gate is waited for only while the lease still
 /// covers the request after it, and what is left then is given back
 /// unsent, so no other worker can claim events this one is still sending.
-fn send_isolating<'a>(
-    ctx: &'a Context,
+async fn send_isolating(
+    ctx: &Context,
     units: Vec<Unit>,
-    actions_of: &'a [Vec<Map<String, Value>>],
-    fates: &'a mut [Option<Fate>],
-    stop: &'a mut Option<Stop>,
+    actions_of: &[Vec<Map<String, Value>>],
+    fates: &mut [Option<Fate>],
+    stop: &mut Option<Stop>,
     send_by: i64,
-) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>> {
-    Box::pin(async move {
-        if units.is_empty() {
-            return;
+) {
+    let mut parts = Isolation::new(units);
+    while let Some(part) = parts.next_part() {
+        if let Some(error) = send_part(ctx, &part, actions_of, fates, stop, send_by).await {
+            if let Some(poison) = parts.refused(part) {
+                fates[poison.index] = Some(Fate::Dead(format!("rejected by ChurnZero: {error}")));
+            }
         }
-        if let Some(stop) = stop.clone() {
-            for u in &units {
-                fates[u.index] = Some(match &stop {
-                    Stop::Retry(error, retry_after) => Fate::Retry {
-                        error: error.clone(),
-                        retry_after: *retry_after,
-                    },
-                    Stop::Release => Fate::Release,
+    }
+}
+
+/// Sends one part of a batch, or settles it unsent when the batch has
+/// stopped or the lease has no room left. `Some(error)`: ChurnZero refused
+/// it (not retryable); the part's fates are then left to the caller.
+async fn send_part(
+    ctx: &Context,
+    units: &[Unit],
+    actions_of: &[Vec<Map<String, Value>>],
+    fates: &mut [Option<Fate>],
+    stop: &mut Option<Stop>,
+    send_by: i64,
+) -> Option<String> {
+    if let Some(stop) = stop.clone() {
+        for u in units {
+            fates[u.index] = Some(match &stop {
+                Stop::Retry(error, retry_after) => Fate::Retry {
+                    error: error.clone(),
+                    retry_after: *retry_after,
+                },
+                Stop::Release => Fate::Release,
+            });
+        }
+        return None;
+    }
+    let mut shutdown = ctx.shutdown.clone();
+    let left = send_by - now_ms();
+    if left <= 0 {
+        // Even through an open gate: the request could outlast the lease.
+        tracing::info!(
+            events = units.len(),
+            "this claim's lease has no room for another request; giving the unsent events back"
+        );
+        for u in units {
+            fates[u.index] = Some(Fate::Release);
+        }
+        *stop = Some(Stop::Release);
+        return None;
+    }
+    let room = Duration::from_millis(left as u64);
+    let open = tokio::select! {
+        r = tokio::time::timeout(room, ctx.gate.wait_open()) => {
+            if r.is_err() {
+                tracing::info!(
+                    events = units.len(),
+                    "the destination gate stays closed past this claim's lease; giving the unsent events back"
+                );
+            }
+            r.is_ok()
+        }
+        _ = shutdown.wait_for(|s| *s) => false,
+    };
+    if !open {
+        for u in units {
+            fates[u.index] = Some(Fate::Release);
+        }
+        *stop = Some(Stop::Release);
+        return None;
+    }
+    let actions: Vec<Map<String, Value>> = units
+        .iter()
+        .flat_map(|u| actions_of[u.index].iter().cloned())
+        .collect();
+    let started = Instant::now();
+    let outcome = ctx.client.send(&actions).await;
+    let took = started.elapsed();
+    metrics::histogram!("churnzero_request_duration_seconds").record(took.as_secs_f64());
+    match outcome {
+        SendOutcome::Accepted { status } => {
+            ctx.gate.success();
+            tracing::info!(
+                outcome = "delivered",
+                status,
+                actions = actions.len(),
+                duration_ms = took.as_millis() as u64,
+                "churnzero request delivered"
+            );
+            metrics::counter!("churnzero_requests_total", "outcome" => "delivered").increment(1);
+            for u in units {
+                fates[u.index] = Some(Fate::Delivered);
+            }
+        }
+        SendOutcome::Retryable {
+            error,
+            status,
+            retry_after,
+        } => {
+            ctx.gate.failure(status, retry_after);
+            tracing::warn!(outcome = "retry", status, actions = actions.len(), duration_ms = took.as_millis() as u64, %error, "churnzero request failed, will retry");
+            metrics::counter!("churnzero_requests_total", "outcome" => "retry").increment(1);
+            for u in units {
+                fates[u.index] = Some(Fate::Retry {
+                    error: error.clone(),
+                    retry_after,
                 });
             }
-            return;
+            *stop = Some(Stop::Retry(error, retry_after));
         }
-        let mut shutdown = ctx.shutdown.clone();
-        let left = send_by - now_ms();
-        if left <= 0 {
-            // Even through an open gate: the request could outlast the lease.
-            tracing::info!(
-                events = units.len(),
-                "this claim's lease has no room for another request; giving the unsent events back"
-            );
-            for u in &units {
-                fates[u.index] = Some(Fate::Release);
-            }
-            *stop = Some(Stop::Release);
-            return;
+        SendOutcome::Rejected { status, error } => {
+            ctx.gate.success();
+            tracing::warn!(outcome = "rejected", status, actions = actions.len(), duration_ms = took.as_millis() as u64, %error, "churnzero refused the request");
+            metrics::counter!("churnzero_requests_total", "outcome" => "rejected").increment(1);
+            return Some(error);
         }
-        let room = Duration::from_millis(left as u64);
-        let open = tokio::select! {
-            r = tokio::time::timeout(room, ctx.gate.wait_open()) => {
-                if r.is_err() {
-                    tracing::info!(
-                        events = units.len(),
-                        "the destination gate stays closed past this claim's lease; giving the unsent events back"
-                    );
-                }
-                r.is_ok()
-            }
-            _ = shutdown.wait_for(|s| *s) => false,
-        };
-        if !open {
-            for u in &units {
-                fates[u.index] = Some(Fate::Release);
-            }
-            *stop = Some(Stop::Release);
-            return;
-        }
-        let actions: Vec<Map<String, Value>> = units
-            .iter()
-            .flat_map(|u| actions_of[u.index].iter().cloned())
-            .collect();
-        let started = Instant::now();
-        let outcome = ctx.client.send(&actions).await;
-        let took = started.elapsed();
-        metrics::histogram!("churnzero_request_duration_seconds").record(took.as_secs_f64());
-        match outcome {
-            SendOutcome::Accepted { status } => {
-                ctx.gate.success();
-                tracing::info!(
-                    outcome = "delivered",
-                    status,
-                    actions = actions.len(),
-                    duration_ms = took.as_millis() as u64,
-                    "churnzero request delivered"
-                );
-                metrics::counter!("churnzero_requests_total", "outcome" => "delivered")
-                    .increment(1);
-                for u in &units {
-                    fates[u.index] = Some(Fate::Delivered);
-                }
-            }
-            SendOutcome::Retryable {
-                error,
-                status,
-                retry_after,
-            } => {
-                ctx.gate.failure(status, retry_after);
-                tracing::warn!(outcome = "retry", status, actions = actions.len(), duration_ms = took.as_millis() as u64, %error, "churnzero request failed, will retry");
-                metrics::counter!("churnzero_requests_total", "outcome" => "retry").increment(1);
-                for u in &units {
-                    fates[u.index] = Some(Fate::Retry {
-                        error: error.clone(),
-                        retry_after,
-                    });
-                }
-                *stop = Some(Stop::Retry(error, retry_after));
-            }
-            SendOutcome::Rejected { status, error } => {
-                ctx.gate.success();
-                tracing::warn!(outcome = "rejected", status, actions = actions.len(), duration_ms = took.as_millis() as u64, %error, "churnzero refused the request");
-                metrics::counter!("churnzero_requests_total", "outcome" => "rejected").increment(1);
-                if units.len() == 1 {
-                    fates[units[0].index] =
-                        Some(Fate::Dead(format!("rejected by ChurnZero: {error}")));
-                    return;
-                }
-                let mut first = units;
-                let second = first.split_off(first.len() / 2);
-                send_isolating(ctx, first, actions_of, fates, stop, send_by).await;
-                send_isolating(ctx, second, actions_of, fates, stop, send_by).await;
-            }
-        }
-    })
+    }
+    None
 }
 
 /// Outcomes for a batch; `firsts[i]` is the JSON of the actions event `i`

@@ -15,7 +15,8 @@ pub mod settings;
 pub mod tls;
 
 use crate::churnzero::mapping::{self, MappingConfig};
-use crate::outbox::{IdentityUpdate, NewEvent, Writer};
+use crate::identity::identity_update;
+use crate::outbox::{NewEvent, Outbox};
 use crate::secret::{Secret, find_match};
 use crate::segment::{self, CallType, EventError};
 use axum::Router;
@@ -93,7 +94,7 @@ impl ClientPolicy {
 /// Shared state of the ingest routes.
 #[derive(Clone)]
 pub struct IngestState {
-    pub writer: Writer,
+    pub outbox: Outbox,
     pub write_keys: Arc<Vec<WriteKey>>,
     pub mapping: Arc<MappingConfig>,
     pub clients: Arc<ClientPolicy>,
@@ -382,9 +383,9 @@ async fn ingest(
         }
     }
     if !undated.is_empty() {
-        let writer = state.writer.clone();
+        let outbox = state.outbox.clone();
         tokio::spawn(async move {
-            if let Err(e) = writer.note_errors(undated).await {
+            if let Err(e) = outbox.note_errors(undated).await {
                 tracing::warn!(error = %e, "recording an undated event in recent_errors failed");
             }
         });
@@ -412,7 +413,7 @@ async fn ingest(
         });
     }
 
-    let receipt = state.writer.ingest(events).await.map_err(|e| match e {
+    let receipt = state.outbox.ingest(events).await.map_err(|e| match e {
         e if e.is_transient() => {
             tracing::warn!(error = %e, "ingest refused: outbox cannot take events now");
             ApiError {
@@ -479,50 +480,6 @@ pub fn to_new_event(
         forward: valid.forward,
         identity,
         audience,
-    }
-}
-
-/// identify: the ids its traits carry (contact defaults to the userId);
-/// group: the user belongs to the group's account; alias: previousId is the
-/// same person as userId.
-fn identity_update(
-    mapping: &MappingConfig,
-    call: CallType,
-    key: &str,
-    event: &Value,
-) -> Option<IdentityUpdate> {
-    let own = mapping::ids_from_event(mapping, event);
-    match call {
-        CallType::Identify => Some(IdentityUpdate {
-            user_id: key.to_string(),
-            account: own.account,
-            contact: own.contact.or_else(|| {
-                event
-                    .get("userId")
-                    .and_then(Value::as_str)
-                    .map(str::to_string)
-            }),
-            previous_id: None,
-        }),
-        CallType::Group => Some(IdentityUpdate {
-            user_id: key.to_string(),
-            account: event
-                .get("groupId")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-            contact: None,
-            previous_id: None,
-        }),
-        CallType::Alias => Some(IdentityUpdate {
-            user_id: key.to_string(),
-            account: None,
-            contact: None,
-            previous_id: event
-                .get("previousId")
-                .and_then(Value::as_str)
-                .map(str::to_string),
-        }),
-        _ => None,
     }
 }
 

@@ -156,12 +156,7 @@ async fn list_inner(
     let mut f = filter(&q.since, &q.until, &q.reason)?;
     f.after_id = q.after;
     f.limit = limit;
-    let (items, next) = state
-        .outbox
-        .reader
-        .dead_page(&f)
-        .await
-        .map_err(unavailable)?;
+    let (items, next) = state.outbox.dead_page(&f).await.map_err(unavailable)?;
     Ok(axum::Json(json!({ "dead": items, "next_after": next })).into_response())
 }
 
@@ -191,7 +186,7 @@ async fn show(
         )
         .into_response();
     };
-    match state.outbox.reader.dead_show(id).await {
+    match state.outbox.dead_show(id).await {
         Ok(Some(d)) => axum::Json(d).into_response(),
         Ok(None) => {
             error(StatusCode::NOT_FOUND, format!("no dead event with id {id}")).into_response()
@@ -243,7 +238,6 @@ async fn select(state: &OperatorState, body: &Bytes) -> Result<DeadSelection, Ad
     if !sel.ids.is_empty() {
         return match state
             .outbox
-            .reader
             .dead_selection(&sel.ids)
             .await
             .map_err(unavailable)?
@@ -265,7 +259,6 @@ async fn replay(State(state): State<OperatorState>, headers: HeaderMap, body: By
         let which = select(&state, &body).await?;
         let n = state
             .outbox
-            .writer
             .replay_selected(which)
             .await
             .map_err(unavailable)?;
@@ -281,7 +274,6 @@ async fn purge(State(state): State<OperatorState>, headers: HeaderMap, body: Byt
         let which = select(&state, &body).await?;
         let n = state
             .outbox
-            .writer
             .purge_selected(which)
             .await
             .map_err(unavailable)?;

@@ -388,7 +388,7 @@ pub(super) async fn render(State(state): State<OperatorState>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
     };
-    match state.outbox.reader.status().await {
+    match state.outbox.status().await {
         Ok(s) => {
             for (label, n) in [
                 ("pending", s.pending),

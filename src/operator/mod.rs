@@ -50,7 +50,7 @@ async fn readyz(State(state): State<OperatorState>) -> Response {
         )
             .into_response();
     }
-    match state.outbox.reader.ping().await {
+    match state.outbox.ping().await {
         Ok(()) => axum::Json(json!({ "ready": true })).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -61,7 +61,7 @@ async fn readyz(State(state): State<OperatorState>) -> Response {
 }
 
 async fn status(State(state): State<OperatorState>) -> Response {
-    match state.outbox.reader.status().await {
+    match state.outbox.status().await {
         Ok(s) => axum::Json::<OutboxStatus>(s).into_response(),
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,

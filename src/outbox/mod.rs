@@ -1,158 +1,224 @@
-//! The SQLite outbox: the only place an accepted event lives until it is
-//! delivered or dead. One writer task owns every write (group commit); reads
-//! (status, identity look-ups, dead letters) use their own pool.
+//! The outbox: the only place an accepted event lives until it is
+//! delivered or dead. This module holds what the rest of the service sees
+//! of it: the storage contract (store.rs), its data types and errors, and
+//! the [`Outbox`] handle that callers hold. The storage engines live below
+//! it, each with its own SQL and its own migrations.
+//!
+//! [`Outbox`] is an enum over the backends rather than an `Arc<dyn ..>`:
+//! every ingest request, claim and settlement crosses this boundary, and a
+//! `match` costs neither a boxed future per call nor a virtual call, and
+//! lets the compiler inline the backend's method. The traits in store.rs
+//! are the contract each backend implements.
 
 mod audience;
-mod direct;
-mod lock;
-mod read;
-mod recent_errors;
-mod reserve;
-mod writer;
+mod error;
+mod event;
+pub(crate) mod recent_errors;
+pub mod sqlite;
+mod status;
+pub mod store;
 
 pub mod postgres;
 
+pub use crate::identity::IdentityUpdate;
 pub use audience::{AudienceOp, AudienceSettlement, DeliveredValue, PendingUpdate};
-pub use lock::{DatabaseLock, lock_path};
-pub use read::{DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, Reader, SyncStatus};
-pub use recent_errors::RecentError;
-pub use reserve::RESERVE_BYTES;
-pub use writer::{
-    ClaimedEvent, DEAD_CHUNK, DeadSelection, IdentityUpdate, IngestReceipt, NewEvent,
-    SettleOutcome, Settlement, Writer, WriterConfig,
+pub use error::StoreError;
+pub use event::{
+    ClaimedEvent, DEAD_CHUNK, DeadSelection, IngestReceipt, MaintenanceReport, NewEvent,
+    SettleOutcome, Settlement, WriterConfig,
 };
+pub use recent_errors::RecentError;
+pub use sqlite::{DatabaseLock, RESERVE_BYTES, lock_path};
+pub use status::{
+    DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, PER_MINUTE_WINDOW, SyncStatus,
+};
+pub use store::{AudienceKey, KnownIds, OutboxReads, OutboxStore};
 
-use sqlx::ConnectOptions;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use std::collections::HashMap;
 use std::path::Path;
-use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::sync::Notify;
 
-/// Event states as stored in `events.state`. In flight is not a state: a
-/// claimed event keeps its state and has a row in `leases` (the counters'
-/// row 1 counts those), so that a claim does not rewrite event rows.
-pub mod state {
-    pub const PENDING: i64 = 0;
-    pub const DELIVERED: i64 = 2;
-    pub const DEAD: i64 = 3;
-    pub const HELD: i64 = 4;
-    pub const QUEUED: i64 = 5;
+/// The outbox as callers hold it: cheap to clone, one variant per storage
+/// engine. All reads and writes go through its methods (see
+/// [`OutboxStore`] for what each promises).
+#[derive(Clone)]
+pub enum Outbox {
+    Sqlite(sqlite::SqliteOutbox),
 }
 
-/// Failures of the outbox. `Full` is kept apart so that ingest can answer
-/// 503 and let clients retry instead of treating it as a bug.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("database error: {0}")]
-    Database(#[from] sqlx::Error),
-    #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
-    #[error("storage is full or failing: {0}")]
-    Full(String),
-    #[error("outbox backlog is at its limit of {0} undelivered events")]
-    Backlog(u64),
-    #[error("the outbox writer has stopped")]
-    WriterGone,
-    /// SQLITE_BUSY: another process (an offline CLI command) held the
-    /// database longer than the busy timeout. Kept apart from `Full` so that
-    /// a lock is not mistaken for a full disk.
-    #[error("the database is busy: {0}")]
-    Busy(String),
-    /// Another `serve` owns the file (see lock.rs).
-    #[error(
-        "another churnzero-forwarder process{} holds this database (lock file {lock}); \
-         one server per database file: stop it first or use another --database",
-        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-    )]
-    Locked { lock: String, pid: Option<u32> },
-    /// An offline command found the schema outdated while a server holds
-    /// the file: upgrading beside it is not safe.
-    #[error(
-        "{database}'s schema is at version {found} and this version needs {wanted}, \
-         and a serve{} holds it: stop it and start `serve` of this version to upgrade",
-        pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
-    )]
-    OutdatedBesideServer {
-        database: String,
-        found: i64,
-        wanted: i64,
-        pid: Option<u32>,
-    },
-    /// The lock file beside the database cannot be opened or locked (a
-    /// read-only directory, a file system without locks).
-    #[error("the lock file {path}: {error}")]
-    LockFile { path: String, error: String },
-    /// The file exists but holds no outbox (empty, or another program's).
-    #[error("{0}")]
-    NotAnOutbox(String),
-    /// The file was written by an older version and not yet upgraded.
-    #[error(
-        "the database's schema is at version {found} and this version needs {wanted}: \
-         start `serve` of this version once to upgrade it"
-    )]
-    Outdated { found: i64, wanted: i64 },
+/// The read side alone, for the offline commands (`status`, `dead list`,
+/// `dead show`) that work beside a running server and never write.
+#[derive(Clone)]
+pub enum OutboxReader {
+    Sqlite(sqlite::Reader),
 }
 
-impl StoreError {
-    /// Errors that a later attempt may not hit: the disk filled up, an I/O
-    /// hiccup, or the backlog limit. Ingest answers them with 503.
-    pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            StoreError::Full(_)
-                | StoreError::Backlog(_)
-                | StoreError::WriterGone
-                | StoreError::Busy(_)
-        )
-    }
-
-    /// The same classification for an error code from a direct SQLite call.
-    fn from_sqlite_code(code: i32, message: String) -> StoreError {
-        match code & 0xff {
-            13 | 10 => StoreError::Full(message),
-            5 => StoreError::Busy(message),
-            _ => StoreError::Database(sqlx::Error::Protocol(format!(
-                "SQLite error {code}: {message}"
-            ))),
-        }
-    }
-
-    fn classify(e: sqlx::Error) -> StoreError {
-        if let sqlx::Error::Database(db) = &e {
-            let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            // SQLITE_FULL (13), SQLITE_IOERR (10 and its extended codes), SQLITE_BUSY (5).
-            let primary = code.parse::<i64>().map(|c| c & 0xff).unwrap_or(-1);
-            if primary == 13 || primary == 10 {
-                return StoreError::Full(db.message().to_string());
+/// Generates the inherent methods of [`Outbox`] and [`OutboxReader`] that
+/// forward to the backend's trait implementation.
+macro_rules! forward {
+    ($( $(#[$m:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        $(
+            $(#[$m])*
+            pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret, StoreError> {
+                match self {
+                    Self::Sqlite(b) => b.$name($($arg),*).await,
+                }
             }
-            if primary == 5 {
-                return StoreError::Busy(db.message().to_string());
-            }
+        )*
+    };
+}
+
+macro_rules! forward_reads {
+    () => {
+        forward! {
+            /// Whether the database answers at all (for `/readyz`).
+            fn ping(&self) -> ();
+            /// All status figures from one snapshot.
+            fn status(&self) -> OutboxStatus;
+            /// The identity map's entries for these users.
+            fn identities(&self, users: &[&str]) -> HashMap<String, KnownIds>;
+            /// Dead letters, oldest first, filtered.
+            fn dead_list(&self, filter: &DeadListFilter) -> Vec<DeadLetter>;
+            /// A page of dead letters and the id to continue after.
+            fn dead_page(&self, filter: &DeadListFilter) -> (Vec<DeadLetter>, Option<i64>);
+            /// One dead letter with its history and payload.
+            fn dead_show(&self, id: i64) -> Option<DeadLetter>;
+            /// Checks an explicit selection, all or nothing.
+            fn dead_selection(&self, ids: &[i64]) -> Result<Vec<i64>, String>;
+            /// When the sync lane's next window is due (ms).
+            fn sync_next_run_at(&self) -> Option<i64>;
+            /// A page of users with pending audience updates.
+            fn audience_users_after(&self, after: &str, limit: usize) -> Vec<String>;
+            /// Pending audience updates of these users up to `cut`.
+            fn audience_pending_for(&self, users: &[String], cut: i64) -> Vec<PendingUpdate>;
+            /// Values ChurnZero last accepted for these keys.
+            fn audience_delivered_values(&self, keys: &[AudienceKey]) -> HashMap<AudienceKey, String>;
         }
-        if let sqlx::Error::Io(io) = &e {
-            return StoreError::Full(io.to_string());
+    };
+}
+
+impl Outbox {
+    /// Opens (creating and migrating) the SQLite outbox at `path` as its
+    /// one owner; see [`sqlite::SqliteOutbox::open`].
+    pub async fn open(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+        Ok(Outbox::Sqlite(
+            sqlite::SqliteOutbox::open(path, config).await?,
+        ))
+    }
+
+    /// The SQLite handle, for the SQLite-only tools and tests (pool access,
+    /// file checks); `None` on another backend.
+    pub fn as_sqlite(&self) -> Option<&sqlite::SqliteOutbox> {
+        match self {
+            Outbox::Sqlite(s) => Some(s),
         }
-        StoreError::Database(e)
+    }
+
+    /// The read side of this outbox, for code written against reads only.
+    pub fn reader(&self) -> OutboxReader {
+        match self {
+            Outbox::Sqlite(s) => OutboxReader::Sqlite(s.reader.clone()),
+        }
+    }
+
+    /// Woken after a commit that stored new events.
+    pub fn stored_signal(&self) -> Arc<Notify> {
+        match self {
+            Outbox::Sqlite(b) => b.stored_signal(),
+        }
+    }
+
+    forward_reads!();
+
+    forward! {
+        /// Stores a request's events; returns after the commit that holds them.
+        fn ingest(&self, events: Vec<NewEvent>) -> IngestReceipt;
+        /// Claims up to `max` due events under a lease.
+        fn claim(&self, max: usize, lease: Duration) -> Vec<ClaimedEvent>;
+        /// Records attempts' outcomes, atomically for the batch.
+        fn settle(&self, items: Vec<Settlement>) -> ();
+        /// Leases, held budget, retention and dedup pruning.
+        fn maintain(&self, retention: Duration, held_budget: Duration) -> MaintenanceReport;
+        /// Dead events back into delivery (all with `None`).
+        fn replay(&self, ids: Option<Vec<i64>>) -> u64;
+        /// Deletes dead events (all with `None`).
+        fn purge(&self, ids: Option<Vec<i64>>) -> u64;
+        /// Replays what an operator selected.
+        fn replay_selected(&self, which: DeadSelection) -> u64;
+        /// Purges what an operator selected.
+        fn purge_selected(&self, which: DeadSelection) -> u64;
+        /// Records a step of the audience sync lane.
+        fn audience(&self, op: AudienceOp) -> ();
+        /// Adds reports to the recent-errors ring.
+        fn note_errors(&self, reports: Vec<(String, &'static str, i64)>) -> ();
+        /// Leaves nothing for the next start to read back (shutdown).
+        fn checkpoint(&self) -> ();
     }
 }
 
-/// Writes one operator fact into `meta` (last delivery, last error, the
-/// recent-errors ring, the sync schedule), inside the caller's transaction.
-pub(crate) async fn set_meta(
-    conn: &mut sqlx::SqliteConnection,
-    name: &str,
-    value: &str,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "INSERT INTO meta (name, value) VALUES (?, ?) \
-         ON CONFLICT (name) DO UPDATE SET value = excluded.value",
-    )
-    .bind(name)
-    .bind(value)
-    .execute(&mut *conn)
-    .await
-    .map_err(StoreError::classify)?;
-    Ok(())
+impl OutboxReader {
+    forward_reads!();
+}
+
+/// Opens the read side only, for the offline commands: never creates and
+/// never migrates (a server of another version may be running).
+pub async fn open_reader(path: &Path) -> Result<OutboxReader, StoreError> {
+    Ok(OutboxReader::Sqlite(sqlite::open_reader(path).await?))
+}
+
+/// Opens a writing handle for the offline commands (`dead replay`, `dead
+/// purge`), beside a running server or without one.
+pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+    Ok(Outbox::Sqlite(sqlite::open_cli_writer(path, config).await?))
+}
+
+/// The states an event row is in, and the one place in the code where
+/// their stored numbers are written down: SQL keeps the numbers (partial
+/// indexes and triggers are defined on them), Rust speaks of the variants
+/// and converts at the storage edge. In flight is not a state: a claimed
+/// event keeps its state and the claim is a lease beside it, so that a
+/// claim does not rewrite event rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EventState {
+    /// Due for delivery (now or at its retry time): its key's head.
+    Pending,
+    Delivered,
+    Dead,
+    /// A head waiting for its user's ids (identify).
+    Held,
+    /// Behind its key's head, waiting its turn.
+    Queued,
+}
+
+impl EventState {
+    /// Every state, for exhaustive checks.
+    pub const ALL: [EventState; 5] = [
+        EventState::Pending,
+        EventState::Delivered,
+        EventState::Dead,
+        EventState::Held,
+        EventState::Queued,
+    ];
+
+    /// The number stored for this state. 1 is not used: it was the state of
+    /// claimed events before claims became leases (databases of that schema
+    /// are upgraded by the migrations).
+    pub const fn code(self) -> i64 {
+        match self {
+            EventState::Pending => 0,
+            EventState::Delivered => 2,
+            EventState::Dead => 3,
+            EventState::Held => 4,
+            EventState::Queued => 5,
+        }
+    }
+
+    /// The state a stored number stands for; `None` for a number no state has.
+    pub fn from_code(code: i64) -> Option<EventState> {
+        EventState::ALL.into_iter().find(|s| s.code() == code)
+    }
 }
 
 /// Milliseconds since the Unix epoch: the outbox's clock unit.
@@ -160,270 +226,19 @@ pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+#[cfg(test)]
+mod tests {
+    use super::EventState;
 
-fn connect_options(path: &Path, read_only: bool) -> Result<SqliteConnectOptions, StoreError> {
-    let url = format!("sqlite://{}", path.display());
-    let opts = SqliteConnectOptions::from_str(&url)?
-        .create_if_missing(!read_only)
-        .journal_mode(SqliteJournalMode::Wal)
-        .synchronous(SqliteSynchronous::Full)
-        .busy_timeout(Duration::from_secs(10))
-        .foreign_keys(false)
-        .pragma("temp_store", "memory")
-        .pragma("cache_size", "-16000")
-        .statement_cache_capacity(256)
-        .log_statements(tracing::log::LevelFilter::Trace)
-        .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
-    if read_only {
-        return Ok(opts);
-    }
-    // Pruned pages go back to the file system in maintenance
-    // (incremental_vacuum), and a checkpointed WAL is cut back to 64 MB, so
-    // the files reach a steady size under constant load.
-    // The writer reads whole result sets (RETURNING of a group's message
-    // ids, a claim's payloads): with sqlx's default 50-row buffer its
-    // database thread stalled every 50 rows until the writer task was
-    // scheduled again.
-    let opts = opts
-        .row_buffer_size(4096)
-        .auto_vacuum(sqlx::sqlite::SqliteAutoVacuum::Incremental)
-        .pragma("journal_size_limit", "67108864");
-    Ok(match max_page_count() {
-        Some(pages) => opts.pragma("max_page_count", pages.to_string()),
-        None => opts,
-    })
-}
-
-/// Caps the database at this many pages (SQLite's `max_page_count`; 4 KiB
-/// each). Undocumented on purpose: it exists so that the disk-full path
-/// (SQLITE_FULL on commit) can be exercised for real on any machine, without
-/// a small filesystem; it is read from `FORWARDER_SQLITE_MAX_PAGE_COUNT`.
-fn max_page_count() -> Option<u64> {
-    std::env::var("FORWARDER_SQLITE_MAX_PAGE_COUNT")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .filter(|n| *n > 0)
-}
-
-/// Opened outbox: the writer handle and the reader pool.
-#[derive(Clone)]
-pub struct Outbox {
-    pub writer: Writer,
-    pub reader: Reader,
-    /// The file's owner lock, held while any clone lives (`serve`'s
-    /// outbox); `None` for the offline commands that work beside a server.
-    _lock: Option<std::sync::Arc<DatabaseLock>>,
-}
-
-impl Outbox {
-    /// Opens (creating and migrating) the database as its one owner: takes
-    /// the file's lock first (a second server is refused before it touches
-    /// anything), then releases the leases a previous process left behind
-    /// and starts the writer task.
-    pub async fn open(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
-        if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| StoreError::Full(e.to_string()))?;
-            }
+    #[test]
+    fn each_state_has_its_own_number_and_reads_back_as_itself() {
+        for s in EventState::ALL {
+            assert_eq!(EventState::from_code(s.code()), Some(s));
         }
-        let lock = DatabaseLock::acquire(path)?;
-        let mut conn = connect_options(path, false)?.connect().await?;
-        MIGRATOR.run(&mut conn).await?;
-        // The writer checkpoints only as a safety net (every 40 MB of WAL);
-        // the checkpointer below does it beside the writer.
-        sqlx::query("PRAGMA wal_autocheckpoint = 10000")
-            .execute(&mut conn)
-            .await?;
-        let reserve = reserve::Reserve::beside(path).await;
-        let writer = Writer::start(conn, config, reserve).await?;
-        let reader = Reader::open(path).await?;
-        let checkpointer = connect_options(path, false)?.connect().await?;
-        tokio::spawn(checkpoint_loop(checkpointer, writer.downgrade()));
-        Ok(Outbox {
-            writer,
-            reader,
-            _lock: Some(std::sync::Arc::new(lock)),
-        })
+        let mut codes: Vec<i64> = EventState::ALL.iter().map(|s| s.code()).collect();
+        codes.sort_unstable();
+        codes.dedup();
+        assert_eq!(codes.len(), EventState::ALL.len());
+        assert_eq!(EventState::from_code(1), None);
     }
-}
-
-/// Copies committed WAL pages into the database file from a connection of
-/// its own, a few times a second. Left to SQLite's automatic checkpoint,
-/// the writer itself would copy and fsync the database file inside the
-/// commit that crossed the threshold, and every request waiting on that
-/// commit would wait for it too. Passive: it never blocks the writer or
-/// readers, and simply leaves what it cannot copy yet for the next round.
-async fn checkpoint_loop(mut conn: sqlx::SqliteConnection, writer: writer::WeakWriter) {
-    let mut tick = tokio::time::interval(Duration::from_millis(200));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        if !writer.alive() {
-            break;
-        }
-        if let Err(e) = sqlx::query("PRAGMA wal_checkpoint(PASSIVE)")
-            .execute(&mut conn)
-            .await
-        {
-            tracing::warn!(error = %e, "WAL checkpoint failed; the writer's own checkpoint takes over");
-        }
-    }
-    use sqlx::Connection;
-    let _ = conn.close().await;
-}
-
-/// Opens the reader side only, for the offline CLI commands (`status`,
-/// `dead ...`) that run beside a server or without one. It never creates a
-/// file and never migrates (a server of an older version may be running).
-pub async fn open_reader(path: &Path) -> Result<Reader, StoreError> {
-    require_outbox_file(path)?;
-    schema_check(path).await?;
-    Reader::open(path).await
-}
-
-/// A path that is not there is not created, and an empty file is not an
-/// outbox yet: both said in one sentence rather than as an SQL error.
-fn require_outbox_file(path: &Path) -> Result<(), StoreError> {
-    match std::fs::metadata(path) {
-        Err(_) => Err(StoreError::NotAnOutbox(format!(
-            "no database at {} (set --database or FORWARDER_DATABASE)",
-            path.display()
-        ))),
-        Ok(m) if m.is_dir() => Err(StoreError::NotAnOutbox(format!(
-            "{} is a directory, not a churnzero-forwarder database",
-            path.display()
-        ))),
-        Ok(m) if m.len() == 0 => Err(StoreError::NotAnOutbox(format!(
-            "{} has no outbox yet: start `serve` on it once",
-            path.display()
-        ))),
-        Ok(_) => Ok(()),
-    }
-}
-
-fn not_an_outbox(path: &Path) -> StoreError {
-    StoreError::NotAnOutbox(format!(
-        "{} is not a churnzero-forwarder database",
-        path.display()
-    ))
-}
-
-/// The schema version a file is at, read through one plain connection that
-/// changes nothing (no journal mode is set, so another program's file is
-/// left as it was): `Ok(None)` when it has no migrations table at all
-/// (another program's SQLite file, or not SQLite).
-async fn schema_version(path: &Path) -> Result<Option<i64>, sqlx::Error> {
-    use sqlx::Connection;
-    let mut conn = SqliteConnectOptions::new()
-        .filename(path)
-        .create_if_missing(false)
-        .pragma("query_only", "1")
-        .busy_timeout(Duration::from_secs(10))
-        .connect()
-        .await?;
-    let found = async {
-        let has_table: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations'",
-        )
-        .fetch_optional(&mut conn)
-        .await?;
-        if has_table.is_none() {
-            return Ok(None);
-        }
-        let found: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
-            .fetch_one(&mut conn)
-            .await?;
-        Ok(Some(found.unwrap_or(0)))
-    }
-    .await;
-    let _ = conn.close().await;
-    found
-}
-
-fn wanted_version() -> i64 {
-    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
-}
-
-/// Checks that `path` is an outbox of this version's schema, for the
-/// commands that never migrate beside a server.
-async fn schema_check(path: &Path) -> Result<(), StoreError> {
-    let found = match schema_version(path).await {
-        Ok(Some(v)) => v,
-        Ok(None) => return Err(not_an_outbox(path)),
-        // SQLITE_NOTADB (26): not an SQLite file at all.
-        Err(sqlx::Error::Database(e)) if e.code().as_deref() == Some("26") => {
-            return Err(not_an_outbox(path));
-        }
-        Err(e) => return Err(e.into()),
-    };
-    let wanted = wanted_version();
-    if found < wanted {
-        return Err(StoreError::Outdated { found, wanted });
-    }
-    Ok(())
-}
-
-/// Opens a write connection for the offline CLI commands (`dead replay`,
-/// `dead purge`), beside a running server or without one. It never runs
-/// migrations beside a server: a file of the current schema is used as is;
-/// an outdated one is upgraded only when no server holds it (the command
-/// then holds the file's lock while it works).
-pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
-    require_outbox_file(path)?;
-    let lock = match schema_check(path).await {
-        Ok(()) => None,
-        Err(StoreError::Outdated { found, wanted }) => match DatabaseLock::acquire(path) {
-            Ok(lock) => Some(lock),
-            Err(StoreError::Locked { pid, .. }) => {
-                return Err(StoreError::OutdatedBesideServer {
-                    database: path.display().to_string(),
-                    found,
-                    wanted,
-                    pid,
-                });
-            }
-            Err(e) => return Err(e),
-        },
-        Err(e) => return Err(e),
-    };
-    Outbox::open_without_recovery(path, config, lock).await
-}
-
-impl Outbox {
-    async fn open_without_recovery(
-        path: &Path,
-        mut config: WriterConfig,
-        lock: Option<DatabaseLock>,
-    ) -> Result<Outbox, StoreError> {
-        config.release_leases_at_start = false;
-        let mut conn = connect_options(path, false)?.connect().await?;
-        if lock.is_some() {
-            // No server holds the file (we do): upgrading it is safe.
-            MIGRATOR.run(&mut conn).await?;
-        }
-        let mut writer = Writer::start(conn, config, reserve::Reserve::none()).await?;
-        if lock.is_none() && DatabaseLock::likely_holder(path).is_some() {
-            // A server writes beside this command: let it in between chunks.
-            writer = writer.pace_chunks(writer::OFFLINE_CHUNK_PAUSE);
-        }
-        let reader = Reader::open(path).await?;
-        Ok(Outbox {
-            writer,
-            reader,
-            _lock: lock.map(std::sync::Arc::new),
-        })
-    }
-}
-
-async fn reader_pool(path: &Path) -> Result<sqlx::SqlitePool, StoreError> {
-    // query_only rather than SQLITE_OPEN_READONLY: a read-only open cannot
-    // create the WAL index when no writer has the database open.
-    let opts = connect_options(path, true)?.pragma("query_only", "1");
-    Ok(SqlitePoolOptions::new()
-        .max_connections(4)
-        .min_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(opts)
-        .await?)
 }

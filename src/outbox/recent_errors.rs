@@ -2,19 +2,20 @@
 //! `meta` table and updated in the same transaction as the settlement that
 //! saw the error, so `/status` reads one row instead of scanning events.
 //!
+//! The ring's rules live here, shared by every backend; each stores the
+//! ring in its own way.
+//!
 //! Consecutive reports of the same error with the same outcome merge into
 //! one entry (first and last time, event count): an outage that lasts an
 //! hour is one line, not twenty identical ones that push older, different
 //! errors out of the ring.
 
-use super::StoreError;
 use serde::{Deserialize, Serialize};
-use sqlx::SqliteConnection;
 
 /// Entries kept, newest first.
 pub const KEEP: usize = 20;
 /// The `meta` row holding the ring.
-pub(super) const META_NAME: &str = "recent_errors";
+pub(crate) const META_NAME: &str = "recent_errors";
 /// Longest error text kept in one entry.
 const ERROR_CHARS: usize = 500;
 
@@ -47,29 +48,18 @@ fn clip(text: &str) -> String {
 
 /// Parses the stored ring; a damaged value reads as empty rather than
 /// failing `/status`.
-pub(super) fn parse(value: Option<&str>) -> Vec<RecentError> {
+pub(crate) fn parse(value: Option<&str>) -> Vec<RecentError> {
     value
         .and_then(|v| serde_json::from_str(v).ok())
         .unwrap_or_default()
 }
 
 /// Adds `(error, outcome, events)` reports seen at `now` to the ring.
-/// Called by the writer inside the settling transaction.
-pub(super) async fn record(
-    conn: &mut SqliteConnection,
+pub(crate) fn merge(
+    ring: &mut Vec<RecentError>,
     reports: &[(String, &'static str, i64)],
     now: i64,
-) -> Result<(), StoreError> {
-    if reports.is_empty() {
-        return Ok(());
-    }
-    let current: Option<String> = sqlx::query_scalar("SELECT value FROM meta WHERE name = ?")
-        .bind(META_NAME)
-        .fetch_optional(&mut *conn)
-        .await
-        .map_err(StoreError::classify)?
-        .flatten();
-    let mut ring = parse(current.as_deref());
+) {
     let at = rfc3339(now);
     for (error, outcome, events) in reports {
         let error = clip(error);
@@ -91,8 +81,6 @@ pub(super) async fn record(
         }
     }
     ring.truncate(KEEP);
-    let json = serde_json::to_string(&ring).expect("entries serialise");
-    super::set_meta(conn, META_NAME, &json).await
 }
 
 #[cfg(test)]

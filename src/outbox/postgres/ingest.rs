@@ -4,7 +4,7 @@
 //! group costs the same few round trips however many events it holds.
 
 use super::{PgConfig, add_counters, bump_minute, lock_keys, pg_error, retryable};
-use crate::outbox::{IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms, state};
+use crate::outbox::{EventState, IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -190,9 +190,9 @@ async fn commit_group(
             .iter()
             .map(|e| {
                 if active.insert(e.order_key.as_str()) {
-                    state::PENDING as i16
+                    EventState::Pending.code() as i16
                 } else {
-                    state::QUEUED as i16
+                    EventState::Queued.code() as i16
                 }
             })
             .collect();

@@ -2,7 +2,7 @@
 //! dead-letter actions.
 
 use super::{Inner, MAINTENANCE_LOCK, delivery, lock_keys, pg_error};
-use crate::outbox::writer::MaintenanceReport;
+use crate::outbox::MaintenanceReport;
 use crate::outbox::{StoreError, now_ms};
 use sqlx::PgPool;
 use std::time::Duration;

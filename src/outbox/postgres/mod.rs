@@ -30,7 +30,7 @@ mod ingest;
 mod maintain;
 mod read;
 
-pub use super::writer::MaintenanceReport;
+pub use super::MaintenanceReport;
 use super::{
     ClaimedEvent, DeadLetter, DeadListFilter, IngestReceipt, NewEvent, OutboxStatus, Settlement,
     StoreError, now_ms,

@@ -2,7 +2,7 @@
 //! the backlog), identity look-ups, dead letters.
 
 use super::pg_error;
-use crate::outbox::read::PER_MINUTE_WINDOW;
+use crate::outbox::PER_MINUTE_WINDOW;
 use crate::outbox::recent_errors::{self, RecentError};
 use crate::outbox::{
     DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, StoreError, SyncStatus, now_ms,

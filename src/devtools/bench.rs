@@ -5,7 +5,7 @@
 //! drain of the backlog to a mock ChurnZero with the forwarder's peak RSS.
 //! The load generator is real concurrent HTTP over sockets.
 
-use crate::mock_churnzero::{MockArgs, MockChurnZero};
+use crate::devtools::mock_churnzero::{MockArgs, MockChurnZero};
 use anyhow::{Context, bail};
 use serde::Serialize;
 use serde_json::{Value, json};

@@ -4,7 +4,7 @@
 //! prints what ChurnZero received and the final status.
 
 use crate::config::{LogFormat, Settings};
-use crate::mock_churnzero::{MockArgs, MockChurnZero};
+use crate::devtools::mock_churnzero::{MockArgs, MockChurnZero};
 use crate::secret::Secret;
 use crate::server::Server;
 use anyhow::{Context, bail};

@@ -1,114 +1,28 @@
 //! Reads that never block the writer: status from counters (never a scan of
 //! the backlog), identity look-ups for delivery, dead letters for operators.
 
-use super::recent_errors::{self, RecentError};
 use super::{StoreError, now_ms, reader_pool};
-use serde::{Deserialize, Serialize};
+use crate::outbox::EventState;
+use crate::outbox::recent_errors;
+use crate::outbox::{
+    DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, PER_MINUTE_WINDOW, SyncStatus,
+};
 use serde_json::Value;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Arguments, Row, SqlitePool};
 use std::collections::HashMap;
 use std::path::Path;
 
+/// `state_counts` rows that count no event state: the leases (claims in
+/// flight, 0004_leases.sql) and the events queued behind held heads
+/// (0006_held_queue.sql). Their numbers are kept out of [`EventState`]'s.
+const LEASES_ROW: i64 = 1;
+const HELD_QUEUED_ROW: i64 = 6;
+
 /// Handle to the reader pool. Cheap to clone.
 #[derive(Clone)]
 pub struct Reader {
     pool: SqlitePool,
-}
-
-/// The sync lane's schedule and backlog.
-#[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]
-pub struct SyncStatus {
-    pub last_run_at: Option<String>,
-    pub next_run_at: Option<String>,
-    pub pending_contacts: i64,
-    pub last_run_sent: i64,
-    pub last_run_skipped: i64,
-}
-
-/// One minute of activity, for the status page's chart.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct MinuteStat {
-    /// Start of the minute (RFC 3339).
-    pub minute: String,
-    /// Events stored by ingest.
-    pub accepted: i64,
-    /// Events settled as delivered.
-    pub delivered: i64,
-    /// Failed attempts: events set to retry or dead.
-    pub failed: i64,
-}
-
-/// Minutes in `per_minute`: the last hour, the current minute included.
-pub const PER_MINUTE_WINDOW: i64 = 60;
-
-/// The fields of `GET /status` and `status --json`.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct OutboxStatus {
-    /// When these figures were read (RFC 3339), so a client can age them.
-    pub generated_at: String,
-    /// Waiting for delivery: due now, waiting for a retry, or queued behind
-    /// their user's earlier events, but not behind a held one (those count
-    /// in `held`).
-    pub pending: i64,
-    pub in_flight: i64,
-    /// Delivered since the database was created (pruning keeps this).
-    pub delivered: i64,
-    pub dead: i64,
-    /// Waiting for identity resolution: held events, and the events of
-    /// the same users queued behind them (none can be sent before them).
-    pub held: i64,
-    /// How many of `held` are queued behind a held event of their user.
-    pub held_queued: i64,
-    /// Age of the oldest event waiting for delivery (pending or in flight;
-    /// held ones, and those queued behind them, are counted apart). 0 when
-    /// nothing waits.
-    pub oldest_pending_age_seconds: f64,
-    /// Age of the oldest event waiting for its identity. 0 when none.
-    pub oldest_held_age_seconds: f64,
-    pub last_delivery_at: Option<String>,
-    pub last_error: Option<String>,
-    pub last_error_at: Option<String>,
-    /// The last errors, newest first; runs of the same error are merged.
-    pub recent_errors: Vec<RecentError>,
-    /// Events stored since the database was created.
-    pub accepted: i64,
-    /// Events acknowledged but not forwarded (`integrations`).
-    pub filtered: i64,
-    /// Repeated `messageId`s acknowledged and not stored again.
-    pub duplicates: i64,
-    /// Failed attempts that were scheduled for another try.
-    pub retries: i64,
-    pub sync: SyncStatus,
-    /// The last hour, one entry per minute, oldest first (zeros included).
-    pub per_minute: Vec<MinuteStat>,
-}
-
-/// A dead event as operators see it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct DeadLetter {
-    pub id: i64,
-    pub message_id: String,
-    pub kind: String,
-    pub order_key: String,
-    pub reason: String,
-    pub attempts: i64,
-    pub accepted_at: String,
-    pub died_at: Option<String>,
-    /// Every failed attempt: time and status or error.
-    pub history: Value,
-    /// The stored Segment event, as it will be replayed.
-    pub event: Value,
-}
-
-/// Selection for `dead list` and friends.
-#[derive(Debug, Clone, Default)]
-pub struct DeadListFilter {
-    pub since_ms: Option<i64>,
-    pub until_ms: Option<i64>,
-    pub reason_contains: Option<String>,
-    pub after_id: Option<i64>,
-    pub limit: i64,
 }
 
 fn ms_to_rfc3339(ms: i64) -> String {
@@ -210,6 +124,7 @@ impl Reader {
                 }
             })
             .collect();
+        use EventState::{Dead, Held, Pending, Queued};
         let age = |t: Option<i64>| t.map(|o| ((now - o).max(0) as f64) / 1000.0).unwrap_or(0.0);
         let c = |s: i64| counts.get(&s).copied().unwrap_or(0);
         let t = |n: &str| totals.get(n).copied().unwrap_or(0);
@@ -217,14 +132,14 @@ impl Reader {
         Ok(OutboxStatus {
             generated_at: ms_to_rfc3339(now),
             // Leased events keep their state; state_counts row 1 counts the
-            // leases (see migrations/0004_leases.sql), row 6 the events
+            // leases (see migrations/sqlite/0004_leases.sql), row 6 the events
             // queued behind held heads (0006_held_queue.sql).
-            pending: c(0) + c(5) - c(1) - c(6),
-            in_flight: c(1),
+            pending: c(Pending.code()) + c(Queued.code()) - c(LEASES_ROW) - c(HELD_QUEUED_ROW),
+            in_flight: c(LEASES_ROW),
             delivered: t("delivered"),
-            dead: c(3),
-            held: c(4) + c(6),
-            held_queued: c(6),
+            dead: c(Dead.code()),
+            held: c(Held.code()) + c(HELD_QUEUED_ROW),
+            held_queued: c(HELD_QUEUED_ROW),
             oldest_pending_age_seconds: age(oldest),
             oldest_held_age_seconds: age(oldest_held),
             last_delivery_at: meta_time(&meta, "last_delivery_at"),

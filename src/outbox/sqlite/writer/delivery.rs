@@ -1,0 +1,321 @@
+//! Claims and settlements: handing due heads to delivery under a lease and
+//! recording each attempt's outcome, with the next head of its key promoted.
+
+use super::*;
+
+pub(super) async fn claim(
+    conn: &mut SqliteConnection,
+    max: usize,
+    lease: Duration,
+    now: i64,
+) -> Result<Vec<ClaimedEvent>, StoreError> {
+    // Leased heads stay in events_due (a claim writes only to `leases`), so
+    // the scan steps over at most the pool's in-flight heads. Ids only: the
+    // index covers them, and a head's row is read only if the head is used.
+    let heads: Vec<i64> = sqlx::query_scalar(
+        "SELECT id FROM events INDEXED BY events_due WHERE state = 0 AND next_attempt_at <= ? \
+         AND id NOT IN (SELECT id FROM leases) ORDER BY next_attempt_at, id LIMIT ?",
+    )
+    .bind(now)
+    .bind(max as i64)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    if heads.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Each head brings the events queued behind it, in order, before the
+    // next head is taken: a backlogged user drains in full batches with one
+    // head to promote per batch, and heads that do not fit stay pending for
+    // the next claim.
+    let mut ids: Vec<i64> = Vec::with_capacity(max);
+    for head in heads {
+        if ids.len() >= max {
+            break;
+        }
+        ids.push(head);
+        let room = max - ids.len();
+        if room == 0 {
+            break;
+        }
+        let followers: Vec<i64> = sqlx::query_scalar(
+            "SELECT id FROM events INDEXED BY events_key \
+             WHERE order_key = (SELECT order_key FROM events WHERE id = ?) \
+             AND state IN (0, 1, 4, 5) AND state = 5 \
+             AND id NOT IN (SELECT id FROM leases) ORDER BY id LIMIT ?",
+        )
+        .bind(head)
+        .bind(room as i64)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        ids.extend(followers);
+    }
+    let lease_until = now + lease.as_millis() as i64;
+    let json = serde_json::to_string(&ids).expect("ids serialise");
+    sqlx::query("INSERT INTO leases (id, lease_until) SELECT value, ? FROM json_each(?)")
+        .bind(lease_until)
+        .bind(&json)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    let rows = sqlx::query(
+        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
+         FROM events WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
+    )
+    .bind(json)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(db)?;
+    Ok(rows
+        .into_iter()
+        .map(|r| ClaimedEvent {
+            id: r.get(0),
+            order_key: r.get(1),
+            kind: r.get(2),
+            payload: r.get(3),
+            // This attempt counts from now; the row records it at settle.
+            attempts: r.get::<i64, _>(4) + 1,
+            accepted_at: r.get(5),
+            first_attempt_at: r.get::<Option<i64>, _>(6).unwrap_or(now),
+            lease: lease_until,
+            claimed_at: now,
+            actions: r.get(7),
+        })
+        .collect())
+}
+
+pub(super) fn history_entry(now: i64, error: &str) -> String {
+    serde_json::json!({ "at": crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(now).unwrap_or_default()), "error": error })
+    .to_string()
+}
+
+pub(super) async fn settle(
+    conn: &mut SqliteConnection,
+    items: &[Settlement],
+    now: i64,
+) -> Result<(), StoreError> {
+    // Only outcomes whose lease is still held count: a worker whose lease
+    // expired (and whose events may have been claimed again) is ignored.
+    let mut by_lease: HashMap<i64, Vec<i64>> = HashMap::new();
+    for s in items {
+        by_lease.entry(s.lease).or_default().push(s.id);
+    }
+    let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
+    for (lease, ids) in &by_lease {
+        let json = serde_json::to_string(ids).expect("ids serialise");
+        let released: Vec<i64> = sqlx::query_scalar(
+            "DELETE FROM leases WHERE lease_until = ? AND id IN (SELECT value FROM json_each(?)) RETURNING id",
+        )
+        .bind(lease)
+        .bind(json)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+        held_lease.extend(released);
+    }
+    let items: Vec<&Settlement> = items
+        .iter()
+        .filter(|s| held_lease.contains(&s.id))
+        .collect();
+    // The earliest unsettled-or-retried event of a key becomes its head again.
+    let mut head_of: HashMap<&str, i64> = HashMap::new();
+    for s in &items {
+        if matches!(
+            s.outcome,
+            SettleOutcome::Retry { .. } | SettleOutcome::Held { .. } | SettleOutcome::Release
+        ) {
+            let h = head_of.entry(s.order_key.as_str()).or_insert(s.id);
+            *h = (*h).min(s.id);
+        }
+    }
+    let (mut failed, mut retries) = (0i64, 0i64);
+    let mut delivered_ids: Vec<(i64, i64)> = Vec::new();
+    let mut last_error: Option<&str> = None;
+    let mut reports: Vec<(String, &'static str, i64)> = Vec::new();
+    for s in &items {
+        match &s.outcome {
+            SettleOutcome::Delivered => {
+                // Collected and marked in one statement below.
+                delivered_ids.push((s.id, s.first_attempt_at));
+            }
+            SettleOutcome::Retry { at, error } => {
+                let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
+                sqlx::query(
+                    "UPDATE events SET state = ?, next_attempt_at = ?, attempts = attempts + 1, \
+                     first_attempt_at = ?, last_error = ?, \
+                     history = json_insert(CASE WHEN json_array_length(COALESCE(history, '[]')) >= ? \
+                       THEN json_remove(history, '$[0]') ELSE COALESCE(history, '[]') END, '$[#]', json(?)), \
+                     actions = COALESCE(actions, ?) \
+                     WHERE id = ?",
+                )
+                .bind(if head { EventState::Pending.code() } else { EventState::Queued.code() })
+                .bind(*at)
+                .bind(s.first_attempt_at)
+                .bind(error)
+                .bind(HISTORY_KEEP)
+                .bind(history_entry(now, error))
+                .bind(&s.actions)
+                .bind(s.id)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                failed += 1;
+                retries += 1;
+                last_error = Some(error);
+                note_error(&mut reports, error, "retry");
+            }
+            SettleOutcome::Release => {
+                // Never sent: neither the attempt nor its time is recorded.
+                let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
+                sqlx::query(
+                    "UPDATE events SET state = ?, next_attempt_at = ?, \
+                     actions = COALESCE(actions, ?) WHERE id = ?",
+                )
+                .bind(if head {
+                    EventState::Pending.code()
+                } else {
+                    EventState::Queued.code()
+                })
+                .bind(now)
+                .bind(&s.actions)
+                .bind(s.id)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+            }
+            SettleOutcome::Held { error, map_as_of } => {
+                let head = head_of.get(s.order_key.as_str()) == Some(&s.id);
+                // The identify that teaches this user's ids may have been
+                // committed after the worker read the map, its release
+                // finding nothing held yet: then the event is due again now
+                // rather than held until the budget runs out.
+                let learned = head
+                    && sqlx::query_scalar::<_, i64>(
+                        "SELECT 1 FROM identities WHERE user_id = ? AND updated_at >= ?",
+                    )
+                    .bind(&s.order_key)
+                    .bind(*map_as_of)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(db)?
+                    .is_some();
+                let state = match (head, learned) {
+                    (false, _) => EventState::Queued.code(),
+                    (true, true) => EventState::Pending.code(),
+                    (true, false) => EventState::Held.code(),
+                };
+                // A held event's next_attempt_at records when the map was
+                // read for it, so maintenance can tell later changes apart.
+                sqlx::query(
+                    "UPDATE events SET state = ?, next_attempt_at = ?, attempts = attempts + 1, \
+                     first_attempt_at = ?, last_error = ? WHERE id = ?",
+                )
+                .bind(state)
+                .bind(if learned { now } else { *map_as_of })
+                .bind(s.first_attempt_at)
+                .bind(error)
+                .bind(s.id)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+            }
+            SettleOutcome::Dead { reason } => {
+                sqlx::query(
+                    "UPDATE events SET state = 3, finished_at = ?, attempts = attempts + 1, \
+                     first_attempt_at = ?, reason = ?, last_error = ?, \
+                     history = json_insert(COALESCE(history, '[]'), '$[#]', json(?)), \
+                     actions = COALESCE(actions, ?) \
+                     WHERE id = ?",
+                )
+                .bind(now)
+                .bind(s.first_attempt_at)
+                .bind(reason)
+                .bind(reason)
+                .bind(history_entry(now, reason))
+                .bind(&s.actions)
+                .bind(s.id)
+                .execute(&mut *conn)
+                .await
+                .map_err(db)?;
+                failed += 1;
+                last_error = Some(reason);
+                note_error(&mut reports, reason, "dead");
+            }
+        }
+    }
+    let mut delivered = 0i64;
+    for chunk in delivered_ids.chunks(5000) {
+        let json = serde_json::to_string(chunk).expect("pairs serialise");
+        let r = sqlx::query(
+            "UPDATE events SET state = 2, finished_at = ?, attempts = attempts + 1, first_attempt_at = t.first \
+             FROM (SELECT value ->> 0 AS id, value ->> 1 AS first FROM json_each(?)) AS t \
+             WHERE events.id = t.id",
+        )
+        .bind(now)
+        .bind(json)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        delivered += r.rows_affected() as i64;
+    }
+    let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
+    promote(conn, keys.into_iter(), now).await?;
+    bump_total(conn, "retries", retries).await?;
+    bump_minute(conn, "delivered", now, delivered).await?;
+    bump_minute(conn, "failed", now, failed).await?;
+    if delivered > 0 {
+        set_meta(conn, "last_delivery_at", &now.to_string()).await?;
+    }
+    if let Some(e) = last_error {
+        set_meta(conn, "last_error", e).await?;
+        set_meta(conn, "last_error_at", &now.to_string()).await?;
+    }
+    crate::outbox::sqlite::recent_errors::record(conn, &reports, now).await?;
+    Ok(())
+}
+
+/// Counts one event under its (error, outcome) for the recent-errors ring.
+pub(super) fn note_error(
+    reports: &mut Vec<(String, &'static str, i64)>,
+    error: &str,
+    outcome: &'static str,
+) {
+    match reports
+        .iter_mut()
+        .find(|(e, o, _)| e == error && *o == outcome)
+    {
+        Some(r) => r.2 += 1,
+        None => reports.push((error.to_string(), outcome, 1)),
+    }
+}
+
+/// Makes the earliest queued event of each key the head when the key has
+/// no head left (its events were delivered or died).
+pub(super) async fn promote<'a>(
+    conn: &mut SqliteConnection,
+    keys: impl Iterator<Item = &'a str>,
+    now: i64,
+) -> Result<(), StoreError> {
+    let keys: Vec<&str> = keys.collect();
+    for chunk in keys.chunks(2000) {
+        let json = serde_json::to_string(chunk).expect("strings serialise");
+        // Both probes go through the partial index events_key: O(keys),
+        // whatever the backlog.
+        sqlx::query(
+            "UPDATE events SET state = 0, next_attempt_at = ? WHERE id IN ( \
+               SELECT (SELECT e.id FROM events e INDEXED BY events_key \
+                       WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) \
+               FROM json_each(?) j \
+               WHERE NOT EXISTS (SELECT 1 FROM events x INDEXED BY events_key \
+                 WHERE x.order_key = j.value AND x.state IN (0, 1, 4, 5) AND x.state IN (0, 1, 4)))",
+        )
+        .bind(now)
+        .bind(json)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(())
+}

@@ -1,0 +1,278 @@
+//! Ingest inside the writer's transaction: deduplication, head or queued
+//! per ordering key, the inserts, and the identity map and audience store
+//! updates the events carry.
+
+use super::*;
+
+/// Inserts the events of several requests in one pass: deduplicate by
+/// (source, messageId), decide head or queued per ordering key, insert,
+/// count; then update the identity map and the audience store. The first
+/// part runs as direct SQLite calls under one lock of the connection (see
+/// direct.rs): one hand-off per group instead of one per statement.
+pub(super) async fn insert_events(
+    conn: &mut SqliteConnection,
+    statements: &mut StatementCache,
+    config: &WriterConfig,
+    requests: &[&[NewEvent]],
+    now: i64,
+) -> Result<Vec<IngestReceipt>, StoreError> {
+    let mut identities: Vec<&IdentityUpdate> = Vec::new();
+    let mut audience: Vec<&NewEvent> = Vec::new();
+    let receipts = {
+        let mut handle = conn.lock_handle().await.map_err(db)?;
+        // SAFETY: the handle stays locked until `handle` drops at the end of
+        // this block, and `d` does not outlive it.
+        let d = unsafe { Db::new(handle.as_raw_handle()) };
+        insert_locked(
+            &d,
+            statements,
+            config,
+            requests,
+            now,
+            &mut identities,
+            &mut audience,
+        )?
+    };
+    for id in identities {
+        apply_identity(conn, id, now).await?;
+    }
+    for e in audience {
+        for (attr, value) in &e.audience {
+            sqlx::query(
+                "INSERT INTO audience_pending (user_id, attribute, value, updated_at) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (user_id, attribute) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            )
+            .bind(&e.order_key)
+            .bind(attr)
+            .bind(value)
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+        }
+    }
+    Ok(receipts)
+}
+
+/// The SQL part of `insert_events`, with the connection locked.
+pub(super) fn insert_locked<'e>(
+    d: &Db,
+    statements: &mut StatementCache,
+    config: &WriterConfig,
+    requests: &[&'e [NewEvent]],
+    now: i64,
+    identities: &mut Vec<&'e IdentityUpdate>,
+    audience: &mut Vec<&'e NewEvent>,
+) -> Result<Vec<IngestReceipt>, StoreError> {
+    let total: usize = requests.iter().map(|r| r.len()).sum();
+    let current = {
+        // Row 1 counts leases of events already counted under 0 or 5.
+        let mut q = d.statement(
+            statements,
+            "SELECT COALESCE(SUM(n), 0) FROM state_counts WHERE state IN (0, 4, 5)",
+        )?;
+        q.step()?;
+        q.column_int(0).max(0) as u64
+    };
+    if current + total as u64 > config.max_backlog {
+        return Err(StoreError::Backlog(config.max_backlog));
+    }
+    let cutoff = now - config.dedup_window.as_millis() as i64;
+    // Ordering keys seen in this group: true when the key has an active
+    // event (in the outbox before, or inserted just now).
+    let mut active: HashMap<&str, bool> = HashMap::new();
+    let mut receipts = Vec::with_capacity(requests.len());
+    let (mut accepted, mut duplicates, mut filtered) = (0i64, 0i64, 0i64);
+    for request in requests {
+        let mut receipt = IngestReceipt::default();
+        for e in request.iter() {
+            // Deduplicate: the upsert "wins" (returns a row) for a new id or
+            // one older than the window.
+            let fresh = {
+                let mut q = d.statement(
+                    statements,
+                    "INSERT INTO message_ids (source, message_id, seen_at) VALUES (?1, ?2, ?3) \
+                     ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
+                     WHERE message_ids.seen_at < ?4 RETURNING 1",
+                )?;
+                q.text(1, &e.source)?;
+                q.text(2, &e.message_id)?;
+                q.int(3, now)?;
+                q.int(4, cutoff)?;
+                let won = q.step()? == Step::Row;
+                if won {
+                    q.run()?;
+                }
+                won
+            };
+            if !fresh {
+                receipt.duplicates += 1;
+                continue;
+            }
+            if let Some(id) = &e.identity {
+                identities.push(id);
+            }
+            if !e.audience.is_empty() {
+                audience.push(e);
+            }
+            if !e.forward {
+                receipt.filtered += 1;
+                continue;
+            }
+            let busy = match active.get(e.order_key.as_str()) {
+                Some(b) => *b,
+                None => {
+                    let mut q = d.statement(
+                        statements,
+                        "SELECT 1 FROM events INDEXED BY events_key \
+                         WHERE order_key = ?1 AND state IN (0, 1, 4, 5) LIMIT 1",
+                    )?;
+                    q.text(1, &e.order_key)?;
+                    q.step()? == Step::Row
+                }
+            };
+            active.insert(e.order_key.as_str(), true);
+            let mut q = d.statement(
+                statements,
+                "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)",
+            )?;
+            q.text(1, &e.source)?;
+            q.text(2, &e.message_id)?;
+            q.text(3, e.kind)?;
+            q.text(4, &e.order_key)?;
+            q.text(5, &e.payload)?;
+            q.int(
+                6,
+                if busy {
+                    EventState::Queued.code()
+                } else {
+                    EventState::Pending.code()
+                },
+            )?;
+            q.int(7, now)?;
+            q.run()?;
+            receipt.stored += 1;
+        }
+        accepted += receipt.stored as i64;
+        duplicates += receipt.duplicates as i64;
+        filtered += receipt.filtered as i64;
+        receipts.push(receipt);
+    }
+    for (name, by) in [
+        ("accepted", accepted),
+        ("duplicates", duplicates),
+        ("filtered", filtered),
+    ] {
+        if by != 0 {
+            let mut q = d.statement(
+                statements,
+                "UPDATE totals SET value = value + ?1 WHERE name = ?2",
+            )?;
+            q.int(1, by)?;
+            q.text(2, name)?;
+            q.run()?;
+        }
+    }
+    if accepted != 0 {
+        let mut q = d.statement(
+            statements,
+            "INSERT INTO minute_stats (minute, accepted) VALUES (?1, ?2) \
+             ON CONFLICT (minute) DO UPDATE SET accepted = accepted + excluded.accepted",
+        )?;
+        q.int(1, minute_of(now))?;
+        q.int(2, accepted)?;
+        q.run()?;
+    }
+    Ok(receipts)
+}
+
+/// Updates the identity map and releases events held for the ids it now
+/// knows; the release uses the ordering-key index, never a scan of held
+/// events.
+pub(super) async fn apply_identity(
+    conn: &mut SqliteConnection,
+    id: &IdentityUpdate,
+    now: i64,
+) -> Result<(), StoreError> {
+    let upsert = "INSERT INTO identities (user_id, account_id, contact_id, updated_at) VALUES (?, ?, ?, ?) \
+                  ON CONFLICT (user_id) DO UPDATE SET \
+                  account_id = COALESCE(excluded.account_id, identities.account_id), \
+                  contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
+                  updated_at = excluded.updated_at";
+    if id.teaches_ids() {
+        sqlx::query(upsert)
+            .bind(&id.user_id)
+            .bind(&id.account)
+            .bind(&id.contact)
+            .bind(now)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
+    }
+    let mut aliased = Vec::new();
+    if id.teaches_ids() {
+        // Earlier ids aliased to this user learn what it now knows.
+        aliased = sqlx::query_scalar(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT a.previous_id, i.account_id, i.contact_id, ? FROM aliases a \
+             JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = ? AND a.previous_id <> a.user_id \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(identities.account_id, excluded.account_id), \
+             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+             updated_at = excluded.updated_at \
+             RETURNING user_id",
+        )
+        .bind(now)
+        .bind(&id.user_id)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    if let Some(prev) = &id.previous_id {
+        sqlx::query(
+            "INSERT INTO aliases (previous_id, user_id, created_at) VALUES (?, ?, ?) \
+             ON CONFLICT (previous_id) DO UPDATE SET user_id = excluded.user_id",
+        )
+        .bind(prev)
+        .bind(&id.user_id)
+        .bind(now)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+        // Alias: whichever side is known teaches the other.
+        let known: Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT account_id, contact_id FROM identities WHERE user_id = ?")
+                .bind(&id.user_id)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(db)?;
+        let (from, to) = identity::alias_teacher(&id.user_id, prev, known.is_some());
+        sqlx::query(
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+             SELECT ?, account_id, contact_id, ? FROM identities WHERE user_id = ? \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(identities.account_id, excluded.account_id), \
+             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+             updated_at = excluded.updated_at",
+        )
+        .bind(to)
+        .bind(now)
+        .bind(from)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    for key in identity::released_by(id, aliased) {
+        sqlx::query(
+            "UPDATE events INDEXED BY events_key SET state = 0, next_attempt_at = ? \
+             WHERE order_key = ? AND state IN (0, 1, 4, 5) AND state = 4",
+        )
+        .bind(now)
+        .bind(&key)
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    }
+    Ok(())
+}

@@ -326,10 +326,11 @@ pub fn format_status(s: &OutboxStatus) -> String {
 }
 
 fn require_database(path: &std::path::Path) -> anyhow::Result<()> {
+    crate::outbox::refuse_url(path)?;
     if !path.exists() {
         bail!(
             "no database at {} (set --database or FORWARDER_DATABASE)",
-            path.display()
+            crate::outbox::display_database(path)
         );
     }
     Ok(())

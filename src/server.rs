@@ -104,7 +104,7 @@ impl Server {
         )
         .await
         .map_err(|source| StartError::Outbox {
-            path: settings.database.display().to_string(),
+            path: crate::outbox::display_database(&settings.database),
             source,
         })?;
         let client = ChurnZeroClient::new(
@@ -203,7 +203,7 @@ impl Server {
             },
             shutdown_rx.clone(),
         ));
-        tracing::info!(%addr, scheme, database = %settings.database.display(), churnzero = %settings.churnzero_url,
+        tracing::info!(%addr, scheme, database = %crate::outbox::display_database(&settings.database), churnzero = %settings.churnzero_url,
             workers = settings.workers, batch_size = settings.batch_size,
             max_connections = limits.max, max_connections_per_client = limits.per_client,
             max_body_memory = settings.listener.max_body_memory,

@@ -103,6 +103,7 @@ impl Outbox {
     /// Opens (creating and migrating) the SQLite outbox at `path` as its
     /// one owner; see [`sqlite::SqliteOutbox::open`].
     pub async fn open(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+        refuse_url(path)?;
         Ok(Outbox::Sqlite(
             sqlite::SqliteOutbox::open(path, config).await?,
         ))
@@ -165,12 +166,14 @@ impl OutboxReader {
 /// Opens the read side only, for the offline commands: never creates and
 /// never migrates (a server of another version may be running).
 pub async fn open_reader(path: &Path) -> Result<OutboxReader, StoreError> {
+    refuse_url(path)?;
     Ok(OutboxReader::Sqlite(sqlite::open_reader(path).await?))
 }
 
 /// Opens a writing handle for the offline commands (`dead replay`, `dead
 /// purge`), beside a running server or without one.
 pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
+    refuse_url(path)?;
     Ok(Outbox::Sqlite(sqlite::open_cli_writer(path, config).await?))
 }
 
@@ -240,5 +243,54 @@ mod tests {
         codes.dedup();
         assert_eq!(codes.len(), EventState::ALL.len());
         assert_eq!(EventState::from_code(1), None);
+    }
+}
+
+/// Refuses a database address that is a PostgreSQL URL rather than a file
+/// path, before anything is created for it.
+pub fn refuse_url(path: &Path) -> Result<(), StoreError> {
+    let text = path.to_string_lossy();
+    let lower = text.to_ascii_lowercase();
+    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
+        // Only the scheme: the URL may carry a password.
+        let scheme = text.split("://").next().unwrap_or_default();
+        return Err(StoreError::UnsupportedUrl(format!("{scheme}://...")));
+    }
+    Ok(())
+}
+
+/// The database as it may be shown in logs and errors: a URL's password
+/// (`scheme://user:password@host`) is replaced by `***`; a file path is
+/// shown as it is.
+pub fn display_database(path: &Path) -> String {
+    let text = path.to_string_lossy();
+    if let Some((scheme, rest)) = text.split_once("://") {
+        let (authority, tail) = match rest.find('/') {
+            Some(i) => rest.split_at(i),
+            None => (rest, ""),
+        };
+        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            return format!("{scheme}://{user}:***@{host}{tail}");
+        }
+    }
+    text.into_owned()
+}
+
+#[cfg(test)]
+mod display_tests {
+    use super::display_database;
+    use std::path::Path;
+
+    #[test]
+    fn a_urls_password_is_hidden_and_paths_are_kept() {
+        assert_eq!(
+            display_database(Path::new("postgres://u:pw@h:5432/db")),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            display_database(Path::new("./data/outbox.db")),
+            "./data/outbox.db"
+        );
     }
 }

@@ -55,14 +55,14 @@ pub(crate) fn parse(value: Option<&str>) -> Vec<RecentError> {
 }
 
 /// Adds `(error, outcome, events)` reports seen at `now` to the ring.
-pub(crate) fn merge(
+pub(crate) fn merge<E: AsRef<str>>(
     ring: &mut Vec<RecentError>,
-    reports: &[(String, &'static str, i64)],
+    reports: &[(E, &'static str, i64)],
     now: i64,
 ) {
     let at = rfc3339(now);
     for (error, outcome, events) in reports {
-        let error = clip(error);
+        let error = clip(error.as_ref());
         match ring.first_mut() {
             Some(head) if head.error == error && head.outcome == *outcome => {
                 head.at = at.clone();

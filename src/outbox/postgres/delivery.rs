@@ -2,7 +2,7 @@
 //! `postgres` for the ordering design they keep).
 
 use super::{add_counters, bump_minute, lock_keys, pg_error};
-use crate::outbox::recent_errors::{self, RecentError};
+use crate::outbox::recent_errors;
 use crate::outbox::{ClaimedEvent, SettleOutcome, Settlement, StoreError, now_ms};
 use sqlx::{PgConnection, PgPool, Row};
 use std::collections::{HashMap, HashSet};
@@ -365,16 +365,6 @@ fn note_error<'a>(
     }
 }
 
-/// Longest error text kept in one ring entry.
-const ERROR_CHARS: usize = 500;
-
-fn clip(text: &str) -> String {
-    match text.char_indices().nth(ERROR_CHARS) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_string(),
-    }
-}
-
 /// Adds reports to this instance's ring of recent errors (its own row, so
 /// no other instance waits on it); status merges the instances' rings.
 /// Runs of the same error with the same outcome merge into one entry.
@@ -395,29 +385,7 @@ pub(super) async fn record_errors(
             .map_err(pg_error)?
             .flatten();
     let mut ring = recent_errors::parse(current.as_deref());
-    let at = crate::segment::format_timestamp(
-        chrono::DateTime::from_timestamp_millis(now).unwrap_or_default(),
-    );
-    for (error, outcome, events) in reports {
-        let error = clip(error);
-        match ring.first_mut() {
-            Some(head) if head.error == error && head.outcome == *outcome => {
-                head.at = at.clone();
-                head.events += events;
-            }
-            _ => ring.insert(
-                0,
-                RecentError {
-                    at: at.clone(),
-                    first_at: at.clone(),
-                    error,
-                    outcome: (*outcome).to_string(),
-                    events: *events,
-                },
-            ),
-        }
-    }
-    ring.truncate(recent_errors::KEEP);
+    recent_errors::merge(&mut ring, reports, now);
     sqlx::query("UPDATE instances SET recent_errors = $2 WHERE id = $1")
         .bind(me)
         .bind(serde_json::to_string(&ring).expect("entries serialise"))

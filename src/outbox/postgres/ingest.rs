@@ -356,8 +356,7 @@ async fn apply_identity(
     id: &IdentityUpdate,
     now: i64,
 ) -> Result<(), StoreError> {
-    let teaches = id.account.is_some() || id.contact.is_some();
-    if teaches {
+    if id.teaches_ids() {
         sqlx::query(
             "INSERT INTO identities (user_id, account_id, contact_id, updated_at) VALUES ($1, $2, $3, $4) \
              ON CONFLICT (user_id) DO UPDATE SET \
@@ -373,9 +372,9 @@ async fn apply_identity(
         .await
         .map_err(pg_error)?;
     }
-    let mut released = vec![id.user_id.clone()];
-    if teaches {
-        let aliased: Vec<String> = sqlx::query_scalar(
+    let mut aliased = Vec::new();
+    if id.teaches_ids() {
+        aliased = sqlx::query_scalar(
             "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
              SELECT a.previous_id, i.account_id, i.contact_id, $1 FROM aliases a \
              JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = $2 AND a.previous_id <> a.user_id \
@@ -394,7 +393,6 @@ async fn apply_identity(
             let keys: Vec<&str> = aliased.iter().map(String::as_str).collect();
             lock_keys(conn, &keys).await?;
         }
-        released.extend(aliased);
     }
     if let Some(prev) = &id.previous_id {
         sqlx::query(
@@ -412,11 +410,7 @@ async fn apply_identity(
             .fetch_optional(&mut *conn)
             .await
             .map_err(pg_error)?;
-        let (from, to) = if known.is_some() {
-            (&id.user_id, prev)
-        } else {
-            (prev, &id.user_id)
-        };
+        let (from, to) = crate::identity::alias_teacher(&id.user_id, prev, known.is_some());
         sqlx::query(
             "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
              SELECT $1, account_id, contact_id, $2 FROM identities WHERE user_id = $3 \
@@ -431,8 +425,8 @@ async fn apply_identity(
         .execute(&mut *conn)
         .await
         .map_err(pg_error)?;
-        released.push(prev.clone());
     }
+    let released = crate::identity::released_by(id, aliased);
     // A held event is its key's head: releasing it changes no order.
     sqlx::query(
         "UPDATE events SET state = 0, next_attempt_at = $1 WHERE order_key = ANY($2) AND state = 4",

@@ -10,6 +10,7 @@
 //! hour is one line, not twenty identical ones that push older, different
 //! errors out of the ring.
 
+use super::status::ms_to_rfc3339 as rfc3339;
 use serde::{Deserialize, Serialize};
 
 /// Entries kept, newest first.
@@ -31,12 +32,6 @@ pub struct RecentError {
     pub outcome: String,
     /// Events that hit this error during the run.
     pub events: i64,
-}
-
-fn rfc3339(ms: i64) -> String {
-    crate::segment::format_timestamp(
-        chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default(),
-    )
 }
 
 fn clip(text: &str) -> String {

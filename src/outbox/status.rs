@@ -4,6 +4,34 @@
 use super::RecentError;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use std::collections::HashMap;
+
+/// A time in ms since the epoch as every status field writes it.
+pub(crate) fn ms_to_rfc3339(ms: i64) -> String {
+    crate::segment::format_timestamp(
+        chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default(),
+    )
+}
+
+/// The chart's series from `since` to `this_minute` (minute numbers), one
+/// entry per minute, zeros where a backend stored no row.
+pub(crate) fn per_minute_series(
+    since: i64,
+    this_minute: i64,
+    rows: &HashMap<i64, (i64, i64, i64)>,
+) -> Vec<MinuteStat> {
+    (since..=this_minute)
+        .map(|m| {
+            let (accepted, delivered, failed) = rows.get(&m).copied().unwrap_or_default();
+            MinuteStat {
+                minute: ms_to_rfc3339(m * 60_000),
+                accepted,
+                delivered,
+                failed,
+            }
+        })
+        .collect()
+}
 
 /// The sync lane's schedule and backlog.
 #[derive(Debug, Clone, Serialize, Deserialize, Default, PartialEq)]

@@ -4,19 +4,12 @@
 use super::pg_error;
 use crate::outbox::PER_MINUTE_WINDOW;
 use crate::outbox::recent_errors::{self, RecentError};
-use crate::outbox::{
-    DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, StoreError, SyncStatus, now_ms,
-};
+use crate::outbox::status::ms_to_rfc3339 as rfc3339;
+use crate::outbox::{DeadLetter, DeadListFilter, OutboxStatus, StoreError, SyncStatus, now_ms};
 use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
 use std::collections::HashMap;
-
-fn rfc3339(ms: i64) -> String {
-    crate::segment::format_timestamp(
-        chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default(),
-    )
-}
 
 pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     let mut tx = pool.begin().await.map_err(pg_error)?;
@@ -110,17 +103,7 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     .map(|r| (r.get::<i64, _>(0), (r.get(1), r.get(2), r.get(3))))
     .collect();
     tx.commit().await.map_err(pg_error)?;
-    let per_minute = (since..=this_minute)
-        .map(|m| {
-            let (accepted, delivered, failed) = rows.get(&m).copied().unwrap_or_default();
-            MinuteStat {
-                minute: rfc3339(m * 60_000),
-                accepted,
-                delivered,
-                failed,
-            }
-        })
-        .collect();
+    let per_minute = crate::outbox::status::per_minute_series(since, this_minute, &rows);
     let age = |t: Option<i64>| t.map(|o| ((now - o).max(0) as f64) / 1000.0).unwrap_or(0.0);
     let c = |n: &str| counts.get(n).copied().unwrap_or(0);
     let m = |n: &str| meta.get(n).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);

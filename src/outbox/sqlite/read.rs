@@ -4,9 +4,8 @@
 use super::{StoreError, now_ms, reader_pool};
 use crate::outbox::EventState;
 use crate::outbox::recent_errors;
-use crate::outbox::{
-    DeadLetter, DeadListFilter, MinuteStat, OutboxStatus, PER_MINUTE_WINDOW, SyncStatus,
-};
+use crate::outbox::status::ms_to_rfc3339;
+use crate::outbox::{DeadLetter, DeadListFilter, OutboxStatus, PER_MINUTE_WINDOW, SyncStatus};
 use serde_json::Value;
 use sqlx::sqlite::SqliteArguments;
 use sqlx::{Arguments, Row, SqlitePool};
@@ -23,12 +22,6 @@ const HELD_QUEUED_ROW: i64 = 6;
 #[derive(Clone)]
 pub struct Reader {
     pool: SqlitePool,
-}
-
-fn ms_to_rfc3339(ms: i64) -> String {
-    crate::segment::format_timestamp(
-        chrono::DateTime::from_timestamp_millis(ms).unwrap_or_default(),
-    )
 }
 
 fn meta_time(meta: &HashMap<String, String>, name: &str) -> Option<String> {
@@ -113,17 +106,7 @@ impl Reader {
         .into_iter()
         .map(|r| (r.get::<i64, _>(0), (r.get(1), r.get(2), r.get(3))))
         .collect();
-        let per_minute = (since..=this_minute)
-            .map(|m| {
-                let (accepted, delivered, failed) = rows.get(&m).copied().unwrap_or_default();
-                MinuteStat {
-                    minute: ms_to_rfc3339(m * 60_000),
-                    accepted,
-                    delivered,
-                    failed,
-                }
-            })
-            .collect();
+        let per_minute = crate::outbox::status::per_minute_series(since, this_minute, &rows);
         use EventState::{Dead, Held, Pending, Queued};
         let age = |t: Option<i64>| t.map(|o| ((now - o).max(0) as f64) / 1000.0).unwrap_or(0.0);
         let c = |s: i64| counts.get(&s).copied().unwrap_or(0);

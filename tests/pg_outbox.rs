@@ -1037,3 +1037,56 @@ async fn an_unreachable_server_is_a_transient_error() {
     assert!(err.is_transient(), "{err}");
     assert!(err.to_string().contains("unreachable"), "{err}");
 }
+
+/// Without autovacuum every delivered, pruned or counted row leaves a dead
+/// version behind for good: maintenance then vacuums the outbox's tables
+/// itself. With autovacuum on it leaves that to the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn maintenance_vacuums_the_tables_when_the_server_does_not() {
+    let Some(db) = TestDb::new().await else {
+        return;
+    };
+    let mut conn = db.conn().await;
+    let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
+    let claimed = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    a.settle(claimed.iter().map(delivered).collect())
+        .await
+        .unwrap();
+    a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+        .await
+        .unwrap()
+        .expect("the only instance holds the maintenance lock");
+    let vacuumed = || {
+        let url = db.url();
+        async move {
+            let mut c = PgConnection::connect(&url).await.unwrap();
+            let n: i64 = sqlx::query_scalar(
+                "SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'events'",
+            )
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            n
+        }
+    };
+    if autovacuum.eq_ignore_ascii_case("off") {
+        wait_for("the events table vacuumed by maintenance", || async {
+            vacuumed().await > 0
+        })
+        .await;
+    } else {
+        // Statistics reach the view within a second; give them time, then
+        // check that no VACUUM of ours ran.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert_eq!(
+            vacuumed().await,
+            0,
+            "autovacuum is on: maintenance must not vacuum"
+        );
+    }
+}

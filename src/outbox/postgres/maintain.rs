@@ -19,6 +19,58 @@ const KEY_PAGE: i64 = 5_000;
 /// Held heads looked at per pass.
 const HELD_PAGE: i64 = 500;
 
+/// How often maintenance vacuums the outbox's tables when the server has
+/// autovacuum off.
+const OWN_VACUUM_EVERY: Duration = Duration::from_secs(30);
+
+/// A session advisory lock: one instance vacuums at a time.
+const VACUUM_LOCK: i64 = 0x6366_775f_7661_6375;
+
+/// Vacuums the outbox's tables when the server has autovacuum off and the
+/// last vacuum is older than [`OWN_VACUUM_EVERY`]: every delivery, prune
+/// and counter update leaves a dead row version, and without a vacuum the
+/// tables, their indexes and every status read grow without limit. VACUUM
+/// cannot run in a transaction, so it takes a session lock on a pooled
+/// connection instead of the maintenance transaction's lock. Failures are
+/// logged; the next pass tries again.
+pub(super) async fn vacuum_if_due(inner: &Inner) {
+    {
+        let mut last = inner.last_vacuum.lock().expect("vacuum clock");
+        if last.is_some_and(|t| t.elapsed() < OWN_VACUUM_EVERY) {
+            return;
+        }
+        *last = Some(std::time::Instant::now());
+    }
+    let result = vacuum_tables(&inner.pool).await;
+    match result {
+        Ok(true) => tracing::debug!("outbox tables vacuumed (autovacuum is off)"),
+        Ok(false) => {}
+        Err(e) => tracing::warn!(error = %e, "vacuuming the outbox tables failed"),
+    }
+}
+
+async fn vacuum_tables(pool: &PgPool) -> Result<bool, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(VACUUM_LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !ours {
+        return Ok(false);
+    }
+    let vacuumed = sqlx::query(
+        "VACUUM (ANALYZE) counters, order_keys, instances, leaders, minute_stats, meta, \
+             message_ids, events",
+    )
+    .execute(&mut *conn)
+    .await;
+    sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(VACUUM_LOCK)
+        .execute(&mut *conn)
+        .await?;
+    vacuumed.map(|_| true)
+}
+
 pub(super) async fn maintain(
     inner: &Inner,
     retention: Duration,

@@ -113,6 +113,10 @@ struct Inner {
     held_cursor: Mutex<i64>,
     key_cursor: Mutex<String>,
     tasks: Vec<JoinHandle<()>>,
+    /// The server runs no autovacuum: maintenance vacuums the outbox's
+    /// tables itself (see [`maintain::vacuum_if_due`]).
+    autovacuum_off: bool,
+    last_vacuum: Mutex<Option<std::time::Instant>>,
 }
 
 impl Drop for Inner {
@@ -211,6 +215,17 @@ impl PgOutbox {
             .await
             .map_err(StoreError::Database)?;
         MIGRATOR.run(&mut first).await?;
+        let autovacuum: String = sqlx::query_scalar("SHOW autovacuum")
+            .fetch_one(&mut first)
+            .await
+            .map_err(pg_error)?;
+        let autovacuum_off = autovacuum.eq_ignore_ascii_case("off");
+        if autovacuum_off {
+            tracing::warn!(
+                "autovacuum is off on this PostgreSQL server: the forwarder vacuums its own tables \
+                 every 30 s so that they do not bloat; turning autovacuum on is better"
+            );
+        }
         let _ = first.close().await;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections.max(2))
@@ -246,6 +261,8 @@ impl PgOutbox {
                 held_cursor: Mutex::new(0),
                 key_cursor: Mutex::new(String::new()),
                 tasks: vec![writer, beat],
+                autovacuum_off,
+                last_vacuum: Mutex::new(None),
             }),
         })
     }
@@ -346,7 +363,11 @@ impl PgOutbox {
         held_budget: Duration,
     ) -> Result<Option<MaintenanceReport>, StoreError> {
         let inner = &self.inner;
-        with_retry(|| maintain::maintain(inner, retention, held_budget)).await
+        let report = with_retry(|| maintain::maintain(inner, retention, held_budget)).await?;
+        if report.is_some() && inner.autovacuum_off {
+            maintain::vacuum_if_due(inner).await;
+        }
+        Ok(report)
     }
 
     /// Dead events back into delivery (all of them with `None`).

@@ -480,6 +480,27 @@ mod tests {
     }
 
     #[test]
+    fn adaptive_concurrency_takes_a_bare_flag_or_a_value() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let args = ["probe"].iter().chain(extra).copied();
+            Probe::try_parse_from(args).map(|p| p.serve.adaptive_concurrency)
+        };
+        assert!(parse(&[]).unwrap());
+        assert!(parse(&["--adaptive-concurrency"]).unwrap());
+        assert!(!parse(&["--adaptive-concurrency", "false"]).unwrap());
+        assert!(!parse(&["--adaptive-concurrency=no"]).unwrap());
+        assert!(parse(&["--adaptive-concurrency", "sometimes"]).is_err());
+        let p = Probe::try_parse_from(["probe", "--max-actions-per-second", "1500"]).unwrap();
+        assert_eq!(p.serve.max_actions_per_second, 1500);
+    }
+
+    #[test]
     fn sizes_take_operator_forms() {
         assert_eq!(parse_size("128MB").unwrap(), 128 << 20);
         assert_eq!(parse_size("512 KiB").unwrap(), 512 << 10);

@@ -2,9 +2,11 @@
 //! hands each batch to one of `--workers` concurrent workers, which resolve
 //! identities, map to ChurnZero actions (or take the actions an earlier
 //! attempt stored, so a retry never drifts), POST them and settle every
-//! event as delivered, retried, held or dead. A shared gate slows the whole
-//! pool when ChurnZero struggles; a worker never waits at it, or sends,
-//! beyond what its lease covers.
+//! event as delivered, retried, held or dead. Every request passes the flow
+//! control shared with the sync lane ([`flow`]: the destination gate that
+//! slows the whole pool when ChurnZero struggles, the adaptive concurrency
+//! limit, the rate cap); a worker never waits there, or sends, beyond what
+//! its lease covers.
 
 pub mod flow;
 pub mod gate;

@@ -57,9 +57,21 @@ pub struct ServeArgs {
     #[arg(long, env = "CHURNZERO_APP_KEY", hide_env_values = true)]
     pub churnzero_app_key: Option<Secret>,
 
-    /// Concurrent delivery requests.
+    /// Concurrent delivery requests; with --adaptive-concurrency, the most.
     #[arg(long, env = "FORWARDER_WORKERS", default_value_t = 4)]
     pub workers: usize,
+
+    /// Adapt the requests in flight to ChurnZero's answers and round-trip
+    /// times, up to --workers (`--adaptive-concurrency false`: always --workers).
+    #[arg(long, env = "FORWARDER_ADAPTIVE_CONCURRENCY", default_value_t = true,
+          action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new())]
+    pub adaptive_concurrency: bool,
+
+    /// Hard cap on actions sent to ChurnZero per second, real-time and sync
+    /// lane together, shared by the live instances; 0 is none.
+    #[arg(long, env = "FORWARDER_MAX_ACTIONS_PER_SECOND", default_value_t = 0)]
+    pub max_actions_per_second: u32,
 
     /// Maximum ChurnZero actions per request.
     #[arg(long, env = "FORWARDER_BATCH_SIZE", default_value_t = 100)]
@@ -249,6 +261,10 @@ pub struct Settings {
     pub churnzero_url: String,
     pub churnzero_app_key: Secret,
     pub workers: usize,
+    /// `--adaptive-concurrency`.
+    pub adaptive_concurrency: bool,
+    /// `--max-actions-per-second`; 0: none.
+    pub max_actions_per_second: u32,
     pub batch_size: usize,
     pub flush_interval: Duration,
     pub request_timeout: Duration,
@@ -383,6 +399,8 @@ impl ServeArgs {
             churnzero_url: url,
             churnzero_app_key,
             workers: self.workers,
+            adaptive_concurrency: self.adaptive_concurrency,
+            max_actions_per_second: self.max_actions_per_second,
             batch_size: self.batch_size,
             flush_interval: self.flush_interval,
             request_timeout: self.request_timeout,
@@ -459,6 +477,27 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn adaptive_concurrency_takes_a_bare_flag_or_a_value() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Probe {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let parse = |extra: &[&str]| {
+            let args = ["probe"].iter().chain(extra).copied();
+            Probe::try_parse_from(args).map(|p| p.serve.adaptive_concurrency)
+        };
+        assert!(parse(&[]).unwrap());
+        assert!(parse(&["--adaptive-concurrency"]).unwrap());
+        assert!(!parse(&["--adaptive-concurrency", "false"]).unwrap());
+        assert!(!parse(&["--adaptive-concurrency=no"]).unwrap());
+        assert!(parse(&["--adaptive-concurrency", "sometimes"]).is_err());
+        let p = Probe::try_parse_from(["probe", "--max-actions-per-second", "1500"]).unwrap();
+        assert_eq!(p.serve.max_actions_per_second, 1500);
     }
 
     #[test]

@@ -5,6 +5,7 @@
 use crate::churnzero::client::ChurnZeroClient;
 use crate::churnzero::mapping::MappingConfig;
 use crate::config::Settings;
+use crate::delivery::flow::{FlowControl, FlowSettings};
 use crate::delivery::{self, DeliveryConfig, retry::RetryPolicy};
 use crate::ingest::connections::{self, Admitted, Connections, Limits};
 use crate::ingest::{self, BodyBudget, IngestState, WriteKey};
@@ -126,6 +127,12 @@ impl Server {
                 budget: settings.retry_budget,
             },
         };
+        let flow = FlowControl::new(FlowSettings {
+            ceiling: settings.workers,
+            adaptive: settings.adaptive_concurrency,
+            max_actions_per_second: settings.max_actions_per_second,
+            retry: delivery_config.retry,
+        });
         let mut workers = vec![tokio::spawn(maintenance(
             outbox.clone(),
             settings.maintenance_interval,
@@ -139,6 +146,7 @@ impl Server {
                 client.clone(),
                 mapping.clone(),
                 delivery_config.clone(),
+                flow.clone(),
                 shutdown_rx.clone(),
             )));
             workers.push(tokio::spawn(sync_lane::run(
@@ -151,6 +159,7 @@ impl Server {
                     batch_size: settings.batch_size,
                     retry: delivery_config.retry,
                 },
+                flow.clone(),
                 shutdown_rx.clone(),
             )));
         }
@@ -178,6 +187,7 @@ impl Server {
                 draining: draining.clone(),
                 admin_token: settings.admin_token.clone(),
                 metrics: operator::metrics_export::install(),
+                flow: settings.deliver.then(|| flow.clone()),
             }))
             .fallback(not_found)
             .method_not_allowed_fallback(method_not_allowed)
@@ -204,7 +214,8 @@ impl Server {
             shutdown_rx.clone(),
         ));
         tracing::info!(%addr, scheme, database = %crate::outbox::display_database(&settings.database), churnzero = %settings.churnzero_url,
-            workers = settings.workers, batch_size = settings.batch_size,
+            workers = settings.workers, adaptive_concurrency = settings.adaptive_concurrency,
+            max_actions_per_second = settings.max_actions_per_second, batch_size = settings.batch_size,
             max_connections = limits.max, max_connections_per_client = limits.per_client,
             max_body_memory = settings.listener.max_body_memory,
             "churnzero-forwarder serving");

@@ -31,8 +31,11 @@
 //! planned time is kept in the database, so restarts do not postpone it;
 //! a time missed while the process was down runs at once). A window that
 //! outlasts the interval is followed at once by the next one, still paced.
-//! The lane has its own task, pacing and backoff: real-time delivery never
-//! waits for it.
+//! The lane has its own task, pacing and backoff, and sends through the
+//! same flow control as real-time delivery (the gate's pauses, the
+//! concurrency limit, the rate cap), where real time goes first: the lane
+//! takes a slot only when no real-time sender waits and holds one at most,
+//! so a large window delays a real-time request by one request at most.
 //!
 //! `/status` (`sync`): `next_run_at`, `pending_contacts` (users with pending
 //! updates, unresolved ones included), and for the last window that had work
@@ -43,6 +46,7 @@
 use crate::churnzero::client::{ChurnZeroClient, SendOutcome};
 use crate::churnzero::mapping::{self, Ids, MappingConfig};
 use crate::churnzero::poison::Isolation;
+use crate::delivery::flow::{FlowControl, Lane as FlowLane};
 use crate::delivery::retry::RetryPolicy;
 use crate::identity::{self, KnownIds, PartialIds};
 use crate::outbox::{
@@ -60,6 +64,10 @@ use tokio::sync::watch;
 /// within this time after the leader stops.
 const LEADER_ROLE: &str = "sync_lane";
 const LEADER_TTL: Duration = Duration::from_secs(30);
+
+/// The least time a request waits for the gate, a slot and the rate cap
+/// before its window is deferred to the next.
+const ADMISSION_WAIT: Duration = Duration::from_secs(60);
 
 /// Users read per page of a window.
 const PAGE_USERS: usize = 500;
@@ -248,6 +256,7 @@ enum Stop {
 struct Lane {
     outbox: Outbox,
     client: ChurnZeroClient,
+    flow: Arc<FlowControl>,
     config: SyncConfig,
     pacer: Pacer,
     shutdown: watch::Receiver<bool>,
@@ -265,6 +274,7 @@ pub async fn run(
     client: ChurnZeroClient,
     _mapping: Arc<MappingConfig>,
     config: SyncConfig,
+    flow: Arc<FlowControl>,
     shutdown: watch::Receiver<bool>,
 ) {
     let interval_ms = config.interval.as_millis().max(1) as i64;
@@ -272,6 +282,7 @@ pub async fn run(
         pacer: Pacer::new(config.max_per_minute, config.batch_size),
         outbox,
         client,
+        flow,
         config,
         shutdown,
         unrecorded_start: None,
@@ -543,9 +554,25 @@ impl Lane {
                     _ = self.shutdown.wait_for(|s| *s) => return Err(Stop::Shutdown),
                 }
             }
+            // Waiting for real time to leave a slot is no reason to give
+            // up a window that has run past its planned end.
+            let within = deadline
+                .saturating_duration_since(Instant::now())
+                .max(ADMISSION_WAIT);
+            let flow = self.flow.clone();
+            let admitted = tokio::select! {
+                a = flow.admit(FlowLane::Sync, actions.len(), within) => a,
+                _ = self.shutdown.wait_for(|s| *s) => return Err(Stop::Shutdown),
+            };
+            let Some(admitted) = admitted else {
+                tracing::warn!(
+                    "ChurnZero stays paused or busy past this sync window; the next window sends"
+                );
+                return Err(Stop::Deferred);
+            };
             self.pacer.book(Instant::now(), actions.len());
             report.requests += 1;
-            let outcome = self.client.send(&actions).await;
+            let (outcome, _) = admitted.send(&self.client, &actions).await;
             let (error, retry_after) = match outcome {
                 SendOutcome::Accepted { .. } => {
                     metrics::counter!("sync_requests_total", "outcome" => "delivered").increment(1);

@@ -220,6 +220,15 @@ async fn status_page_renders_counts_dead_letters_errors_and_chart() {
         text_of(&dom, "sub-held").contains("2 queued behind"),
         "{dom}"
     );
+    // Flow control: the limit of the workers (4 in the test settings), an
+    // RTT measured from the deliveries, no rate cap.
+    let limit = text_of(&dom, "flow-limit");
+    assert!(
+        limit.ends_with("of 4 (adaptive)"),
+        "flow limit shown: {limit}"
+    );
+    assert!(text_of(&dom, "flow-rtt").ends_with(" ms"), "{dom}");
+    assert_eq!(text_of(&dom, "flow-cap"), "none");
     // The sync lane schedules its first window one interval after start.
     let next = text_of(&dom, "sync-next");
     assert!(next.starts_with("in "), "sync schedule shown: {next}");

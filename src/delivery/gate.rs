@@ -42,6 +42,12 @@ impl Gate {
         }
     }
 
+    /// Whether a request may go now (no pause in force).
+    pub fn is_open(&self) -> bool {
+        let until = self.inner.lock().expect("gate lock").closed_until;
+        until.is_none_or(|t| t <= Instant::now())
+    }
+
     pub fn success(&self) {
         let mut s = self.inner.lock().expect("gate lock");
         s.consecutive_failures = 0;

@@ -2,10 +2,13 @@
 //! hands each batch to one of `--workers` concurrent workers, which resolve
 //! identities, map to ChurnZero actions (or take the actions an earlier
 //! attempt stored, so a retry never drifts), POST them and settle every
-//! event as delivered, retried, held or dead. A shared gate slows the whole
-//! pool when ChurnZero struggles; a worker never waits at it, or sends,
-//! beyond what its lease covers.
+//! event as delivered, retried, held or dead. Every request passes the flow
+//! control shared with the sync lane ([`flow`]: the destination gate that
+//! slows the whole pool when ChurnZero struggles, the adaptive concurrency
+//! limit, the rate cap); a worker never waits there, or sends, beyond what
+//! its lease covers.
 
+pub mod flow;
 pub mod gate;
 pub mod retry;
 
@@ -15,12 +18,12 @@ use crate::churnzero::poison::Isolation;
 pub use crate::identity::KnownIds;
 use crate::identity::resolve;
 use crate::outbox::{ClaimedEvent, Outbox, SettleOutcome, Settlement, now_ms};
-use gate::Gate;
+use flow::{FlowControl, Lane};
 use retry::{RetryDecision, RetryPolicy};
 use serde_json::{Map, Value};
 use std::collections::HashSet;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::{Semaphore, watch};
 
 /// Settings of the delivery pool (from `serve`).
@@ -82,7 +85,8 @@ struct Context {
     client: ChurnZeroClient,
     mapping: Arc<MappingConfig>,
     config: DeliveryConfig,
-    gate: Gate,
+    /// The one gate toward ChurnZero, shared with the sync lane.
+    flow: Arc<FlowControl>,
     /// Lets a worker waiting at a closed gate give its events back at
     /// shutdown instead of holding the process up.
     shutdown: watch::Receiver<bool>,
@@ -101,15 +105,15 @@ pub async fn run(
     client: ChurnZeroClient,
     mapping: Arc<MappingConfig>,
     config: DeliveryConfig,
+    flow: Arc<FlowControl>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let gate = Gate::new(config.retry);
     let ctx = Arc::new(Context {
         outbox,
         client,
         mapping,
         config,
-        gate,
+        flow,
         shutdown: shutdown.clone(),
     });
     let permits = Arc::new(Semaphore::new(ctx.config.workers));
@@ -125,7 +129,7 @@ pub async fn run(
             _ = shutdown.changed() => break,
         };
         tokio::select! {
-            _ = ctx.gate.wait_open() => {}
+            _ = ctx.flow.gate().wait_open() => {}
             _ = shutdown.changed() => break,
         }
         let notified = stored.notified();
@@ -541,36 +545,35 @@ async fn send_part(
         return None;
     }
     let room = Duration::from_millis(left as u64);
-    let open = tokio::select! {
-        r = tokio::time::timeout(room, ctx.gate.wait_open()) => {
-            if r.is_err() {
+    let actions: Vec<Map<String, Value>> = units
+        .iter()
+        .flat_map(|u| actions_of[u.index].iter().cloned())
+        .collect();
+    // Waiting (gate, a slot, the rate cap) ends at shutdown; a request
+    // once sent is let finish.
+    let admitted = tokio::select! {
+        a = ctx.flow.admit(Lane::RealTime, actions.len(), room) => {
+            if a.is_none() {
                 tracing::info!(
                     events = units.len(),
-                    "the destination gate stays closed past this claim's lease; giving the unsent events back"
+                    "the destination gate or flow control holds this request past its claim's lease; giving the unsent events back"
                 );
             }
-            r.is_ok()
+            a
         }
-        _ = shutdown.wait_for(|s| *s) => false,
+        _ = shutdown.wait_for(|s| *s) => None,
     };
-    if !open {
+    let Some(admitted) = admitted else {
         for u in units {
             fates[u.index] = Some(Fate::Release);
         }
         *stop = Some(Stop::Release);
         return None;
-    }
-    let actions: Vec<Map<String, Value>> = units
-        .iter()
-        .flat_map(|u| actions_of[u.index].iter().cloned())
-        .collect();
-    let started = Instant::now();
-    let outcome = ctx.client.send(&actions).await;
-    let took = started.elapsed();
+    };
+    let (outcome, took) = admitted.send(&ctx.client, &actions).await;
     metrics::histogram!("churnzero_request_duration_seconds").record(took.as_secs_f64());
     match outcome {
         SendOutcome::Accepted { status } => {
-            ctx.gate.success();
             tracing::info!(
                 outcome = "delivered",
                 status,
@@ -588,7 +591,6 @@ async fn send_part(
             status,
             retry_after,
         } => {
-            ctx.gate.failure(status, retry_after);
             tracing::warn!(outcome = "retry", status, actions = actions.len(), duration_ms = took.as_millis() as u64, %error, "churnzero request failed, will retry");
             metrics::counter!("churnzero_requests_total", "outcome" => "retry").increment(1);
             for u in units {
@@ -600,7 +602,6 @@ async fn send_part(
             *stop = Some(Stop::Retry(error, retry_after));
         }
         SendOutcome::Rejected { status, error } => {
-            ctx.gate.success();
             tracing::warn!(outcome = "rejected", status, actions = actions.len(), duration_ms = took.as_millis() as u64, %error, "churnzero refused the request");
             metrics::counter!("churnzero_requests_total", "outcome" => "rejected").increment(1);
             return Some(error);

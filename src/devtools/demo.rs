@@ -81,6 +81,8 @@ async fn run_in(args: &DemoArgs, dir: &std::path::Path) -> anyhow::Result<()> {
         churnzero_url: mock.url(),
         churnzero_app_key: Secret::new(DEMO_APP_KEY),
         workers: 4,
+        adaptive_concurrency: true,
+        max_actions_per_second: 0,
         batch_size: 100,
         flush_interval: Duration::from_millis(200),
         request_timeout: Duration::from_secs(5),

@@ -92,6 +92,19 @@ pub struct MockArgs {
     #[arg(long, env = "MOCK_CHURNZERO_POISON_STATUS", default_value_t = 400,
           value_parser = clap::value_parser!(u16).range(200..=599))]
     pub poison_status: u16,
+
+    /// Capacity model: /i requests served at once (0 = no limit). Beyond
+    /// them --queue more wait their turn; the rest are answered 503 at once
+    #[arg(long, env = "MOCK_CHURNZERO_CAPACITY", default_value_t = 0)]
+    pub capacity: usize,
+
+    /// Capacity model: requests that wait for a free place beyond --capacity
+    #[arg(long, env = "MOCK_CHURNZERO_QUEUE", default_value_t = 0)]
+    pub queue: usize,
+
+    /// Time each /i request takes to serve once it has a place (e.g. 50ms)
+    #[arg(long, env = "MOCK_CHURNZERO_SERVICE_TIME", default_value = "0s", value_parser = humantime::parse_duration)]
+    pub service_time: Duration,
 }
 
 impl Default for MockArgs {
@@ -106,7 +119,110 @@ impl Default for MockArgs {
             quiet: false,
             poison_event: None,
             poison_status: 400,
+            capacity: 0,
+            queue: 0,
+            service_time: Duration::ZERO,
         }
+    }
+}
+
+/// The capacity model: `capacity` requests served at once, each taking
+/// `service_time`; `queue` more wait for a place in arrival order; any
+/// request beyond those is refused with 503 at once, as an overloaded
+/// service (or its load balancer) does.
+struct Capacity {
+    capacity: usize,
+    queue: usize,
+    service_time: Duration,
+    /// Places to be served; `None` when the capacity is unlimited.
+    places: Option<Arc<tokio::sync::Semaphore>>,
+    /// Requests served or waiting now.
+    admitted: std::sync::atomic::AtomicUsize,
+    in_service: std::sync::atomic::AtomicUsize,
+    refused: std::sync::atomic::AtomicU64,
+    peak_in_service: std::sync::atomic::AtomicUsize,
+    peak_queued: std::sync::atomic::AtomicUsize,
+}
+
+impl Capacity {
+    fn new(capacity: usize, queue: usize, service_time: Duration) -> Capacity {
+        Capacity {
+            capacity,
+            queue,
+            service_time,
+            places: (capacity > 0).then(|| Arc::new(tokio::sync::Semaphore::new(capacity))),
+            admitted: Default::default(),
+            in_service: Default::default(),
+            refused: Default::default(),
+            peak_in_service: Default::default(),
+            peak_queued: Default::default(),
+        }
+    }
+
+    /// Takes a place among those served or waiting; `false`: refuse.
+    fn enter(&self) -> bool {
+        if self.places.is_none() {
+            return true;
+        }
+        let before = self.admitted.fetch_add(1, Ordering::SeqCst);
+        if before >= self.capacity + self.queue {
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
+            self.refused.fetch_add(1, Ordering::SeqCst);
+            return false;
+        }
+        let queued = (before + 1).saturating_sub(self.capacity);
+        self.peak_queued.fetch_max(queued, Ordering::SeqCst);
+        true
+    }
+
+    /// Waits for a place to be served, then serves for the service time.
+    async fn serve(&self, stopping: impl std::future::Future<Output = ()>) {
+        tokio::pin!(stopping);
+        let permit = match &self.places {
+            Some(places) => tokio::select! {
+                p = places.clone().acquire_owned() => p.ok(),
+                () = &mut stopping => return self.leave(None),
+            },
+            None => None,
+        };
+        let n = self.in_service.fetch_add(1, Ordering::SeqCst) + 1;
+        self.peak_in_service.fetch_max(n, Ordering::SeqCst);
+        if !self.service_time.is_zero() {
+            tokio::select! {
+                () = tokio::time::sleep(self.service_time) => {}
+                () = &mut stopping => {}
+            }
+        }
+        self.in_service.fetch_sub(1, Ordering::SeqCst);
+        self.leave(permit);
+    }
+
+    fn leave(&self, permit: Option<tokio::sync::OwnedSemaphorePermit>) {
+        drop(permit);
+        if self.places.is_some() {
+            self.admitted.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    fn stats(&self) -> Value {
+        let admitted = self.admitted.load(Ordering::SeqCst);
+        let in_service = self.in_service.load(Ordering::SeqCst);
+        json!({
+            "capacity": self.capacity,
+            "queue": self.queue,
+            "service_time_ms": u64::try_from(self.service_time.as_millis()).unwrap_or(u64::MAX),
+            "in_service": in_service,
+            "queued": admitted.saturating_sub(in_service),
+            "refused": self.refused.load(Ordering::SeqCst),
+            "peak_in_service": self.peak_in_service.load(Ordering::SeqCst),
+            "peak_queued": self.peak_queued.load(Ordering::SeqCst),
+        })
+    }
+
+    fn reset(&self) {
+        self.refused.store(0, Ordering::SeqCst);
+        self.peak_in_service.store(0, Ordering::SeqCst);
+        self.peak_queued.store(0, Ordering::SeqCst);
     }
 }
 
@@ -203,6 +319,7 @@ pub struct MockState {
 
 struct Shared {
     quiet: bool,
+    capacity: Capacity,
     inner: Mutex<Inner>,
     /// Turns true once at shutdown; hung requests and added latency wait on it
     /// so that shutdown is never held up by the mock's own faults.
@@ -221,10 +338,11 @@ struct Inner {
 }
 
 impl MockState {
-    fn new(faults: Faults, quiet: bool) -> Self {
+    fn new(faults: Faults, quiet: bool, capacity: Capacity) -> Self {
         Self {
             shared: Arc::new(Shared {
                 quiet,
+                capacity,
                 inner: Mutex::new(Inner {
                     faults,
                     ..Inner::default()
@@ -296,6 +414,39 @@ impl MockState {
         inner.requests.clear();
         inner.script.clear();
         inner.accepted_actions = 0;
+        self.shared.capacity.reset();
+    }
+
+    /// Requests the capacity model refused with 503 (over capacity and
+    /// queue), since the start or the last reset.
+    pub fn refused_count(&self) -> u64 {
+        self.shared.capacity.refused.load(Ordering::SeqCst)
+    }
+
+    /// The capacity model's figures, as `GET /stats` shows them.
+    pub fn stats(&self) -> Value {
+        let mut stats = self.shared.capacity.stats();
+        let inner = self.lock();
+        stats["requests"] = json!(inner.requests.len());
+        stats["accepted_actions"] = json!(inner.accepted_actions);
+        stats
+    }
+
+    /// Records a request the capacity model refused, answered at once.
+    fn refuse(&self, actions: Vec<Value>) {
+        let mut inner = self.lock();
+        let actions = if inner.count_only {
+            Vec::new()
+        } else {
+            actions
+        };
+        self.log(&actions, 503, "over capacity", None);
+        inner.requests.push(RecordedRequest {
+            at: Utc::now(),
+            status: 503,
+            actions,
+            outcome: "over capacity".to_owned(),
+        });
     }
 
     /// Resolves once the mock is shutting down.
@@ -628,6 +779,7 @@ fn router(state: MockState) -> Router {
         .route("/i", get(track).post(track))
         .route("/received", get(received))
         .route("/requests", get(requests))
+        .route("/stats", get(stats))
         .route("/reset", post(reset))
         .route("/faults", get(faults).post(set_faults))
         .route("/script", post(script))
@@ -646,7 +798,16 @@ async fn track(
         Ok(actions) => (actions, None),
         Err(reason) => (Vec::new(), Some(reason)),
     };
+    if !state.shared.capacity.enter() {
+        state.refuse(actions);
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            None,
+            Some("over capacity: too many requests at once".to_owned()),
+        );
+    }
     let (plan, latency) = state.admit(actions, unparsed);
+    state.shared.capacity.serve(state.stopping()).await;
     if !latency.is_zero() {
         tokio::select! {
             () = tokio::time::sleep(latency) => {}
@@ -709,6 +870,10 @@ async fn requests(State(state): State<MockState>) -> Response {
         })
         .collect();
     axum::Json(list).into_response()
+}
+
+async fn stats(State(state): State<MockState>) -> Response {
+    axum::Json(state.stats()).into_response()
 }
 
 async fn reset(State(state): State<MockState>) -> StatusCode {
@@ -1015,7 +1180,8 @@ impl MockChurnZero {
     pub async fn start(args: MockArgs) -> io::Result<MockChurnZero> {
         let listener = TcpListener::bind(args.listen).await?;
         let addr = listener.local_addr()?;
-        let state = MockState::new(Faults::from(&args), args.quiet);
+        let capacity = Capacity::new(args.capacity, args.queue, args.service_time);
+        let state = MockState::new(Faults::from(&args), args.quiet, capacity);
         let app = router(state.clone()).into_make_service_with_connect_info::<ConnHandle>();
         let stopping = state.clone();
         let server = axum::serve(ResettableListener(listener), app)
@@ -1087,6 +1253,9 @@ pub async fn run(args: MockArgs) -> anyhow::Result<()> {
         latency = %humantime::format_duration(args.latency),
         poison_event = args.poison_event.as_deref().unwrap_or("none"),
         poison_status = args.poison_status,
+        capacity = args.capacity,
+        queue = args.queue,
+        service_time = %humantime::format_duration(args.service_time),
         "mock ChurnZero listening; point --churnzero-url at it"
     );
     let signal = stop_signal().await;
@@ -1438,6 +1607,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn capacity_serves_some_queues_some_and_refuses_the_rest_at_once() {
+        let mock = start_with(MockArgs {
+            capacity: 2,
+            queue: 1,
+            service_time: Duration::from_millis(300),
+            quiet: true,
+            ..MockArgs::default()
+        })
+        .await;
+        let url = mock.url();
+        // Five at once: two served, one queued, two refused.
+        let sends: Vec<_> = (0..5)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    let started = Instant::now();
+                    let r = client()
+                        .post(format!("{url}/i"))
+                        .json(&json!([event("A")]))
+                        .send()
+                        .await
+                        .unwrap();
+                    (r.status().as_u16(), started.elapsed())
+                })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for s in sends {
+            answers.push(s.await.unwrap());
+        }
+        let refused: Vec<_> = answers.iter().filter(|(s, _)| *s == 503).collect();
+        assert_eq!(refused.len(), 2, "{answers:?}");
+        let mut served: Vec<Duration> = answers
+            .iter()
+            .filter(|(s, _)| *s == 200)
+            .map(|(_, t)| *t)
+            .collect();
+        served.sort();
+        assert_eq!(served.len(), 3, "{answers:?}");
+        // The queued one waited for a place, then was served; the refused
+        // ones were answered before any served one.
+        assert!(served[0] >= Duration::from_millis(300), "{served:?}");
+        assert!(served[2] >= Duration::from_millis(600), "{served:?}");
+        for (_, took) in &refused {
+            assert!(*took < served[0], "refused late: {answers:?}");
+        }
+        let stats: Value = client()
+            .get(format!("{url}/stats"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(stats["refused"], 2, "{stats}");
+        assert_eq!(stats["requests"], 5, "{stats}");
+        assert_eq!(stats["peak_in_service"], 2, "{stats}");
+        assert_eq!(stats["peak_queued"], 1, "{stats}");
+        assert_eq!(stats["in_service"], 0, "{stats}");
+        assert_eq!(stats["accepted_actions"], 3, "{stats}");
+        assert_eq!(mock.state().refused_count(), 2);
+        let outcomes: Vec<String> = mock
+            .state()
+            .requests()
+            .into_iter()
+            .map(|r| r.outcome)
+            .collect();
+        assert_eq!(outcomes.iter().filter(|o| *o == "over capacity").count(), 2);
+        mock.shutdown().await;
+    }
+
+    #[tokio::test]
     async fn http_control_endpoints() {
         let mock = start().await;
         let client = client();
@@ -1639,7 +1880,7 @@ mod tests {
     fn url_uses_loopback_for_an_unspecified_address() {
         let mock = MockChurnZero {
             addr: "0.0.0.0:8090".parse().unwrap(),
-            state: MockState::new(Faults::default(), true),
+            state: MockState::new(Faults::default(), true, Capacity::new(0, 0, Duration::ZERO)),
             server: None,
         };
         assert_eq!(mock.url(), "http://127.0.0.1:8090");

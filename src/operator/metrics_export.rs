@@ -113,6 +113,31 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Times the delivery pool paused because ChurnZero was failing or rate limiting.",
     ),
     (
+        "flow_concurrency_limit",
+        Kind::Gauge,
+        "Requests to ChurnZero allowed in flight now (adaptive, at most --workers).",
+    ),
+    (
+        "flow_in_flight",
+        Kind::Gauge,
+        "Requests to ChurnZero in flight now, both lanes.",
+    ),
+    (
+        "flow_rtt_baseline_seconds",
+        Kind::Gauge,
+        "Baseline round-trip time of one ChurnZero request (EWMA; 0 before the first).",
+    ),
+    (
+        "flow_rate_cap_actions_per_second",
+        Kind::Gauge,
+        "This instance's share of --max-actions-per-second (0 when there is no cap).",
+    ),
+    (
+        "flow_rate_wait_seconds",
+        Kind::Histogram,
+        "Time a request waited for the rate cap's tokens (its sum: seconds throttled).",
+    ),
+    (
         "delivery_latency_seconds",
         Kind::Histogram,
         "Time from acceptance to delivery of an event.",
@@ -282,6 +307,11 @@ pub fn install() -> Option<PrometheusHandle> {
                 )
                 .ok()?
                 .set_buckets_for_metric(
+                    Matcher::Full(prefixed("flow_rate_wait_seconds")),
+                    REQUEST_BUCKETS,
+                )
+                .ok()?
+                .set_buckets_for_metric(
                     Matcher::Full(prefixed("delivery_latency_seconds")),
                     LATENCY_BUCKETS,
                 )
@@ -388,6 +418,14 @@ pub(super) async fn render(State(state): State<OperatorState>) -> Response {
     let Some(handle) = &state.metrics else {
         return (StatusCode::NOT_FOUND, "metrics are not enabled").into_response();
     };
+    if let Some(flow) = &state.flow {
+        let f = flow.status();
+        metrics::gauge!("flow_concurrency_limit").set(f.concurrency_limit as f64);
+        metrics::gauge!("flow_in_flight").set(f.in_flight as f64);
+        metrics::gauge!("flow_rtt_baseline_seconds").set(f.rtt_baseline_ms.unwrap_or(0.0) / 1000.0);
+        metrics::gauge!("flow_rate_cap_actions_per_second")
+            .set(f.instance_actions_per_second as f64);
+    }
     match state.outbox.status().await {
         Ok(s) => {
             for (label, n) in [

@@ -24,6 +24,10 @@ pub struct OperatorState {
     pub draining: Arc<AtomicBool>,
     pub admin_token: Option<Secret>,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Flow control toward ChurnZero; `None` when this process delivers
+    /// nothing. Its figures are composed into `/status` here, beside the
+    /// outbox's, as they belong to this process and not to the database.
+    pub flow: Option<Arc<crate::delivery::flow::FlowControl>>,
 }
 
 /// `/healthz`, `/readyz`, `/status`, `/metrics`, `/` and `/admin/*`.
@@ -62,7 +66,19 @@ async fn readyz(State(state): State<OperatorState>) -> Response {
 
 async fn status(State(state): State<OperatorState>) -> Response {
     match state.outbox.status().await {
-        Ok(s) => axum::Json::<OutboxStatus>(s).into_response(),
+        Ok(s) => match &state.flow {
+            None => axum::Json::<OutboxStatus>(s).into_response(),
+            Some(flow) => {
+                let mut v = serde_json::to_value(&s).unwrap_or_default();
+                if let Some(o) = v.as_object_mut() {
+                    o.insert(
+                        "flow".into(),
+                        serde_json::to_value(flow.status()).unwrap_or_default(),
+                    );
+                }
+                axum::Json(v).into_response()
+            }
+        },
         Err(e) => (
             StatusCode::SERVICE_UNAVAILABLE,
             axum::Json(json!({ "error": e.to_string() })),

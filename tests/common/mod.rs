@@ -39,6 +39,8 @@ pub fn settings(db: &Path, churnzero_url: &str) -> Settings {
         churnzero_url: churnzero_url.trim_end_matches('/').to_string(),
         churnzero_app_key: Secret::new(APP_KEY),
         workers: 4,
+        adaptive_concurrency: true,
+        max_actions_per_second: 0,
         batch_size: 100,
         flush_interval: Duration::from_millis(50),
         request_timeout: Duration::from_secs(5),

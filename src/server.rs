@@ -140,6 +140,13 @@ impl Server {
             delivery::held_budget(&delivery_config),
             shutdown_rx.clone(),
         ))];
+        if settings.deliver && settings.max_actions_per_second > 0 && outbox.backend() != "sqlite" {
+            workers.push(tokio::spawn(share_rate_cap(
+                outbox.clone(),
+                flow.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
         if settings.deliver {
             workers.push(tokio::spawn(delivery::run(
                 outbox.clone(),
@@ -547,6 +554,37 @@ async fn maintenance(
                 );
             }
             Err(e) => tracing::warn!(error = %e, "maintenance pass failed"),
+        }
+    }
+}
+
+/// How often an instance re-counts the live instances for its share of the
+/// rate cap: the heartbeat's period, so a change is seen within one beat.
+const SHARE_EVERY: Duration = Duration::from_secs(2);
+
+/// Keeps this instance's share of `--max-actions-per-second` at the cap
+/// divided by the live instances (from their heartbeats), so that the
+/// tenant's limit holds for all of them together. A starting instance
+/// sends at 1 action/s until the others have had one heartbeat period to
+/// count it; an instance that left stops counting after the instance
+/// expiry, and meanwhile the others stay below the cap.
+async fn share_rate_cap(
+    outbox: Outbox,
+    flow: Arc<FlowControl>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    flow.set_share(u32::MAX);
+    let mut pause = SHARE_EVERY + Duration::from_millis(500);
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(pause) => {}
+            _ = shutdown.wait_for(|s| *s) => return,
+        }
+        pause = SHARE_EVERY;
+        match outbox.live_instances().await {
+            Ok(n) => flow.set_share(n),
+            // Keep the last share: unreachable storage also pauses delivery.
+            Err(e) => tracing::debug!(error = %e, "counting live instances failed"),
         }
     }
 }

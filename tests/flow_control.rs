@@ -18,6 +18,10 @@ use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// These tests measure rates and latencies of the flow control itself; run
+/// side by side on a small machine they would measure each other instead.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn capacity_mock(capacity: usize, queue: usize, service_time: Duration) -> MockChurnZero {
     MockChurnZero::start(MockArgs {
         listen: "127.0.0.1:0".parse().unwrap(),
@@ -169,6 +173,7 @@ fn print_trace(name: &str, d: &Drain) {
 /// concurrency overrun it; adaptive concurrency must find it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adaptive_concurrency_uses_a_limited_service_without_overrunning_it() {
+    let _one_at_a_time = SERIAL.lock().await;
     const EVENTS: usize = 20_000;
     const BATCH: usize = 25;
     let service = Duration::from_millis(50);
@@ -238,6 +243,7 @@ async fn adaptive_concurrency_uses_a_limited_service_without_overrunning_it() {
 /// own: a 15,000-event backlog drains at the cap (within 15%).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_rate_cap_holds_the_drain_to_its_rate() {
+    let _one_at_a_time = SERIAL.lock().await;
     const EVENTS: usize = 15_000;
     const CAP: f64 = 1500.0;
     let dir = tempfile::tempdir().unwrap();
@@ -318,6 +324,7 @@ fn is_audience(r: &RecordedRequest) -> bool {
 /// requests or 5 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_sync_window_never_holds_real_time_back() {
+    let _one_at_a_time = SERIAL.lock().await;
     const CONTACTS: usize = 5000;
     let bound = chrono::Duration::milliseconds(1000);
     let dir = tempfile::tempdir().unwrap();
@@ -427,5 +434,97 @@ async fn a_large_sync_window_never_holds_real_time_back() {
     // One gate: the lanes together never sent two requests at once.
     assert_eq!(refused, 0, "requests refused: both lanes sent at once");
     assert_eq!(st["sync"]["last_run_sent"], CONTACTS as i64, "{st}");
+    mock.shutdown().await;
+}
+
+/// Actions ChurnZero accepted per second between `from` and `to`.
+fn rate_between(
+    requests: &[RecordedRequest],
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> f64 {
+    let actions: usize = requests
+        .iter()
+        .filter(|r| (200..300).contains(&r.status) && r.at > from && r.at <= to)
+        .map(|r| r.actions.len())
+        .sum();
+    actions as f64 / ((to - from).num_milliseconds() as f64 / 1000.0)
+}
+
+/// The cap is the tenant's: three instances on one PostgreSQL database,
+/// each with `--max-actions-per-second 1500`, send 1,500 actions a second
+/// together (within 15%), each taking its share from the heartbeats. When
+/// one of them stops, the other two take over its share and the total
+/// stays at the cap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_cap_holds_for_three_instances_on_one_postgres_database() {
+    let _one_at_a_time = SERIAL.lock().await;
+    const EVENTS: usize = 30_000;
+    const CAP: f64 = 1500.0;
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let url = pg.url();
+    let db = Path::new(&url);
+    let mock = capacity_mock(0, 0, Duration::ZERO).await;
+    store_backlog(db, &mock.url(), tracks(EVENTS, 3000)).await;
+    let state = mock.state();
+    state.reset();
+    let args = ["--workers", "8", "--max-actions-per-second", "1500"];
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(Binary::serve(db, &mock.url(), &args).await);
+    }
+    // Every instance has counted the three.
+    for b in &instances {
+        wait_for("each instance's share of the cap", WAIT, || async {
+            let s = status(&b.base).await;
+            (s["flow"]["share_instances"] == 3 && s["flow"]["instance_actions_per_second"] == 500)
+                .then_some(())
+        })
+        .await;
+    }
+    let three_from = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let three_to = chrono::Utc::now();
+    let mut leaving = instances.pop().unwrap();
+    stop(&mut leaving).await;
+    for b in &instances {
+        wait_for("the two instances' larger share", WAIT, || async {
+            let s = status(&b.base).await;
+            (s["flow"]["share_instances"] == 2).then_some(())
+        })
+        .await;
+    }
+    let two_from = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let two_to = chrono::Utc::now();
+    let delivered = status(&instances[0].base).await["delivered"]
+        .as_i64()
+        .unwrap();
+    assert!(
+        delivered < EVENTS as i64,
+        "the backlog ran out before the measurement ended ({delivered} delivered)"
+    );
+    let requests = state.requests();
+    let three = rate_between(&requests, three_from, three_to);
+    let two = rate_between(&requests, two_from, two_to);
+    say(&format!(
+        "rate cap {CAP}/s on PostgreSQL: three instances together {three:.0}/s ({:+.1}%), \
+         two after one stopped {two:.0}/s ({:+.1}%)",
+        100.0 * (three / CAP - 1.0),
+        100.0 * (two / CAP - 1.0)
+    ));
+    for b in &mut instances {
+        stop(b).await;
+    }
+    assert!(
+        (three / CAP - 1.0).abs() <= 0.15,
+        "three instances sent {three:.0}/s against a cap of {CAP}/s"
+    );
+    assert!(
+        (two / CAP - 1.0).abs() <= 0.15,
+        "two instances sent {two:.0}/s against a cap of {CAP}/s"
+    );
     mock.shutdown().await;
 }

@@ -20,7 +20,7 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -372,6 +372,8 @@ pub struct FlowControl {
     bucket: Mutex<Option<Arc<Bucket>>>,
     share: AtomicU32,
     throttled_us: AtomicU64,
+    /// Senders waiting for the rate cap's tokens right now.
+    token_waiters: AtomicUsize,
 }
 
 impl std::fmt::Debug for FlowControl {
@@ -404,6 +406,7 @@ impl FlowControl {
             bucket: Mutex::new(Bucket::new(settings.max_actions_per_second).map(Arc::new)),
             share: AtomicU32::new(1),
             throttled_us: AtomicU64::new(0),
+            token_waiters: AtomicUsize::new(0),
         })
     }
 
@@ -424,11 +427,19 @@ impl FlowControl {
         }
         let per_instance = self.instance_rate(n);
         *self.bucket.lock().expect("flow lock") = Bucket::new(per_instance).map(Arc::new);
-        tracing::info!(
-            live_instances = n,
-            actions_per_second = per_instance,
-            "share of the ChurnZero rate cap changed"
-        );
+        if n == u32::MAX {
+            // See `server::share_rate_cap`: a starting instance's first share.
+            tracing::info!(
+                actions_per_second = per_instance,
+                "rate cap: sending slowly until the other instances have counted this one"
+            );
+        } else {
+            tracing::info!(
+                live_instances = n,
+                actions_per_second = per_instance,
+                "share of the ChurnZero rate cap changed"
+            );
+        }
     }
 
     fn instance_rate(&self, share: u32) -> u32 {
@@ -539,27 +550,56 @@ impl FlowControl {
         }
     }
 
+    /// Whether a rate cap is set: delivery then claims a request's worth
+    /// at a time.
+    pub fn capped(&self) -> bool {
+        self.bucket.lock().expect("flow lock").is_some()
+    }
+
+    /// Whether senders are queued for the rate cap's tokens (one sending
+    /// next and one behind it, which hides a claim's round trip): the cap,
+    /// not the events at hand, bounds the pace, and claiming more now would
+    /// only lease keys this instance cannot send for a while (which other
+    /// instances of a shared outbox could).
+    pub fn rate_bound(&self) -> bool {
+        self.token_waiters.load(Ordering::SeqCst) >= 2
+    }
+
     async fn tokens(&self, actions: usize) {
-        let Some(bucket) = self.bucket.lock().expect("flow lock").clone() else {
+        if self.bucket.lock().expect("flow lock").is_none() {
             return;
-        };
+        }
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.token_waiters.fetch_add(1, Ordering::SeqCst);
+        let _waiting = Waiting(&self.token_waiters);
         let started = Instant::now();
         let mut left = u32::try_from(actions.max(1)).unwrap_or(u32::MAX);
         while left > 0 {
+            // The current bucket for every chunk: a change of share (an
+            // instance came or went) applies to requests already waiting.
+            let Some(bucket) = self.bucket.lock().expect("flow lock").clone() else {
+                break;
+            };
             let n = left.min(bucket.burst.get());
             let cells = NonZeroU32::new(n).expect("non-zero");
-            loop {
-                match bucket.limiter.check_n(cells) {
-                    Ok(Ok(())) => break,
-                    Ok(Err(not_until)) => {
-                        let wait = not_until.wait_time_from(bucket.limiter.clock().now());
-                        tokio::time::sleep(wait.max(Duration::from_micros(100))).await;
-                    }
-                    // n never exceeds the burst.
-                    Err(_) => break,
+            match bucket.limiter.check_n(cells) {
+                Ok(Ok(())) => left -= n,
+                Ok(Err(not_until)) => {
+                    let wait = not_until.wait_time_from(bucket.limiter.clock().now());
+                    // Short naps, so that a new bucket is seen soon.
+                    tokio::time::sleep(
+                        wait.clamp(Duration::from_micros(100), Duration::from_millis(250)),
+                    )
+                    .await;
                 }
+                // n never exceeds the burst.
+                Err(_) => left -= n,
             }
-            left -= n;
         }
         let waited = started.elapsed();
         if waited >= Duration::from_micros(500) {

@@ -94,7 +94,13 @@ struct Context {
 
 impl Context {
     fn claim_size(&self) -> usize {
-        self.config.batch_size * REQUESTS_PER_CLAIM
+        // Under a rate cap the cap sets the pace: claims follow the sending
+        // a request at a time instead of leasing four requests ahead.
+        if self.flow.capped() {
+            self.config.batch_size
+        } else {
+            self.config.batch_size * REQUESTS_PER_CLAIM
+        }
     }
 }
 
@@ -131,6 +137,15 @@ pub async fn run(
         tokio::select! {
             _ = ctx.flow.gate().wait_open() => {}
             _ = shutdown.changed() => break,
+        }
+        // A sender already waits for the rate cap: claim when it has its
+        // tokens, so that the keys this instance leases are the ones it is
+        // about to send (see FlowControl::rate_bound).
+        while ctx.flow.rate_bound() {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+                _ = shutdown.changed() => break 'dispatch,
+            }
         }
         let notified = stored.notified();
         tokio::pin!(notified);

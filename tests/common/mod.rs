@@ -298,7 +298,12 @@ impl Binary {
         use std::sync::atomic::{AtomicU32, Ordering};
         static STARTED: AtomicU32 = AtomicU32::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
-        let log = db.with_extension(format!("log.{n}"));
+        // Beside a SQLite file; a PostgreSQL URL has no directory of its own.
+        let log = if churnzero_forwarder::outbox::postgres_url(db).is_some() {
+            std::env::temp_dir().join(format!("cfw-test-{}-{n}.log", std::process::id()))
+        } else {
+            db.with_extension(format!("log.{n}"))
+        };
         let logfile = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(binary_path());
         // Port 0: the child binds a port of its own, read back from /proc,

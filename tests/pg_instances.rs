@@ -156,7 +156,7 @@ async fn three_instances_share_the_load_and_a_kill_loses_nothing_and_breaks_no_o
     let mock = mock().await;
     // A little latency keeps requests in flight when the kill lands.
     mock.state().set_faults(Faults {
-        latency: Duration::from_millis(10),
+        latency: Duration::from_millis(100),
         ..Faults::default()
     });
     let args = ["--batch-size", "50"];
@@ -223,17 +223,25 @@ async fn three_instances_share_the_load_and_a_kill_loses_nothing_and_breaks_no_o
         },
     )
     .await;
+    // The kill lands while the instance holds leases (it started second),
+    // which come back only after the instance expiry.
+    let leased_by_second = "SELECT count(*) FROM events WHERE lease_owner = \
+         (SELECT id FROM instances ORDER BY id OFFSET 1 LIMIT 1)";
+    let mut conn = db.conn().await;
+    let mut held_at_kill: i64 = 0;
+    let looking = Instant::now();
+    while held_at_kill == 0 && looking.elapsed() < Duration::from_secs(20) {
+        held_at_kill = sqlx::query_scalar(leased_by_second)
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+    }
     let at_kill = acked.lock().unwrap().len();
     instances[1].kill9();
-    // What the killed instance held (it started second): back only after
-    // the instance expiry.
-    let held_at_kill: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM events WHERE lease_owner = \
-         (SELECT id FROM instances ORDER BY id OFFSET 1 LIMIT 1)",
-    )
-    .fetch_one(&mut db.conn().await)
-    .await
-    .unwrap();
+    let held_at_kill: i64 = sqlx::query_scalar(leased_by_second)
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
     let restarted = Binary::serve(Path::new(&url), &mock.url(), &args).await;
     bases.lock().unwrap()[1] = restarted.base.clone();
     instances[1] = restarted;

@@ -298,12 +298,7 @@ impl Binary {
         use std::sync::atomic::{AtomicU32, Ordering};
         static STARTED: AtomicU32 = AtomicU32::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
-        // Beside a SQLite file; a PostgreSQL URL has no directory of its own.
-        let log = if churnzero_forwarder::outbox::postgres_url(db).is_some() {
-            std::env::temp_dir().join(format!("cfw-test-{}-{n}.log", std::process::id()))
-        } else {
-            db.with_extension(format!("log.{n}"))
-        };
+        let log = log_path(db, n);
         let logfile = std::fs::File::create(&log).unwrap();
         let mut cmd = Command::new(binary_path());
         // Port 0: the child binds a port of its own, read back from /proc,
@@ -361,6 +356,20 @@ impl Binary {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
+}
+
+/// Where a child's log goes: beside a database file, or for a database URL
+/// (`postgres://...`, no directory to write beside) under the target
+/// directory, named after the database and this test binary's process.
+fn log_path(db: &Path, n: u32) -> PathBuf {
+    let text = db.to_string_lossy();
+    if !text.contains("://") {
+        return db.with_extension(format!("log.{n}"));
+    }
+    let dir = test_deps_dir().with_file_name("test-logs");
+    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
+    let name = text.rsplit('/').next().unwrap_or("db");
+    dir.join(format!("{name}.{}.log.{n}", std::process::id()))
 }
 
 /// Runs the real binary with `args` to completion, without blocking the

@@ -19,10 +19,9 @@ fn event(id: &str, user: usize) -> Value {
            "context": {"traits": {"accountExternalId": "acct", "contactExternalId": format!("user-{user}")}}})
 }
 
+on_both_backends! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_under_load_loses_no_acknowledged_event() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn sigkill_under_load_loses_no_acknowledged_event(db: &Path) {
     let mock = mock().await;
     // A little latency keeps batches in flight when the kill lands.
     mock.state().set_faults(Faults {
@@ -32,7 +31,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
     let acked: Arc<Mutex<HashSet<String>>> = Arc::default();
     let rounds = 6;
     for round in 0..rounds {
-        let mut server = Binary::serve(&db, &mock.url(), &["--batch-size", "50"]).await;
+        let mut server = Binary::serve(db, &mock.url(), &["--batch-size", "50"]).await;
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut senders = Vec::new();
         for sender in 0..8 {
@@ -79,7 +78,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
         }
     }
     let acked = acked.lock().unwrap().clone();
-    let last = Binary::serve(&db, &mock.url(), &[]).await;
+    let last = Binary::serve(db, &mock.url(), &[]).await;
     wait_for(
         "every acknowledged event at the mock",
         Duration::from_secs(120),
@@ -117,6 +116,7 @@ async fn sigkill_under_load_loses_no_acknowledged_event() {
     assert_eq!(lost, 0, "no acknowledged event is lost");
     assert!(acked.len() > 2000, "the load was real: {}", acked.len());
     assert_eq!(st["dead"], json!(0));
+}
 }
 
 #[tokio::test]

@@ -20,28 +20,42 @@ const DEAD: i64 = 30_000;
 /// The CLI pauses between chunks (beside a server): fewer, still many.
 const CLI_DEAD: i64 = 5_000;
 
-/// Writes `n` dead letters (one user each) straight into the file, as a
-/// long outage would have left them.
+/// Writes `n` dead letters (one user each) straight into the database, as
+/// a long outage would have left them.
 async fn seed_dead(db: &Path, n: i64) {
+    let columns = "INSERT INTO events (source, message_id, kind, order_key, payload, state, \
+                   attempts, accepted_at, next_attempt_at, finished_at, reason, last_error) \
+                   SELECT 'seed', 'dead-' || i, 'track', 'user-' || i, \
+                   '{\"type\":\"track\",\"userId\":\"user-' || i || '\",\"event\":\"Old\"}', \
+                   3, 1, 1700000000000 + i, 1700000000000 + i, 1700000001000 + i, \
+                   'retry budget exhausted: HTTP 503', 'HTTP 503'";
+    execute(
+        db,
+        &format!(
+            "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < {n}) \
+             {columns} FROM seq"
+        ),
+        &format!("{columns} FROM generate_series(1, {n}) AS i"),
+    )
+    .await;
+}
+
+/// Runs one statement straight on the database: `sqlite` on a file, `pg`
+/// on a PostgreSQL URL.
+async fn execute(db: &Path, sqlite: &str, pg: &str) {
+    if let Some(url) = churnzero_forwarder::outbox::postgres_url(db) {
+        let mut conn = sqlx::PgConnection::connect(url).await.unwrap();
+        sqlx::query(pg).execute(&mut conn).await.unwrap();
+        conn.close().await.unwrap();
+        return;
+    }
     let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
         .filename(db)
         .busy_timeout(Duration::from_secs(10))
         .connect()
         .await
         .unwrap();
-    sqlx::query(
-        "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < ?) \
-         INSERT INTO events (source, message_id, kind, order_key, payload, state, attempts, \
-                             accepted_at, next_attempt_at, finished_at, reason, last_error) \
-         SELECT 'seed', 'dead-' || i, 'track', 'user-' || i, \
-                '{\"type\":\"track\",\"userId\":\"user-' || i || '\",\"event\":\"Old\"}', \
-                3, 1, 1700000000000 + i, 1700000000000 + i, 1700000001000 + i, \
-                'retry budget exhausted: HTTP 503', 'HTTP 503' FROM seq",
-    )
-    .bind(n)
-    .execute(&mut conn)
-    .await
-    .unwrap();
+    sqlx::query(sqlite).execute(&mut conn).await.unwrap();
     conn.close().await.unwrap();
 }
 
@@ -68,13 +82,12 @@ async fn first_chunk_done(outbox: &Outbox, task: &tokio::task::JoinHandle<u64>) 
     .await;
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn ingest_commits_between_the_chunks_of_a_replay_and_a_purge_of_everything() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
-    drop(Outbox::open(&db, WriterConfig::default()).await.unwrap());
-    seed_dead(&db, DEAD).await;
-    let outbox = Outbox::open(&db, WriterConfig::default()).await.unwrap();
+async fn ingest_commits_between_the_chunks_of_a_replay_and_a_purge_of_everything(db: &Path) {
+    drop(Outbox::open(db, WriterConfig::default()).await.unwrap());
+    seed_dead(db, DEAD).await;
+    let outbox = Outbox::open(db, WriterConfig::default()).await.unwrap();
     assert_eq!(outbox.status().await.unwrap().dead, DEAD);
 
     let writer = outbox.clone();
@@ -89,21 +102,11 @@ async fn ingest_commits_between_the_chunks_of_a_replay_and_a_purge_of_everything
     let s = outbox.status().await.unwrap();
     assert_eq!((s.dead, s.pending), (0, DEAD + 1));
 
-    // Dead again (straight in the file), then purged the same way.
+    // Dead again (straight in the database), then purged the same way.
     drop(outbox);
-    let outbox = {
-        let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-            .filename(&db)
-            .connect()
-            .await
-            .unwrap();
-        sqlx::query("UPDATE events SET state = 3 WHERE message_id LIKE 'dead-%'")
-            .execute(&mut conn)
-            .await
-            .unwrap();
-        conn.close().await.unwrap();
-        Outbox::open(&db, WriterConfig::default()).await.unwrap()
-    };
+    let again = "UPDATE events SET state = 3 WHERE message_id LIKE 'dead-%'";
+    execute(db, again, again).await;
+    let outbox = Outbox::open(db, WriterConfig::default()).await.unwrap();
     assert_eq!(outbox.status().await.unwrap().dead, DEAD);
     let writer = outbox.clone();
     let purge = tokio::spawn(async move { writer.purge(None).await.unwrap() });
@@ -116,20 +119,20 @@ async fn ingest_commits_between_the_chunks_of_a_replay_and_a_purge_of_everything
     assert_eq!(purge.await.unwrap(), DEAD as u64);
     assert_eq!(outbox.status().await.unwrap().dead, 0);
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn the_cli_replay_of_everything_lets_the_servers_ingest_through() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn the_cli_replay_of_everything_lets_the_servers_ingest_through(db: &Path) {
     let mock = mock().await;
     // Store only: the replayed events stay put, so the counts tell the chunks.
-    let server = Binary::serve(&db, &mock.url(), &["--no-delivery"]).await;
-    seed_dead(&db, CLI_DEAD).await;
+    let server = Binary::serve(db, &mock.url(), &["--no-delivery"]).await;
+    seed_dead(db, CLI_DEAD).await;
     wait_status(&server.base, "dead", CLI_DEAD).await;
 
     let mut cli = tokio::process::Command::new(binary_path())
         .args(["dead", "replay", "--all", "--database"])
-        .arg(&db)
+        .arg(db)
         .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
@@ -166,17 +169,17 @@ async fn the_cli_replay_of_everything_lets_the_servers_ingest_through() {
         (Some(0), Some(1))
     );
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn ingest_is_answered_while_an_admin_replay_of_everything_runs() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn ingest_is_answered_while_an_admin_replay_of_everything_runs(db: &Path) {
     let mock = mock().await;
-    let mut s = settings(&db, &mock.url());
+    let mut s = settings(db, &mock.url());
     s.deliver = false;
     let server = start(s).await;
     let base = format!("http://{}", server.addr);
-    seed_dead(&db, DEAD).await;
+    seed_dead(db, DEAD).await;
     wait_status(&base, "dead", DEAD).await;
 
     let url = format!("{base}/admin/dead/replay");
@@ -205,4 +208,5 @@ async fn ingest_is_answered_while_an_admin_replay_of_everything_runs() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains(&format!("\"replayed\":{DEAD}")), "{body}");
     server.shutdown().await;
+}
 }

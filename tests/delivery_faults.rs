@@ -11,9 +11,9 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
 
+on_both_backends! {
 #[tokio::test]
-async fn transient_failures_end_delivered_with_backoff() {
-    let dir = tempfile::tempdir().unwrap();
+async fn transient_failures_end_delivered_with_backoff(db: &Path) {
     let mock = mock().await;
     mock.state().push_script([
         ScriptedAnswer::Status(500),
@@ -22,7 +22,7 @@ async fn transient_failures_end_delivered_with_backoff() {
         ScriptedAnswer::Hang,
         ScriptedAnswer::Reset,
     ]);
-    let mut cfg = settings(&dir.path().join("o.db"), &mock.url());
+    let mut cfg = settings(db, &mock.url());
     cfg.request_timeout = Duration::from_millis(400);
     cfg.retry_initial = Duration::from_millis(100);
     cfg.retry_max = Duration::from_millis(800);
@@ -57,17 +57,18 @@ async fn transient_failures_end_delivered_with_backoff() {
     assert!(st["last_error"].is_string());
     server.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn a_poison_event_dies_alone_and_the_rest_are_delivered() {
-    let dir = tempfile::tempdir().unwrap();
+async fn a_poison_event_dies_alone_and_the_rest_are_delivered(db: &Path) {
     let mock = mock().await;
     mock.state().set_faults(Faults {
         poison_event_name: Some("Poison".into()),
         poison_status: 400,
         ..Faults::default()
     });
-    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
     let mut events: Vec<Value> = (0..41)
         .map(|i| track(&format!("user-{i}"), "Fine", i))
@@ -110,17 +111,18 @@ async fn a_poison_event_dies_alone_and_the_rest_are_delivered() {
     );
     server.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn per_user_order_holds_with_forty_percent_failures() {
-    let dir = tempfile::tempdir().unwrap();
+async fn per_user_order_holds_with_forty_percent_failures(db: &Path) {
     let mock = mock().await;
     mock.state().set_faults(Faults {
         fail_rate: 0.4,
         fail_status: 503,
         ..Faults::default()
     });
-    let mut cfg = settings(&dir.path().join("o.db"), &mock.url());
+    let mut cfg = settings(db, &mock.url());
     cfg.workers = 4;
     cfg.batch_size = 7;
     cfg.retry_initial = Duration::from_millis(20);
@@ -184,20 +186,20 @@ async fn per_user_order_holds_with_forty_percent_failures() {
     assert!(failed > 0, "the fault injection really failed requests");
     server.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn message_ids_are_remembered_across_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn message_ids_are_remembered_across_a_restart(db: &Path) {
     let mock = mock().await;
     let event = json!({"userId": "u-1", "event": "Once", "messageId": "msg-restart-1",
         "context": {"traits": {"accountExternalId": "a", "contactExternalId": "u-1"}}});
-    let mut first = Binary::serve(&db, &mock.url(), &[]).await;
+    let mut first = Binary::serve(db, &mock.url(), &[]).await;
     let (s, _) = post(&first.base, "/v1/track", &event).await;
     assert_eq!(s, 200);
     wait_status(&first.base, "delivered", 1).await;
     first.kill9();
-    let second = Binary::serve(&db, &mock.url(), &[]).await;
+    let second = Binary::serve(db, &mock.url(), &[]).await;
     let (s, v) = post(&second.base, "/v1/track", &event).await;
     assert_eq!(
         (s, v),
@@ -219,4 +221,5 @@ async fn message_ids_are_remembered_across_a_restart() {
         .map(|a| a["eventName"].clone())
         .collect();
     assert_eq!(names, vec![json!("Once"), json!("After")]);
+}
 }

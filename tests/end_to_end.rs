@@ -7,11 +7,11 @@ mod common;
 use common::*;
 use serde_json::{Value, json};
 
+on_both_backends! {
 #[tokio::test]
-async fn identify_group_and_track_reach_churnzero_as_mapped_actions() {
-    let dir = tempfile::tempdir().unwrap();
+async fn identify_group_and_track_reach_churnzero_as_mapped_actions(db: &Path) {
     let mock = mock().await;
-    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
     let batch = json!({"batch": [
         {"type": "identify", "userId": "u-7", "traits": {
@@ -58,12 +58,10 @@ async fn identify_group_and_track_reach_churnzero_as_mapped_actions() {
 }
 
 #[tokio::test]
-async fn acknowledged_events_survive_a_restart_while_churnzero_is_down() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn acknowledged_events_survive_a_restart_while_churnzero_is_down(db: &Path) {
     // Nothing listens on this port: every delivery attempt fails to connect.
     let dead_url = format!("http://127.0.0.1:{}", free_port());
-    let mut first = Binary::serve(&db, &dead_url, &[]).await;
+    let mut first = Binary::serve(db, &dead_url, &[]).await;
     let events: Vec<Value> = (0..25).map(|i| track("u-1", "Kept", i)).collect();
     let (s, v) = post(&first.base, "/v1/batch", &json!({ "batch": events })).await;
     assert_eq!(s, 200, "{v}");
@@ -77,7 +75,7 @@ async fn acknowledged_events_survive_a_restart_while_churnzero_is_down() {
     assert!(code.success(), "graceful stop exits 0: {code}");
 
     let mock = mock().await;
-    let second = Binary::serve(&db, &mock.url(), &[]).await;
+    let second = Binary::serve(db, &mock.url(), &[]).await;
     wait_status(&second.base, "delivered", 25).await;
     let seqs: Vec<i64> = mock
         .state()
@@ -101,6 +99,7 @@ async fn acknowledged_events_survive_a_restart_while_churnzero_is_down() {
         (0..25).collect::<Vec<i64>>(),
         "all 25 arrive once each, in order"
     );
+}
 }
 
 #[tokio::test]

@@ -21,11 +21,11 @@ fn bare_track(key: &str, value: &str, event: &str) -> Value {
            "properties": {"description": event}})
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn held_track_is_released_by_a_later_identify() {
-    let dir = tempfile::tempdir().unwrap();
+async fn held_track_is_released_by_a_later_identify(db: &Path) {
     let mock = mock().await;
-    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
     let state = mock.state();
 
@@ -55,12 +55,13 @@ async fn held_track_is_released_by_a_later_identify() {
     server.shutdown().await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn alias_gives_anonymous_events_the_known_users_ids() {
-    let dir = tempfile::tempdir().unwrap();
+async fn alias_gives_anonymous_events_the_known_users_ids(db: &Path) {
     let mock = mock().await;
-    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
     let state = mock.state();
 
@@ -101,12 +102,13 @@ async fn alias_gives_anonymous_events_the_known_users_ids() {
     server.shutdown().await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn unresolved_identity_goes_dead_after_the_retry_budget() {
-    let dir = tempfile::tempdir().unwrap();
+async fn unresolved_identity_goes_dead_after_the_retry_budget(db: &Path) {
     let mock = mock().await;
-    let mut s = settings(&dir.path().join("o.db"), &mock.url());
+    let mut s = settings(db, &mock.url());
     s.retry_budget = Duration::from_millis(500);
     let server = start(s).await;
     let base = format!("http://{}", server.addr);
@@ -140,12 +142,13 @@ async fn unresolved_identity_goes_dead_after_the_retry_budget() {
     server.shutdown().await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn alias_before_identify_links_the_ids_once_they_are_known() {
-    let dir = tempfile::tempdir().unwrap();
+async fn alias_before_identify_links_the_ids_once_they_are_known(db: &Path) {
     let mock = mock().await;
-    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
 
     // Segment's signup order: anonymous events, alias, and only then the
@@ -175,4 +178,5 @@ async fn alias_before_identify_links_the_ids_once_they_are_known() {
     assert_eq!(t[0]["contactExternalId"], "u9");
     server.shutdown().await;
     mock.shutdown().await;
+}
 }

@@ -10,9 +10,10 @@ use flate2::Compression;
 use flate2::write::GzEncoder;
 use serde_json::{Value, json};
 use std::io::Write;
+use std::path::Path;
 
 struct Env {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     _mock: churnzero_forwarder::mock_churnzero::MockChurnZero,
     server: Option<churnzero_forwarder::server::Server>,
     base: String,
@@ -20,11 +21,18 @@ struct Env {
 
 async fn env() -> Env {
     let dir = tempfile::tempdir().unwrap();
+    let mut env = env_on(&dir.path().join("o.db")).await;
+    env._dir = Some(dir);
+    env
+}
+
+/// A forwarder on the outbox `db` names.
+async fn env_on(db: &Path) -> Env {
     let mock = mock().await;
-    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
     Env {
-        _dir: dir,
+        _dir: None,
         _mock: mock,
         server: Some(server),
         base,
@@ -231,9 +239,10 @@ async fn validation_refuses_with_reasons_and_stores_nothing() {
     env.stop().await;
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn mixed_batch_stores_the_valid_events_and_lists_the_rest() {
-    let env = env().await;
+async fn mixed_batch_stores_the_valid_events_and_lists_the_rest(db: &Path) {
+    let env = env_on(db).await;
     let batch = json!({"batch": [
         {"type": "track", "userId": "u1", "event": "ok 0"},
         {"type": "track", "userId": "u1"},
@@ -253,6 +262,7 @@ async fn mixed_batch_stores_the_valid_events_and_lists_the_rest() {
     assert!(rejected[0]["error"].as_str().unwrap().contains("event"));
     assert_eq!(env.accepted().await, 3);
     env.stop().await;
+}
 }
 
 #[tokio::test]
@@ -319,11 +329,11 @@ async fn gzip_bodies_are_accepted_and_broken_gzip_refused() {
     env.stop().await;
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn integrations_off_is_acknowledged_but_not_forwarded() {
-    let dir = tempfile::tempdir().unwrap();
+async fn integrations_off_is_acknowledged_but_not_forwarded(db: &Path) {
     let mock = mock().await;
-    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
     let mut off = track("u1", "Hidden", 1);
     off["integrations"] = json!({"All": false});
@@ -348,10 +358,9 @@ async fn integrations_off_is_acknowledged_but_not_forwarded() {
 /// without their own: an event naming another destination under a batch's
 /// `{"All": false}` is still filtered.
 #[tokio::test]
-async fn batch_integrations_merge_key_by_key_with_the_events_own() {
-    let dir = tempfile::tempdir().unwrap();
+async fn batch_integrations_merge_key_by_key_with_the_events_own(db: &Path) {
     let mock = mock().await;
-    let server = start(settings(&dir.path().join("o.db"), &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
     let with = |name: &str, n: usize, integrations: Option<Value>| {
         let mut e = track("u1", name, n);
@@ -402,8 +411,8 @@ async fn batch_integrations_merge_key_by_key_with_the_events_own() {
 }
 
 #[tokio::test]
-async fn repeated_message_id_is_acknowledged_once() {
-    let env = env().await;
+async fn repeated_message_id_is_acknowledged_once(db: &Path) {
+    let env = env_on(db).await;
     let e = json!({"userId": "u1", "event": "E", "messageId": "m-1"});
     for _ in 0..3 {
         let (s, _) = post(&env.base, "/v1/track", &e).await;
@@ -413,4 +422,5 @@ async fn repeated_message_id_is_acknowledged_once() {
     assert_eq!(st["accepted"], json!(1));
     assert_eq!(st["duplicates"], json!(2));
     env.stop().await;
+}
 }

@@ -47,32 +47,25 @@ fn ids_of(page: &Value) -> Vec<i64> {
 }
 
 struct Env {
-    dir: tempfile::TempDir,
     mock: churnzero_forwarder::mock_churnzero::MockChurnZero,
     server: Binary,
 }
 
-impl Env {
-    fn db(&self) -> std::path::PathBuf {
-        self.dir.path().join("o.db")
-    }
-}
-
-async fn scenario_env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
+/// A server on the outbox `db` names, through the operator scenario.
+async fn scenario_env(db: &Path) -> Env {
     let mock = mock().await;
     poison_mock(&mock);
-    let server = Binary::serve(&dir.path().join("o.db"), &mock.url(), &[]).await;
+    let server = Binary::serve(db, &mock.url(), &[]).await;
     operator_scenario(&server.base).await;
-    Env { dir, mock, server }
+    Env { mock, server }
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn status_prints_a_table_and_the_same_json_as_the_server() {
-    let env = scenario_env().await;
-    let db = env.db();
+async fn status_prints_a_table_and_the_same_json_as_the_server(db: &Path) {
+    let env = scenario_env(db).await;
 
-    let table = ok(&db, &["status"]).await;
+    let table = ok(db, &["status"]).await;
     assert_eq!(table_count(&table, "pending"), 0, "{table}");
     assert_eq!(table_count(&table, "in flight"), 0, "{table}");
     assert_eq!(table_count(&table, "held"), 3, "{table}");
@@ -85,7 +78,7 @@ async fn status_prints_a_table_and_the_same_json_as_the_server() {
     assert!(table.contains("AUDIENCE SYNC"), "{table}");
     assert!(table.contains("waiting for identity"), "{table}");
 
-    let json: Value = serde_json::from_str(&ok(&db, &["status", "--json"]).await).unwrap();
+    let json: Value = serde_json::from_str(&ok(db, &["status", "--json"]).await).unwrap();
     let http = status(&env.server.base).await;
     let keys = |v: &Value| {
         let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
@@ -122,18 +115,19 @@ async fn status_prints_a_table_and_the_same_json_as_the_server() {
     assert!(err.contains("no database at /nonexistent/o.db"), "{err}");
     assert!(!table.contains(APP_KEY) && !json.to_string().contains(APP_KEY));
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn dead_list_filters_pages_and_shows() {
-    let env = scenario_env().await;
-    let db = env.db();
+async fn dead_list_filters_pages_and_shows(db: &Path) {
+    let _env = scenario_env(db).await;
 
-    let page: Value = serde_json::from_str(&ok(&db, &["dead", "list", "--json"]).await).unwrap();
+    let page: Value = serde_json::from_str(&ok(db, &["dead", "list", "--json"]).await).unwrap();
     let ids = ids_of(&page);
     assert_eq!(ids.len(), 2);
     assert!(page["next_after"].is_null());
 
-    let table = ok(&db, &["dead", "list"]).await;
+    let table = ok(db, &["dead", "list"]).await;
     assert!(table.lines().next().unwrap().contains("reason"), "{table}");
     for id in &ids {
         let row = table
@@ -147,14 +141,14 @@ async fn dead_list_filters_pages_and_shows() {
     }
 
     // Paging: one at a time, with the hint for the next page.
-    let first = ok(&db, &["dead", "list", "--limit", "1"]).await;
+    let first = ok(db, &["dead", "list", "--limit", "1"]).await;
     assert!(
         first.contains(&format!("more: dead list --after {}", ids[0])),
         "{first}"
     );
     let second: Value = serde_json::from_str(
         &ok(
-            &db,
+            db,
             &[
                 "dead",
                 "list",
@@ -170,23 +164,23 @@ async fn dead_list_filters_pages_and_shows() {
     .unwrap();
     assert_eq!(ids_of(&second), vec![ids[1]]);
     assert!(second["next_after"].is_null(), "the last page: {second}");
-    let full = ok(&db, &["dead", "list", "--limit", "2"]).await;
+    let full = ok(db, &["dead", "list", "--limit", "2"]).await;
     assert!(!full.contains("more:"), "an exactly full last page: {full}");
 
     // Filters: reason text, and death time (RFC 3339 or an age).
-    let none = ok(&db, &["dead", "list", "--reason", "no such reason"]).await;
+    let none = ok(db, &["dead", "list", "--reason", "no such reason"]).await;
     assert_eq!(none.trim(), "no dead events");
     let some: Value = serde_json::from_str(
-        &ok(&db, &["dead", "list", "--json", "--reason", "REJECTED BY"]).await,
+        &ok(db, &["dead", "list", "--json", "--reason", "REJECTED BY"]).await,
     )
     .unwrap();
     assert_eq!(ids_of(&some), ids);
     let recent: Value =
-        serde_json::from_str(&ok(&db, &["dead", "list", "--json", "--since", "1h"]).await).unwrap();
+        serde_json::from_str(&ok(db, &["dead", "list", "--json", "--since", "1h"]).await).unwrap();
     assert_eq!(ids_of(&recent), ids);
     let later: Value = serde_json::from_str(
         &ok(
-            &db,
+            db,
             &["dead", "list", "--json", "--since", "2999-01-01T00:00:00Z"],
         )
         .await,
@@ -195,54 +189,55 @@ async fn dead_list_filters_pages_and_shows() {
     assert!(ids_of(&later).is_empty());
     let before: Value = serde_json::from_str(
         &ok(
-            &db,
+            db,
             &["dead", "list", "--json", "--until", "2000-01-01T00:00:00Z"],
         )
         .await,
     )
     .unwrap();
     assert!(ids_of(&before).is_empty());
-    let (code, _, err) = cli(&db, &["dead", "list", "--since", "last tuesday"]).await;
+    let (code, _, err) = cli(db, &["dead", "list", "--since", "last tuesday"]).await;
     assert_ne!(code, 0);
     assert!(err.contains("--since"), "{err}");
 
     // Show: the reason, the attempts and the event as it will be replayed.
-    let shown = ok(&db, &["dead", "show", &ids[0].to_string()]).await;
+    let shown = ok(db, &["dead", "show", &ids[0].to_string()]).await;
     assert!(shown.contains("rejected by ChurnZero"), "{shown}");
     assert!(shown.contains("ATTEMPTS"), "{shown}");
     assert!(shown.contains(POISON), "{shown}");
     assert!(shown.contains("u-poison"), "{shown}");
     let json: Value =
-        serde_json::from_str(&ok(&db, &["dead", "show", "--json", &ids[0].to_string()]).await)
+        serde_json::from_str(&ok(db, &["dead", "show", "--json", &ids[0].to_string()]).await)
             .unwrap();
     assert_eq!(json["id"], ids[0]);
     assert_eq!(json["event"]["event"], POISON);
     assert_eq!(json["history"].as_array().unwrap().len(), 1);
-    let (code, _, err) = cli(&db, &["dead", "show", "999999"]).await;
+    let (code, _, err) = cli(db, &["dead", "show", "999999"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("no dead event with id 999999"), "{err}");
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn dead_replay_beside_a_running_server_delivers_and_purge_deletes() {
-    let env = scenario_env().await;
-    let db = env.db();
+async fn dead_replay_beside_a_running_server_delivers_and_purge_deletes(db: &Path) {
+    let env = scenario_env(db).await;
     let base = env.server.base.clone();
-    let page: Value = serde_json::from_str(&ok(&db, &["dead", "list", "--json"]).await).unwrap();
+    let page: Value = serde_json::from_str(&ok(db, &["dead", "list", "--json"]).await).unwrap();
     let ids = ids_of(&page);
 
     // Selections that name nothing dead change nothing.
-    let (code, _, err) = cli(&db, &["dead", "replay", &ids[0].to_string(), "999999"]).await;
+    let (code, _, err) = cli(db, &["dead", "replay", &ids[0].to_string(), "999999"]).await;
     assert_eq!(code, 1);
     assert!(
         err.contains("not dead events: 999999; nothing was changed"),
         "{err}"
     );
-    let (code, _, err) = cli(&db, &["dead", "replay"]).await;
+    let (code, _, err) = cli(db, &["dead", "replay"]).await;
     assert_eq!(code, 2, "a selection is required: {err}");
-    let (code, _, _) = cli(&db, &["dead", "purge", "--all", &ids[0].to_string()]).await;
+    let (code, _, _) = cli(db, &["dead", "purge", "--all", &ids[0].to_string()]).await;
     assert_eq!(code, 2, "--all and ids conflict");
-    let out = ok(&db, &["dead", "replay", "--since", "2999-01-01T00:00:00Z"]).await;
+    let out = ok(db, &["dead", "replay", "--since", "2999-01-01T00:00:00Z"]).await;
     assert!(out.starts_with("replayed 0 dead events"), "{out}");
     assert_eq!(status(&base).await["dead"], 2);
 
@@ -250,7 +245,7 @@ async fn dead_replay_beside_a_running_server_delivers_and_purge_deletes() {
     // while the server runs, goes through the server's normal delivery.
     env.mock.state().set_faults(Default::default());
     env.mock.state().reset();
-    let out = ok(&db, &["dead", "replay", &ids[0].to_string()]).await;
+    let out = ok(db, &["dead", "replay", &ids[0].to_string()]).await;
     assert!(out.starts_with("replayed 1 dead event;"), "{out}");
     let s = wait_status(&base, "delivered", 7).await;
     assert_eq!(s["dead"], 1);
@@ -261,18 +256,19 @@ async fn dead_replay_beside_a_running_server_delivers_and_purge_deletes() {
     assert_eq!(actions[0]["description"], format!("{POISON} #1"));
 
     // Purge by reason while the server runs, as JSON.
-    let out = ok(&db, &["dead", "--json", "purge", "--reason", "rejected"]).await;
+    let out = ok(db, &["dead", "--json", "purge", "--reason", "rejected"]).await;
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["purged"], 1);
     let s = wait_status(&base, "dead", 0).await;
     assert_eq!(s["delivered"], 7);
     assert_eq!(s["held"], 3, "the held user's events are untouched");
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn dead_commands_work_offline() {
-    let env = scenario_env().await;
-    let db = env.db();
-    let Env { dir, mock, server } = env;
+async fn dead_commands_work_offline(db: &Path) {
+    let env = scenario_env(db).await;
+    let Env { mock, server } = env;
     server.sigterm();
     let mut server = server;
     wait_for("the server to exit", Duration::from_secs(30), || {
@@ -281,20 +277,20 @@ async fn dead_commands_work_offline() {
     })
     .await;
 
-    let out = ok(&db, &["dead", "replay", "--all"]).await;
+    let out = ok(db, &["dead", "replay", "--all"]).await;
     assert!(out.starts_with("replayed 2 dead events"), "{out}");
-    let s: Value = serde_json::from_str(&ok(&db, &["status", "--json"]).await).unwrap();
+    let s: Value = serde_json::from_str(&ok(db, &["status", "--json"]).await).unwrap();
     assert_eq!(s["dead"], 0);
     // Replayed events wait for delivery; the held user's still wait too.
     assert_eq!((&s["pending"], &s["held"]), (&json!(2), &json!(3)), "{s}");
 
     // A server started again delivers them once ChurnZero takes them.
     mock.state().set_faults(Default::default());
-    let server = Binary::serve(&db, &mock.url(), &[]).await;
+    let server = Binary::serve(db, &mock.url(), &[]).await;
     let s = wait_status(&server.base, "delivered", 8).await;
     assert_eq!(s["dead"], 0);
-    let out = ok(&db, &["dead", "purge", "--all"]).await;
+    let out = ok(db, &["dead", "purge", "--all"]).await;
     assert!(out.starts_with("purged 0 dead events"), "{out}");
     drop(server);
-    drop(dir);
+}
 }

@@ -10,10 +10,11 @@ use churnzero_forwarder::mock_churnzero::{Faults, MockChurnZero};
 use churnzero_forwarder::server::Server;
 use common::*;
 use serde_json::{Value, json};
+use std::path::Path;
 use std::time::Duration;
 
 struct Env {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     mock: MockChurnZero,
     server: Option<Server>,
     base: String,
@@ -21,13 +22,20 @@ struct Env {
 
 async fn env_with(tune: impl FnOnce(&mut Settings)) -> Env {
     let dir = tempfile::tempdir().unwrap();
+    let mut env = env_on(&dir.path().join("o.db"), tune).await;
+    env._dir = Some(dir);
+    env
+}
+
+/// A server on the outbox `db` names, its settings tuned by `tune`.
+async fn env_on(db: &Path, tune: impl FnOnce(&mut Settings)) -> Env {
     let mock = mock().await;
-    let mut s = settings(&dir.path().join("o.db"), &mock.url());
+    let mut s = settings(db, &mock.url());
     tune(&mut s);
     let server = start(s).await;
     let base = format!("http://{}", server.addr);
     Env {
-        _dir: dir,
+        _dir: None,
         mock,
         server: Some(server),
         base,
@@ -110,9 +118,10 @@ fn dead_ids(list: &Value) -> Vec<i64> {
         .collect()
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn status_reports_a_known_scenario() {
-    let env = env_with(|_| {}).await;
+async fn status_reports_a_known_scenario(db: &Path) {
+    let env = env_on(db, |_| {}).await;
     poison_mock(&env.mock);
     let sc = operator_scenario(&env.base).await;
     let s = status(&env.base).await;
@@ -171,10 +180,12 @@ async fn status_reports_a_known_scenario() {
     assert!(s.to_string().find(APP_KEY).is_none());
     env.stop().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn recent_errors_record_retries_and_merge_runs() {
-    let env = env_with(|_| {}).await;
+async fn recent_errors_record_retries_and_merge_runs(db: &Path) {
+    let env = env_on(db, |_| {}).await;
     env.mock.state().set_faults(Faults {
         fail_rate: 1.0,
         fail_status: 503,
@@ -207,10 +218,12 @@ async fn recent_errors_record_retries_and_merge_runs() {
     );
     env.stop().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn admin_reads_need_the_token_and_answer_json_errors() {
-    let env = env_with(|_| {}).await;
+async fn admin_reads_need_the_token_and_answer_json_errors(db: &Path) {
+    let env = env_on(db, |_| {}).await;
     poison_mock(&env.mock);
     operator_scenario(&env.base).await;
 
@@ -290,10 +303,12 @@ async fn admin_reads_need_the_token_and_answer_json_errors() {
     }
     env.stop().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn admin_mutations_need_the_bearer_token() {
-    let env = env_with(|_| {}).await;
+async fn admin_mutations_need_the_bearer_token(db: &Path) {
+    let env = env_on(db, |_| {}).await;
     poison_mock(&env.mock);
     operator_scenario(&env.base).await;
     let (_, list) = get(&env.base, "/admin/dead").await;
@@ -368,6 +383,7 @@ async fn admin_mutations_need_the_bearer_token() {
     assert_eq!(s["held"], 3);
     env.stop().await;
 }
+}
 
 #[tokio::test]
 async fn admin_mutations_are_refused_without_a_configured_token() {
@@ -395,12 +411,13 @@ async fn admin_mutations_are_refused_without_a_configured_token() {
     env.stop().await;
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn replayed_events_are_delivered_after_churnzero_recovers() {
+async fn replayed_events_are_delivered_after_churnzero_recovers(db: &Path) {
     // ChurnZero is down long enough for two events of one user to exhaust
     // their retry budget; once it is back, a replay delivers them through the
     // normal path, in order, with the payload they were accepted with.
-    let env = env_with(|s| s.retry_budget = Duration::from_millis(300)).await;
+    let env = env_on(db, |s| s.retry_budget = Duration::from_millis(300)).await;
     env.mock.state().set_faults(Faults {
         fail_rate: 1.0,
         fail_status: 503,
@@ -475,12 +492,14 @@ async fn replayed_events_are_delivered_after_churnzero_recovers() {
     assert_eq!(code, 404);
     env.stop().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn held_events_that_expire_are_dead_and_listed_among_recent_errors() {
+async fn held_events_that_expire_are_dead_and_listed_among_recent_errors(db: &Path) {
     // Ids never arrive: after the budget the maintenance pass (every 5 s)
     // makes the held event dead, and operators see why.
-    let env = env_with(|s| s.retry_budget = Duration::from_millis(200)).await;
+    let env = env_on(db, |s| s.retry_budget = Duration::from_millis(200)).await;
     let (code, _) = post(
         &env.base,
         "/v1/track",
@@ -499,4 +518,5 @@ async fn held_events_that_expire_are_dead_and_listed_among_recent_errors() {
     let (_, list) = get(&env.base, "/admin/dead?reason=unresolved").await;
     assert_eq!(list["dead"][0]["order_key"], "stranger");
     env.stop().await;
+}
 }

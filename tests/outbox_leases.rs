@@ -1,11 +1,14 @@
-//! Claims and leases on a real SQLite file, through the outbox's own API:
+//! Claims and leases on both backends, through the outbox's own API:
 //! a claim hands events out without rewriting them, counts them in flight,
 //! keeps a user's order (head first, its queued followers in the same
 //! batch), and an outcome only counts while its lease is held.
 
+mod common;
+
 use churnzero_forwarder::outbox::{
     NewEvent, Outbox, SettleOutcome, Settlement, StoreError, WriterConfig, now_ms,
 };
+use common::wait_for;
 use std::time::Duration;
 
 fn event(n: u32, user: &str) -> NewEvent {
@@ -42,10 +45,10 @@ async fn open(path: &std::path::Path) -> Outbox {
     Outbox::open(path, WriterConfig::default()).await.unwrap()
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn a_claim_takes_a_users_head_with_its_followers_and_counts_them_in_flight() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = open(&dir.path().join("o.db")).await;
+async fn a_claim_takes_a_users_head_with_its_followers_and_counts_them_in_flight(db: &Path) {
+    let outbox = open(db).await;
     // Interleaved users: a1 b1 a2 b2 a3 b3.
     let mut events = Vec::new();
     for n in 1..=3 {
@@ -93,11 +96,12 @@ async fn a_claim_takes_a_users_head_with_its_followers_and_counts_them_in_flight
     assert_eq!(payloads.len(), 2);
     assert!(payloads[0].contains("\"e2\"") && payloads[1].contains("\"e3\""));
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = open(&dir.path().join("o.db")).await;
+async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored(db: &Path) {
+    let outbox = open(db).await;
     outbox.ingest(vec![event(1, "u")]).await.unwrap();
 
     let stale = outbox.claim(10, Duration::from_millis(1)).await.unwrap();
@@ -136,13 +140,13 @@ async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored() {
     let s = outbox.status().await.unwrap();
     assert_eq!((s.delivered, s.in_flight, s.pending, s.dead), (1, 0, 0, 0));
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("o.db");
+async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest(db: &Path) {
     {
-        let outbox = open(&path).await;
+        let outbox = open(db).await;
         outbox
             .ingest(vec![event(1, "u"), event(2, "u")])
             .await
@@ -168,9 +172,23 @@ async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest() {
         assert_eq!(outbox.status().await.unwrap().in_flight, 2);
         // The process goes away with both events in flight.
     }
-    let outbox = open(&path).await;
-    let s = outbox.status().await.unwrap();
-    assert_eq!((s.pending, s.in_flight), (2, 0));
+    let outbox = open(db).await;
+    // The claims come back: at once where the new process owns the file
+    // alone (SQLite), once the gone instance's heartbeat has expired where
+    // instances share the database (PostgreSQL, 10 s).
+    if outbox.backend() == "sqlite" {
+        let s = outbox.status().await.unwrap();
+        assert_eq!((s.pending, s.in_flight), (2, 0));
+    }
+    wait_for("the claims to come back", Duration::from_secs(60), || async {
+        outbox
+            .maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+            .await
+            .unwrap();
+        let s = outbox.status().await.unwrap();
+        ((s.pending, s.in_flight) == (2, 0)).then_some(())
+    })
+    .await;
     let claimed = outbox.claim(10, Duration::from_secs(600)).await.unwrap();
     // The attempt cut short by the restart never reached ChurnZero's answer,
     // so it is not counted: this is the second recorded attempt.
@@ -180,15 +198,16 @@ async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest() {
     );
     assert!(claimed[0].payload.contains("\"e1\""));
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn events_in_flight_count_once_against_the_backlog_limit() {
-    let dir = tempfile::tempdir().unwrap();
+async fn events_in_flight_count_once_against_the_backlog_limit(db: &Path) {
     let config = WriterConfig {
         max_backlog: 5,
         ..WriterConfig::default()
     };
-    let outbox = Outbox::open(&dir.path().join("o.db"), config)
+    let outbox = Outbox::open(db, config)
         .await
         .unwrap();
     let four: Vec<NewEvent> = (1..=4).map(|n| event(n, &format!("u{n}"))).collect();
@@ -203,11 +222,12 @@ async fn events_in_flight_count_once_against_the_backlog_limit() {
         "the sixth event is over the limit: {refused:?}"
     );
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn events_queued_behind_a_held_head_are_held_and_do_not_age_the_pending() {
-    let dir = tempfile::tempdir().unwrap();
-    let outbox = open(&dir.path().join("o.db")).await;
+async fn events_queued_behind_a_held_head_are_held_and_do_not_age_the_pending(db: &Path) {
+    let outbox = open(db).await;
     // User h: two events; user p: one event accepted clearly later.
     outbox
         .ingest(vec![event(1, "h"), event(2, "h")])
@@ -254,4 +274,5 @@ async fn events_queued_behind_a_held_head_are_held_and_do_not_age_the_pending() 
         "oldest pending {pending_ms} ms"
     );
     assert!(s.oldest_held_age_seconds * 1000.0 > p_sent.elapsed().as_millis() as f64 + 50.0);
+}
 }

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 /// a test can pick retry and timeout settings the shared helper fixes.
 async fn serve(db: &Path, churnzero_url: &str, flags: &[&str], env: &[(&str, &str)]) -> Binary {
     let port = free_port();
-    let log = db.with_extension(format!("log.{port}"));
+    let log = log_path(db, port.into());
     let logfile = std::fs::File::create(&log).unwrap();
     let child = Command::new(binary_path())
         .arg("serve")
@@ -107,13 +107,12 @@ async fn wait_attempts(state: &MockState, user: &str, name: &str, n: usize) -> V
     .await
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn an_identify_acknowledged_while_its_users_track_is_in_flight_releases_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn an_identify_acknowledged_while_its_users_track_is_in_flight_releases_it(db: &Path) {
     let mock = mock().await;
     let state = mock.state();
-    let bin = serve(&db, &mock.url(), &["--flush-interval", "50ms"], &[]).await;
+    let bin = serve(db, &mock.url(), &["--flush-interval", "50ms"], &[]).await;
 
     // ChurnZero is slow: the claim holding u4's unresolved track stays in
     // flight for 1.5 s after it read the identity map.
@@ -173,15 +172,15 @@ async fn an_identify_acknowledged_while_its_users_track_is_in_flight_releases_it
     stop(bin).await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn a_retry_carries_the_ids_of_the_first_attempt_after_the_map_moves() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn a_retry_carries_the_ids_of_the_first_attempt_after_the_map_moves(db: &Path) {
     let mock = mock().await;
     let state = mock.state();
     let bin = serve(
-        &db,
+        db,
         &mock.url(),
         &[
             "--flush-interval",
@@ -257,11 +256,12 @@ async fn a_retry_carries_the_ids_of_the_first_attempt_after_the_map_moves() {
     stop(bin).await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn a_retry_after_a_restart_with_another_mapping_sends_the_first_bytes() {
+async fn a_retry_after_a_restart_with_another_mapping_sends_the_first_bytes(db: &Path) {
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
     let first = dir.path().join("first.toml");
     let second = dir.path().join("second.toml");
     std::fs::write(&first, "event_custom_fields = [\"plan\"]\n").unwrap();
@@ -284,7 +284,7 @@ async fn a_retry_after_a_restart_with_another_mapping_sends_the_first_bytes() {
     };
     let args = flags(&first);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let bin = serve(&db, &mock.url(), &args, &[]).await;
+    let bin = serve(db, &mock.url(), &args, &[]).await;
     state.push_script([ScriptedAnswer::StatusWithRetryAfter(503, "3".into())]);
     let event = json!({"type": "track", "userId": "u7", "event": "Upgraded",
         "properties": {"plan": "pro", "seats": 4, "description": "d1", "note": "n1"},
@@ -299,7 +299,7 @@ async fn a_retry_after_a_restart_with_another_mapping_sends_the_first_bytes() {
 
     let args = flags(&second);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let bin = serve(&db, &mock.url(), &args, &[]).await;
+    let bin = serve(db, &mock.url(), &args, &[]).await;
     let both = wait_attempts(&state, "u7", "Upgraded", 2).await;
     assert_eq!(both[1].0, 200, "{both:?}");
     assert_eq!(
@@ -315,16 +315,16 @@ async fn a_retry_after_a_restart_with_another_mapping_sends_the_first_bytes() {
     stop(bin).await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn a_gate_pause_longer_than_the_lease_sends_nothing_twice() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn a_gate_pause_longer_than_the_lease_sends_nothing_twice(db: &Path) {
     let mock = mock().await;
     let state = mock.state();
     // The lease is 4 s; the pause a 429 imposes is 5 s.
     let bin = serve(
-        &db,
+        db,
         &mock.url(),
         &[
             "--workers",
@@ -390,16 +390,16 @@ async fn a_gate_pause_longer_than_the_lease_sends_nothing_twice() {
     stop(bin).await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn a_claim_whose_requests_would_outlast_its_lease_gives_the_rest_back() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
+async fn a_claim_whose_requests_would_outlast_its_lease_gives_the_rest_back(db: &Path) {
     let mock = mock().await;
     let state = mock.state();
     // Four requests of 1 s each would need 4 s; the lease is 3.2 s.
     let bin = serve(
-        &db,
+        db,
         &mock.url(),
         &[
             "--batch-size",
@@ -429,11 +429,13 @@ async fn a_claim_whose_requests_would_outlast_its_lease_gives_the_rest_back() {
     stop(bin).await;
     mock.shutdown().await;
 }
+}
 
 mod outbox_level {
     //! The same guarantees at the outbox's own API, where the interleaving
     //! is chosen step by step.
 
+    use crate::on_both_backends;
     use churnzero_forwarder::outbox::{
         ClaimedEvent, IdentityUpdate, NewEvent, Outbox, SettleOutcome, Settlement, WriterConfig,
     };
@@ -489,10 +491,10 @@ mod outbox_level {
         (s.pending, s.held, s.in_flight)
     }
 
+    on_both_backends! {
     #[tokio::test]
-    async fn a_hold_written_after_the_users_identify_makes_the_event_due_instead() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&dir.path().join("o.db"), WriterConfig::default())
+    async fn a_hold_written_after_the_users_identify_makes_the_event_due_instead(db: &Path) {
+        let outbox = Outbox::open(db, WriterConfig::default())
             .await
             .unwrap();
         outbox.ingest(vec![track("x", 1)]).await.unwrap();
@@ -513,11 +515,12 @@ mod outbox_level {
         let ids: Vec<i64> = again.iter().map(|e| e.id).collect();
         assert_eq!(ids, vec![claimed[0].id, claimed[0].id + 1]);
     }
+    }
 
+    on_both_backends! {
     #[tokio::test]
-    async fn maintenance_releases_held_heads_whose_ids_are_known_and_keeps_the_rest() {
-        let dir = tempfile::tempdir().unwrap();
-        let outbox = Outbox::open(&dir.path().join("o.db"), WriterConfig::default())
+    async fn maintenance_releases_held_heads_whose_ids_are_known_and_keeps_the_rest(db: &Path) {
+        let outbox = Outbox::open(db, WriterConfig::default())
             .await
             .unwrap();
         // y's map knows only the account: y's track stays held, no loop.
@@ -574,5 +577,6 @@ mod outbox_level {
             .await
             .unwrap();
         assert_eq!(report.held_released, 0, "y is not released again and again");
+    }
     }
 }

@@ -15,7 +15,7 @@ mod common;
 
 use churnzero_forwarder::mock_churnzero::ScriptedAnswer;
 use common::*;
-use sqlx::ConnectOptions;
+use sqlx::{ConnectOptions, Connection};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -96,13 +96,24 @@ fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
 /// An hour of earlier activity, as a running server would have recorded it
 /// minute by minute (the test cannot wait an hour): steady traffic, and an
 /// outage 20 minutes ago during which deliveries failed and then caught up.
+/// Each backend's per-minute table is written the way its own counters
+/// write it.
 async fn seed_history(db: &Path) -> i64 {
-    let mut conn = sqlx::sqlite::SqliteConnectOptions::new()
-        .filename(db)
-        .busy_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .unwrap();
+    let mut sqlite = None;
+    let mut pg = None;
+    match churnzero_forwarder::outbox::postgres_url(db) {
+        Some(url) => pg = Some(sqlx::PgConnection::connect(url).await.unwrap()),
+        None => {
+            sqlite = Some(
+                sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(db)
+                    .busy_timeout(Duration::from_secs(10))
+                    .connect()
+                    .await
+                    .unwrap(),
+            )
+        }
+    }
     let now_minute = chrono::Utc::now().timestamp().div_euclid(60);
     let mut accepted_total = 0;
     for back in 1..=59i64 {
@@ -113,38 +124,57 @@ async fn seed_history(db: &Path) -> i64 {
             _ => (accepted, 0),
         };
         accepted_total += accepted;
-        sqlx::query(
-            "INSERT INTO minute_stats (minute, accepted, delivered, failed) VALUES (?, ?, ?, ?) \
-             ON CONFLICT (minute) DO UPDATE SET accepted = accepted + excluded.accepted, \
-             delivered = delivered + excluded.delivered, failed = failed + excluded.failed",
-        )
-        .bind(now_minute - back)
-        .bind(accepted)
-        .bind(delivered)
-        .bind(failed)
-        .execute(&mut conn)
-        .await
-        .unwrap();
+        if let Some(conn) = sqlite.as_mut() {
+            sqlx::query(
+                "INSERT INTO minute_stats (minute, accepted, delivered, failed) VALUES (?, ?, ?, ?) \
+                 ON CONFLICT (minute) DO UPDATE SET accepted = accepted + excluded.accepted, \
+                 delivered = delivered + excluded.delivered, failed = failed + excluded.failed",
+            )
+            .bind(now_minute - back)
+            .bind(accepted)
+            .bind(delivered)
+            .bind(failed)
+            .execute(conn)
+            .await
+            .unwrap();
+        }
+        if let Some(conn) = pg.as_mut() {
+            sqlx::query(
+                "INSERT INTO minute_stats (minute, shard, accepted, delivered, failed) \
+                 VALUES ($1, 0, $2, $3, $4) ON CONFLICT (minute, shard) DO UPDATE SET \
+                 accepted = minute_stats.accepted + excluded.accepted, \
+                 delivered = minute_stats.delivered + excluded.delivered, \
+                 failed = minute_stats.failed + excluded.failed",
+            )
+            .bind(now_minute - back)
+            .bind(accepted)
+            .bind(delivered)
+            .bind(failed)
+            .execute(conn)
+            .await
+            .unwrap();
+        }
     }
     accepted_total
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn status_page_renders_counts_dead_letters_errors_and_chart() {
+async fn status_page_renders_counts_dead_letters_errors_and_chart(db: &Path) {
     // Skipped with one line outside CI when missing; a failure under CI=true.
     let Some(browser) = chromium() else {
         return;
     };
+    // Browser profiles.
     let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("o.db");
     let mock = mock().await;
     poison_mock(&mock);
     // The first request fails with a 503: a retry shows among the errors.
     mock.state().push_script([ScriptedAnswer::Status(503)]);
-    let server = start(settings(&db, &mock.url())).await;
+    let server = start(settings(db, &mock.url())).await;
     let base = format!("http://{}", server.addr);
     let sc = operator_scenario(&base).await;
-    let seeded = seed_history(&db).await;
+    let seeded = seed_history(db).await;
     let dead_ids: Vec<i64> = client()
         .get(format!("{base}/admin/dead"))
         .bearer_auth(ADMIN_TOKEN)
@@ -281,4 +311,5 @@ async fn status_page_renders_counts_dead_letters_errors_and_chart() {
     }
     server.shutdown().await;
     mock.shutdown().await;
+}
 }

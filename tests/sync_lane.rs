@@ -65,11 +65,11 @@ fn contact_action<'a>(actions: &'a [Value], contact: &str) -> Vec<&'a Value> {
         .collect()
 }
 
+on_both_backends! {
 #[tokio::test]
-async fn window_merges_per_contact_and_sends_only_changes() {
-    let dir = tempfile::tempdir().unwrap();
+async fn window_merges_per_contact_and_sends_only_changes(db: &Path) {
     let mock = mock().await;
-    let mut s = settings(&dir.path().join("o.db"), &mock.url());
+    let mut s = settings(db, &mock.url());
     s.sync_interval = Duration::from_millis(300);
     let server = start(s).await;
     let base = format!("http://{}", server.addr);
@@ -178,12 +178,13 @@ async fn window_merges_per_contact_and_sends_only_changes() {
     server.shutdown().await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn realtime_track_is_delivered_while_audience_updates_wait() {
-    let dir = tempfile::tempdir().unwrap();
+async fn realtime_track_is_delivered_while_audience_updates_wait(db: &Path) {
     let mock = mock().await;
-    let mut s = settings(&dir.path().join("o.db"), &mock.url());
+    let mut s = settings(db, &mock.url());
     s.sync_interval = Duration::from_secs(3600);
     let server = start(s).await;
     let base = format!("http://{}", server.addr);
@@ -221,7 +222,7 @@ async fn realtime_track_is_delivered_while_audience_updates_wait() {
     server.shutdown().await;
 
     // A restart keeps the planned time instead of postponing it.
-    let mut s = settings(&dir.path().join("o.db"), &mock.url());
+    let mut s = settings(db, &mock.url());
     s.sync_interval = Duration::from_secs(3600);
     let server = start(s).await;
     let base = format!("http://{}", server.addr);
@@ -231,12 +232,13 @@ async fn realtime_track_is_delivered_while_audience_updates_wait() {
     server.shutdown().await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn pacing_spreads_a_large_window_and_late_updates_wait_for_the_next() {
-    let dir = tempfile::tempdir().unwrap();
+async fn pacing_spreads_a_large_window_and_late_updates_wait_for_the_next(db: &Path) {
     let mock = mock().await;
-    let mut s = settings(&dir.path().join("o.db"), &mock.url());
+    let mut s = settings(db, &mock.url());
     s.sync_interval = Duration::from_millis(300);
     // 120 a minute: requests of 2 actions, one action per 500 ms.
     s.sync_max_per_minute = 120;
@@ -327,12 +329,13 @@ async fn pacing_spreads_a_large_window_and_late_updates_wait_for_the_next() {
     server.shutdown().await;
     mock.shutdown().await;
 }
+}
 
+on_both_backends! {
 #[tokio::test]
-async fn failed_sync_request_is_retried_and_unresolved_users_stay_pending() {
-    let dir = tempfile::tempdir().unwrap();
+async fn failed_sync_request_is_retried_and_unresolved_users_stay_pending(db: &Path) {
     let mock = mock().await;
-    let mut s = settings(&dir.path().join("o.db"), &mock.url());
+    let mut s = settings(db, &mock.url());
     s.sync_interval = Duration::from_millis(300);
     let server = start(s).await;
     let base = format!("http://{}", server.addr);
@@ -387,4 +390,5 @@ async fn failed_sync_request_is_retried_and_unresolved_users_stay_pending() {
     assert_eq!(ghost[0]["attr_churn_risk"], true);
     server.shutdown().await;
     mock.shutdown().await;
+}
 }

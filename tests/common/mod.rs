@@ -275,7 +275,27 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if self.log.starts_with(url_log_dir()) {
+            let _ = std::fs::remove_file(&self.log);
+        }
     }
+}
+
+/// Where the logs of children serving a `postgres://` database go: such a
+/// database has no directory of its own to hold them beside it.
+fn url_log_dir() -> PathBuf {
+    std::env::temp_dir().join("churnzero-forwarder-test-logs")
+}
+
+/// The log file of the `n`th child of this test binary serving `db`: beside
+/// a SQLite file, or under [`url_log_dir`] (removed with the child) for a URL.
+pub fn log_path(db: &Path, n: u32) -> PathBuf {
+    if churnzero_forwarder::outbox::postgres_url(db).is_none() {
+        return db.with_extension(format!("log.{n}"));
+    }
+    let dir = url_log_dir();
+    std::fs::create_dir_all(&dir).expect("log directory");
+    dir.join(format!("{}-{n}.log", std::process::id()))
 }
 
 /// Sends a signal with the `kill` command (no libc dependency needed).
@@ -807,7 +827,13 @@ impl PgDb {
                 if under_ci() {
                     panic!("PostgreSQL at {admin} is required under CI: {why}");
                 }
-                eprintln!("SKIPPED: PostgreSQL tests need a server at {admin} ({why})");
+                let test = std::thread::current()
+                    .name()
+                    .unwrap_or("a test")
+                    .to_string();
+                say(&format!(
+                    "SKIPPED {test}: PostgreSQL tests need a server at {admin} ({why})"
+                ));
                 return None;
             }
         };
@@ -855,4 +881,44 @@ impl Drop for PgDb {
         })
         .join();
     }
+}
+
+/// Turns each test body taking `db: &Path` into two tests of the same
+/// behaviour, one per outbox backend, so that a contract is proved on both
+/// from one text: `<name>::sqlite` gets a fresh SQLite file in a temporary
+/// directory, `<name>::postgres` the URL of a fresh [`PgDb`] (skipped with
+/// one loud line without a server, failed under `CI=true`). The attributes
+/// written above the body (the `#[tokio::test(..)]` flavour, docs) go on
+/// both tests. The body must not assume a file: derive no paths from `db`.
+///
+/// ```ignore
+/// on_both_backends! {
+///     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+///     async fn survives_a_restart(db: &Path) { /* ... */ }
+/// }
+/// ```
+#[macro_export]
+macro_rules! on_both_backends {
+    ($($(#[$attr:meta])+ async fn $name:ident($db:ident: &Path) $body:block)*) => {$(
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            async fn body($db: &::std::path::Path) $body
+
+            $(#[$attr])+
+            async fn sqlite() {
+                let dir = ::tempfile::tempdir().unwrap();
+                body(&dir.path().join("outbox.db")).await;
+            }
+
+            $(#[$attr])+
+            async fn postgres() {
+                let Some(pg) = $crate::common::PgDb::create().await else {
+                    return;
+                };
+                body(::std::path::Path::new(&pg.url())).await;
+            }
+        }
+    )*};
 }

@@ -146,6 +146,11 @@ pub(super) async fn maintain(
         .await
         .map_err(pg_error)?;
         report.held_expired = r.rows_affected();
+        if report.held_expired > 0 {
+            // Operators see why they died, as with any other dead event.
+            let reports = [("unresolved identity", "dead", report.held_expired as i64)];
+            delivery::record_errors(&mut tx, inner.instance, &reports, now).await?;
+        }
         delivery::normalize(&mut tx, &keys).await?;
     }
 

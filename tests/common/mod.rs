@@ -378,20 +378,6 @@ impl Binary {
     }
 }
 
-/// Where a child's log goes: beside a database file, or for a database URL
-/// (`postgres://...`, no directory to write beside) under the target
-/// directory, named after the database and this test binary's process.
-fn log_path(db: &Path, n: u32) -> PathBuf {
-    let text = db.to_string_lossy();
-    if !text.contains("://") {
-        return db.with_extension(format!("log.{n}"));
-    }
-    let dir = test_deps_dir().with_file_name("test-logs");
-    std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("creating {}: {e}", dir.display()));
-    let name = text.rsplit('/').next().unwrap_or("db");
-    dir.join(format!("{name}.{}.log.{n}", std::process::id()))
-}
-
 /// Runs the real binary with `args` to completion, without blocking the
 /// runtime (an in-process mock or server keeps serving meanwhile):
 /// (exit code, stdout, stderr).

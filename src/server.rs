@@ -508,13 +508,19 @@ async fn maintenance(
     held_budget: Duration,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let mut pause = every;
     loop {
         tokio::select! {
-            _ = tokio::time::sleep(every) => {}
+            _ = tokio::time::sleep(pause) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
+        pause = every;
         match outbox.maintain(retention, held_budget).await {
             Ok(r) => {
+                if r.more_to_prune {
+                    // Bounded batches, but as many as it takes to keep up.
+                    pause = every.min(Duration::from_millis(200));
+                }
                 if r.leases_released > 0 || r.held_expired > 0 {
                     tracing::info!(
                         leases_released = r.leases_released,

@@ -54,6 +54,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
+/// The role whose holder runs the windows when several instances share
+/// one outbox (PostgreSQL), and how long its lease lasts without renewal:
+/// the leader renews it before every request, and a follower takes over
+/// within this time after the leader stops.
+const LEADER_ROLE: &str = "sync_lane";
+const LEADER_TTL: Duration = Duration::from_secs(30);
+
 /// Users read per page of a window.
 const PAGE_USERS: usize = 500;
 
@@ -282,11 +289,38 @@ pub async fn run(
     lane.record(AudienceOp::Schedule { next_run_at: next })
         .await;
     metrics::gauge!("sync_next_run_timestamp_seconds").set(next as f64 / 1000.0);
+    let mut leading = false;
     loop {
         let wait = Duration::from_millis((next - now_ms()).max(0) as u64);
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = lane.shutdown.wait_for(|s| *s) => return,
+        }
+        // One instance runs the windows; the others follow the schedule it
+        // keeps in the outbox, ready to take over (see LEADER_TTL).
+        let now = now_ms();
+        let became_leader = match lane.outbox.lead(LEADER_ROLE, LEADER_TTL).await {
+            Ok(true) => !std::mem::replace(&mut leading, true),
+            Ok(false) | Err(_) => {
+                if std::mem::replace(&mut leading, false) {
+                    tracing::info!("another instance runs the audience sync windows now");
+                }
+                let poll = LEADER_TTL.as_millis() as i64 / 2;
+                next = match lane.outbox.sync_next_run_at().await {
+                    Ok(Some(at)) => at.clamp(now + 1_000, now + poll),
+                    _ => now + poll,
+                };
+                continue;
+            }
+        };
+        if became_leader {
+            // Taking over from another instance: its schedule stands.
+            if let Ok(Some(at)) = lane.outbox.sync_next_run_at().await
+                && at > now
+            {
+                next = at;
+                continue;
+            }
         }
         let started = now_ms();
         let planned_next = started + interval_ms;
@@ -418,6 +452,17 @@ impl Lane {
             metrics::counter!("sync_values_skipped_total").increment(skipped);
             let mut rest = send.into_iter().peekable();
             while rest.peek().is_some() {
+                if !self
+                    .outbox
+                    .lead(LEADER_ROLE, LEADER_TTL)
+                    .await
+                    .unwrap_or(false)
+                {
+                    tracing::warn!(
+                        "the audience sync lead passed to another instance; this window stops"
+                    );
+                    return Err(Stop::Deferred);
+                }
                 let chunk: Vec<ContactUpdate> = rest.by_ref().take(self.pacer.chunk()).collect();
                 self.send(chunk, deadline, report).await?;
             }

@@ -45,14 +45,6 @@ pub enum StoreError {
     /// read-only directory, a file system without locks).
     #[error("the lock file {path}: {error}")]
     LockFile { path: String, error: String },
-    /// A `postgres://` address: that backend is built and tested as a
-    /// library but not yet behind the `Outbox` handle. Refused instead of
-    /// being taken for a relative file path, which would quietly start a
-    /// SQLite outbox in a directory named `postgres:`.
-    #[error(
-        "{0}: a PostgreSQL outbox cannot be opened by this version yet; give --database a SQLite file path"
-    )]
-    UnsupportedUrl(String),
     /// The file exists but holds no outbox (empty, or another program's).
     #[error("{0}")]
     NotAnOutbox(String),

@@ -127,6 +127,10 @@ pub struct MaintenanceReport {
     pub held_released: u64,
     pub pruned_events: u64,
     pub pruned_message_ids: u64,
+    /// A prune stopped at its batch size: more is due now, and the next
+    /// pass should not wait a whole interval (so pruning keeps up with any
+    /// delivery rate).
+    pub more_to_prune: bool,
 }
 
 /// The dead letters a replay or purge acts on: explicit ids (checked

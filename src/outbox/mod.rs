@@ -46,6 +46,7 @@ use tokio::sync::Notify;
 #[derive(Clone)]
 pub enum Outbox {
     Sqlite(sqlite::SqliteOutbox),
+    Postgres(postgres::PgOutbox),
 }
 
 /// The read side alone, for the offline commands (`status`, `dead list`,
@@ -53,17 +54,19 @@ pub enum Outbox {
 #[derive(Clone)]
 pub enum OutboxReader {
     Sqlite(sqlite::Reader),
+    Postgres(postgres::PgReader),
 }
 
 /// Generates the inherent methods of [`Outbox`] and [`OutboxReader`] that
 /// forward to the backend's trait implementation.
 macro_rules! forward {
-    ($( $(#[$m:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+    ($tr:ident; $( $(#[$m:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
         $(
             $(#[$m])*
             pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret, StoreError> {
                 match self {
-                    Self::Sqlite(b) => b.$name($($arg),*).await,
+                    Self::Sqlite(b) => $tr::$name(b, $($arg),*).await,
+                    Self::Postgres(b) => $tr::$name(b, $($arg),*).await,
                 }
             }
         )*
@@ -72,7 +75,7 @@ macro_rules! forward {
 
 macro_rules! forward_reads {
     () => {
-        forward! {
+        forward! { OutboxReads;
             /// Whether the database answers at all (for `/readyz`).
             fn ping(&self) -> ();
             /// All status figures from one snapshot.
@@ -100,10 +103,17 @@ macro_rules! forward_reads {
 }
 
 impl Outbox {
-    /// Opens (creating and migrating) the SQLite outbox at `path` as its
-    /// one owner; see [`sqlite::SqliteOutbox::open`].
+    /// Opens the outbox `--database` names: a `postgres://` or
+    /// `postgresql://` URL connects to a shared PostgreSQL outbox as one
+    /// more instance (see [`postgres::PgOutbox::connect`]); anything else is
+    /// a SQLite file, created and migrated, that this process then owns
+    /// alone (see [`sqlite::SqliteOutbox::open`]).
     pub async fn open(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
-        refuse_url(path)?;
+        if let Some(url) = postgres_url(path) {
+            return Ok(Outbox::Postgres(
+                postgres::PgOutbox::connect(url, postgres::PgConfig::from(&config)).await?,
+            ));
+        }
         Ok(Outbox::Sqlite(
             sqlite::SqliteOutbox::open(path, config).await?,
         ))
@@ -114,6 +124,7 @@ impl Outbox {
     pub fn as_sqlite(&self) -> Option<&sqlite::SqliteOutbox> {
         match self {
             Outbox::Sqlite(s) => Some(s),
+            Outbox::Postgres(_) => None,
         }
     }
 
@@ -121,6 +132,7 @@ impl Outbox {
     pub fn reader(&self) -> OutboxReader {
         match self {
             Outbox::Sqlite(s) => OutboxReader::Sqlite(s.reader.clone()),
+            Outbox::Postgres(p) => OutboxReader::Postgres(p.reader()),
         }
     }
 
@@ -128,12 +140,41 @@ impl Outbox {
     pub fn stored_signal(&self) -> Arc<Notify> {
         match self {
             Outbox::Sqlite(b) => b.stored_signal(),
+            Outbox::Postgres(b) => b.stored(),
+        }
+    }
+
+    /// How many instances share this outbox now (1 on SQLite, which has one
+    /// owner): a tenant-wide rate cap is divided by it.
+    pub async fn live_instances(&self) -> Result<u32, StoreError> {
+        match self {
+            Outbox::Sqlite(_) => Ok(1),
+            Outbox::Postgres(p) => p.live_instances().await,
+        }
+    }
+
+    /// Whether this instance may run a one-at-a-time role (the sync lane's
+    /// window) for the next `ttl`: always on SQLite (one owner); on
+    /// PostgreSQL the holder of the role's lease row, renewed by asking
+    /// again before `ttl` runs out.
+    pub async fn lead(&self, role: &str, ttl: Duration) -> Result<bool, StoreError> {
+        match self {
+            Outbox::Sqlite(_) => Ok(true),
+            Outbox::Postgres(p) => p.lead(role, ttl).await,
+        }
+    }
+
+    /// Short names of the backend for logs and status (`sqlite`, `postgres`).
+    pub fn backend(&self) -> &'static str {
+        match self {
+            Outbox::Sqlite(_) => "sqlite",
+            Outbox::Postgres(_) => "postgres",
         }
     }
 
     forward_reads!();
 
-    forward! {
+    forward! { OutboxStore;
         /// Stores a request's events; returns after the commit that holds them.
         fn ingest(&self, events: Vec<NewEvent>) -> IngestReceipt;
         /// Claims up to `max` due events under a lease.
@@ -166,14 +207,22 @@ impl OutboxReader {
 /// Opens the read side only, for the offline commands: never creates and
 /// never migrates (a server of another version may be running).
 pub async fn open_reader(path: &Path) -> Result<OutboxReader, StoreError> {
-    refuse_url(path)?;
+    if let Some(url) = postgres_url(path) {
+        return Ok(OutboxReader::Postgres(
+            postgres::PgReader::connect(url).await?,
+        ));
+    }
     Ok(OutboxReader::Sqlite(sqlite::open_reader(path).await?))
 }
 
 /// Opens a writing handle for the offline commands (`dead replay`, `dead
 /// purge`), beside a running server or without one.
 pub async fn open_cli_writer(path: &Path, config: WriterConfig) -> Result<Outbox, StoreError> {
-    refuse_url(path)?;
+    if postgres_url(path).is_some() {
+        // Many writers share a PostgreSQL outbox by design: the command is
+        // one more, short-lived instance.
+        return Outbox::open(path, config).await;
+    }
     Ok(Outbox::Sqlite(sqlite::open_cli_writer(path, config).await?))
 }
 
@@ -246,17 +295,12 @@ mod tests {
     }
 }
 
-/// Refuses a database address that is a PostgreSQL URL rather than a file
-/// path, before anything is created for it.
-pub fn refuse_url(path: &Path) -> Result<(), StoreError> {
-    let text = path.to_string_lossy();
-    let lower = text.to_ascii_lowercase();
-    if lower.starts_with("postgres://") || lower.starts_with("postgresql://") {
-        // Only the scheme: the URL may carry a password.
-        let scheme = text.split("://").next().unwrap_or_default();
-        return Err(StoreError::UnsupportedUrl(format!("{scheme}://...")));
-    }
-    Ok(())
+/// The PostgreSQL URL a `--database` value is, if it is one (scheme
+/// `postgres://` or `postgresql://`, any case); `None` for a file path.
+pub fn postgres_url(path: &Path) -> Option<&str> {
+    let text = path.to_str()?;
+    let lower = text.get(..13).unwrap_or(text).to_ascii_lowercase();
+    (lower.starts_with("postgres://") || lower.starts_with("postgresql://")).then_some(text)
 }
 
 /// The database as it may be shown in logs and errors: a URL's password
@@ -264,17 +308,35 @@ pub fn refuse_url(path: &Path) -> Result<(), StoreError> {
 /// shown as it is.
 pub fn display_database(path: &Path) -> String {
     let text = path.to_string_lossy();
-    if let Some((scheme, rest)) = text.split_once("://") {
-        let (authority, tail) = match rest.find('/') {
-            Some(i) => rest.split_at(i),
-            None => (rest, ""),
-        };
-        if let Some((userinfo, host)) = authority.rsplit_once('@') {
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return text.into_owned();
+    };
+    let (authority, tail) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) if userinfo.contains(':') => {
             let user = userinfo.split(':').next().unwrap_or_default();
-            return format!("{scheme}://{user}:***@{host}{tail}");
+            format!("{user}:***@{host}")
         }
-    }
-    text.into_owned()
+        _ => authority.to_string(),
+    };
+    // `?password=...` (libpq's query parameter form) is hidden too.
+    let tail = match tail.split_once('?') {
+        Some((path_part, query)) => {
+            let params: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path_part}?{}", params.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
 }
 
 #[cfg(test)]
@@ -287,6 +349,14 @@ mod display_tests {
         assert_eq!(
             display_database(Path::new("postgres://u:pw@h:5432/db")),
             "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(
+            display_database(Path::new("postgresql://u@h/db?sslmode=require&password=pw")),
+            "postgresql://u@h/db?sslmode=require&password=***"
+        );
+        assert_eq!(
+            display_database(Path::new("postgres://u@h/db")),
+            "postgres://u@h/db"
         );
         assert_eq!(
             display_database(Path::new("./data/outbox.db")),

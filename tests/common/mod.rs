@@ -759,3 +759,84 @@ fn remove_abandoned(root: &Path, name: &str) {
         }
     }
 }
+
+/// The PostgreSQL server the tests use (`FORWARDER_TEST_POSTGRES`, else the
+/// local one), without a database name.
+pub fn pg_server() -> String {
+    std::env::var("FORWARDER_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432".into())
+}
+
+/// A PostgreSQL database of a test's own, dropped when it goes out of
+/// scope, so PostgreSQL tests run in parallel.
+pub struct PgDb {
+    pub name: String,
+}
+
+impl PgDb {
+    /// `None` (after one loud line) when no server answers; under `CI=true`
+    /// a missing server fails the test instead.
+    pub async fn create() -> Option<PgDb> {
+        use sqlx::Connection;
+        let admin = format!("{}/test", pg_server());
+        let conn =
+            tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&admin)).await;
+        let mut conn = match conn {
+            Ok(Ok(c)) => c,
+            other => {
+                let why = match other {
+                    Ok(Err(e)) => e.to_string(),
+                    _ => "connect timed out".into(),
+                };
+                if under_ci() {
+                    panic!("PostgreSQL at {admin} is required under CI: {why}");
+                }
+                eprintln!("SKIPPED: PostgreSQL tests need a server at {admin} ({why})");
+                return None;
+            }
+        };
+        let name = format!("cfw_{}", uuid::Uuid::new_v4().simple());
+        sqlx::query(&format!("CREATE DATABASE {name}"))
+            .execute(&mut conn)
+            .await
+            .expect("create test database");
+        let _ = conn.close().await;
+        Some(PgDb { name })
+    }
+
+    /// The URL to give `--database`.
+    pub fn url(&self) -> String {
+        format!("{}/{}", pg_server(), self.name)
+    }
+
+    /// A connection for a test's own queries.
+    pub async fn conn(&self) -> sqlx::PgConnection {
+        use sqlx::Connection;
+        sqlx::PgConnection::connect(&self.url())
+            .await
+            .expect("connect")
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let name = self.name.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                use sqlx::Connection;
+                if let Ok(mut c) =
+                    sqlx::PgConnection::connect(&format!("{}/test", pg_server())).await
+                {
+                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                        .execute(&mut c)
+                        .await;
+                }
+            });
+        })
+        .join();
+    }
+}

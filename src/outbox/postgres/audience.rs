@@ -4,7 +4,7 @@
 
 use super::{PgOutbox, pg_error};
 use crate::outbox::{AudienceOp, AudienceSettlement, PendingUpdate, StoreError, now_ms};
-use sqlx::PgConnection;
+use sqlx::{PgConnection, PgPool};
 use std::collections::HashMap;
 
 async fn set_meta(conn: &mut PgConnection, name: &str, value: &str) -> Result<(), StoreError> {
@@ -123,12 +123,7 @@ impl PgOutbox {
 
     /// When the next sync run is due (ms), if an instance planned one.
     pub async fn sync_next_run_at(&self) -> Result<Option<i64>, StoreError> {
-        let v: Option<Option<String>> =
-            sqlx::query_scalar("SELECT value FROM meta WHERE name = 'sync_next_run_at'")
-                .fetch_optional(&self.inner.pool)
-                .await
-                .map_err(pg_error)?;
-        Ok(v.flatten().and_then(|v| v.parse().ok()))
+        sync_next_run_at(&self.inner.pool).await
     }
 
     /// The next `limit` users with pending audience updates after `after`.
@@ -137,14 +132,7 @@ impl PgOutbox {
         after: &str,
         limit: usize,
     ) -> Result<Vec<String>, StoreError> {
-        sqlx::query_scalar(
-            "SELECT DISTINCT user_id FROM audience_pending WHERE user_id > $1 ORDER BY user_id LIMIT $2",
-        )
-        .bind(after)
-        .bind(limit as i64)
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(pg_error)
+        users_after(&self.inner.pool, after, limit).await
     }
 
     /// The pending updates of these users written at or before `cut` (ms).
@@ -153,27 +141,7 @@ impl PgOutbox {
         users: &[String],
         cut: i64,
     ) -> Result<Vec<PendingUpdate>, StoreError> {
-        if users.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
-            "SELECT user_id, attribute, value, updated_at FROM audience_pending \
-             WHERE user_id = ANY($1) AND updated_at <= $2 ORDER BY user_id, attribute",
-        )
-        .bind(users)
-        .bind(cut)
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(pg_error)?;
-        Ok(rows
-            .into_iter()
-            .map(|(user_id, attribute, value, updated_at)| PendingUpdate {
-                user_id,
-                attribute,
-                value,
-                updated_at,
-            })
-            .collect())
+        pending_for(&self.inner.pool, users, cut).await
     }
 
     /// The values last delivered for these (account, contact, attribute)
@@ -182,26 +150,90 @@ impl PgOutbox {
         &self,
         keys: &[(String, String, String)],
     ) -> Result<HashMap<(String, String, String), String>, StoreError> {
-        if keys.is_empty() {
-            return Ok(HashMap::new());
-        }
-        let acc: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
-        let con: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
-        let attr: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
-        let rows: Vec<(String, String, String, String)> = sqlx::query_as(
-            "SELECT d.account_id, d.contact_id, d.attribute, d.value \
-             FROM unnest($1::text[], $2::text[], $3::text[]) AS x(a, c, t) \
-             JOIN audience_delivered d ON d.account_id = x.a AND d.contact_id = x.c AND d.attribute = x.t",
-        )
-        .bind(&acc)
-        .bind(&con)
-        .bind(&attr)
-        .fetch_all(&self.inner.pool)
-        .await
-        .map_err(pg_error)?;
-        Ok(rows
-            .into_iter()
-            .map(|(a, c, t, v)| ((a, c, t), v))
-            .collect())
+        delivered_values(&self.inner.pool, keys).await
     }
+}
+
+/// When the next sync run is due (ms), if an instance planned one.
+pub(super) async fn sync_next_run_at(pool: &PgPool) -> Result<Option<i64>, StoreError> {
+    let v: Option<Option<String>> =
+        sqlx::query_scalar("SELECT value FROM meta WHERE name = 'sync_next_run_at'")
+            .fetch_optional(pool)
+            .await
+            .map_err(pg_error)?;
+    Ok(v.flatten().and_then(|v| v.parse().ok()))
+}
+
+/// The next `limit` users with pending audience updates after `after`.
+pub(super) async fn users_after(
+    pool: &PgPool,
+    after: &str,
+    limit: usize,
+) -> Result<Vec<String>, StoreError> {
+    sqlx::query_scalar(
+        "SELECT DISTINCT user_id FROM audience_pending WHERE user_id > $1 ORDER BY user_id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit as i64)
+    .fetch_all(pool)
+    .await
+    .map_err(pg_error)
+}
+
+/// The pending updates of these users written at or before `cut` (ms).
+pub(super) async fn pending_for(
+    pool: &PgPool,
+    users: &[String],
+    cut: i64,
+) -> Result<Vec<PendingUpdate>, StoreError> {
+    if users.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(String, String, String, i64)> = sqlx::query_as(
+        "SELECT user_id, attribute, value, updated_at FROM audience_pending \
+         WHERE user_id = ANY($1) AND updated_at <= $2 ORDER BY user_id, attribute",
+    )
+    .bind(users)
+    .bind(cut)
+    .fetch_all(pool)
+    .await
+    .map_err(pg_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|(user_id, attribute, value, updated_at)| PendingUpdate {
+            user_id,
+            attribute,
+            value,
+            updated_at,
+        })
+        .collect())
+}
+
+/// The values last delivered for these (account, contact, attribute)
+/// keys; keys never delivered are absent.
+pub(super) async fn delivered_values(
+    pool: &PgPool,
+    keys: &[(String, String, String)],
+) -> Result<HashMap<(String, String, String), String>, StoreError> {
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let acc: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
+    let con: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
+    let attr: Vec<&str> = keys.iter().map(|k| k.2.as_str()).collect();
+    let rows: Vec<(String, String, String, String)> = sqlx::query_as(
+        "SELECT d.account_id, d.contact_id, d.attribute, d.value \
+         FROM unnest($1::text[], $2::text[], $3::text[]) AS x(a, c, t) \
+         JOIN audience_delivered d ON d.account_id = x.a AND d.contact_id = x.c AND d.attribute = x.t",
+    )
+    .bind(&acc)
+    .bind(&con)
+    .bind(&attr)
+    .fetch_all(pool)
+    .await
+    .map_err(pg_error)?;
+    Ok(rows
+        .into_iter()
+        .map(|(a, c, t, v)| ((a, c, t), v))
+        .collect())
 }

@@ -10,6 +10,10 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{Notify, mpsc, oneshot};
 
+/// Longest wait for one group's transaction before its requests are
+/// answered 503.
+const COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// How many queued requests one transaction takes at most.
 const GROUP_CAP: usize = 256;
 
@@ -42,8 +46,16 @@ pub(super) async fn run(
                 }
                 stored.notify_waiters();
             }
-            Err(e) if group.len() == 1 => {
-                if let Some(r) = group.pop() {
+            Err(e) if group.len() == 1 || e.is_transient() => {
+                // An unreachable server fails every request alike: answer
+                // them all now (503) instead of trying each alone, which
+                // would keep the last one waiting a timeout per request.
+                let text = e.to_string();
+                let mut first = Some(e);
+                for r in group.drain(..) {
+                    let e = first
+                        .take()
+                        .unwrap_or_else(|| StoreError::Busy(text.clone()));
                     let _ = r.reply.send(Err(e));
                 }
             }
@@ -69,7 +81,20 @@ async fn commit_with_retry(
 ) -> Result<Vec<IngestReceipt>, StoreError> {
     let mut attempt = 0;
     loop {
-        match commit_group(pool, config, requests).await {
+        // A server that stopped answering without closing the connection
+        // (a network partition) must not hold ingest up: the outcome is
+        // then unknown, the clients get 503 and retry, and the dedup by
+        // message id makes the retry safe whichever way it went.
+        let attempt_result =
+            tokio::time::timeout(COMMIT_TIMEOUT, commit_group(pool, config, requests))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Busy(format!(
+                        "PostgreSQL did not complete a commit within {}s",
+                        COMMIT_TIMEOUT.as_secs()
+                    )))
+                });
+        match attempt_result {
             Err(e) if retryable(&e) && attempt < 5 => attempt += 1,
             r => return r,
         }

@@ -10,6 +10,10 @@ use std::time::Duration;
 /// Rows one pass deletes at most per table: a pass stays short however
 /// much is due, and the next pass continues.
 const PRUNE_BATCH: i64 = 10_000;
+
+/// How long the row of an instance that stopped stays (its recent errors
+/// remain readable in status meanwhile).
+const INSTANCE_RETENTION_MS: i64 = 24 * 3600 * 1000;
 /// Key rows looked at per pass.
 const KEY_PAGE: i64 = 5_000;
 /// Held heads looked at per pass.
@@ -115,6 +119,18 @@ pub(super) async fn maintain(
     .await
     .map_err(pg_error)?
     .rows_affected();
+    report.more_to_prune = report.pruned_events as i64 >= PRUNE_BATCH
+        || report.pruned_message_ids as i64 >= PRUNE_BATCH;
+    // Instances gone for a day that hold no lease: every start registers
+    // one, and status reads each one's recent errors.
+    sqlx::query(
+        "DELETE FROM instances i WHERE i.heartbeat_at < $1 \
+         AND NOT EXISTS (SELECT 1 FROM events e WHERE e.lease_owner = i.id AND e.lease_token IS NOT NULL)",
+    )
+    .bind(now - INSTANCE_RETENTION_MS)
+    .execute(&mut *tx)
+    .await
+    .map_err(pg_error)?;
     // Key rows of idle keys, a page of the key table per pass (resuming
     // where the last pass stopped): locked first (skipping keys in use),
     // then deleted only if still idle in a snapshot taken under the lock.

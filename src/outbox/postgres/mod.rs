@@ -29,6 +29,9 @@ mod delivery;
 mod ingest;
 mod maintain;
 mod read;
+mod store;
+
+pub use store::PgReader;
 
 pub use super::MaintenanceReport;
 use super::{
@@ -82,6 +85,18 @@ impl Default for PgConfig {
     }
 }
 
+impl From<&super::WriterConfig> for PgConfig {
+    /// The settings `serve` gives every backend; the rest keep their
+    /// defaults.
+    fn from(w: &super::WriterConfig) -> PgConfig {
+        PgConfig {
+            dedup_window: w.dedup_window,
+            max_backlog: w.max_backlog,
+            ..PgConfig::default()
+        }
+    }
+}
+
 /// Handle to the shared outbox, registered as one instance. Cheap to clone;
 /// the instance stops its heartbeat when the last clone is dropped.
 #[derive(Clone)]
@@ -120,7 +135,9 @@ pub(crate) fn pg_error(e: sqlx::Error) -> StoreError {
         | sqlx::Error::Tls(_) => StoreError::Busy(format!("PostgreSQL is unreachable: {e}")),
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-            if code.starts_with("08") || code.starts_with("57P") {
+            // 08: connection lost; 57P: the server is shutting down or
+            // restarting; 25006: a standby that is read-only (mid-failover).
+            if code.starts_with("08") || code.starts_with("57P") || code == "25006" {
                 StoreError::Busy(format!("PostgreSQL is unavailable: {}", db.message()))
             } else if code.starts_with("53") {
                 StoreError::Full(db.message().to_string())
@@ -245,6 +262,11 @@ impl PgOutbox {
 
     pub fn pool(&self) -> &PgPool {
         &self.inner.pool
+    }
+
+    /// The read side over this instance's pool.
+    pub fn reader(&self) -> PgReader {
+        PgReader::from_pool(self.inner.pool.clone())
     }
 
     /// Whether the database answers at all (for `/readyz`).
@@ -388,6 +410,61 @@ impl PgOutbox {
     /// Ids of every dead letter matching a filter (paging ignored).
     pub async fn dead_ids(&self, f: &DeadListFilter) -> Result<Vec<i64>, StoreError> {
         read::dead_ids(&self.inner.pool, f).await
+    }
+
+    /// Leaves the cluster at shutdown, after the last write: the heartbeat
+    /// stops and is marked stale and whatever this instance still holds goes
+    /// back to its keys now, so the other instances need not wait for the
+    /// instance expiry. The handle must not be used for delivery after it.
+    pub async fn leave(&self) -> Result<(), StoreError> {
+        for t in &self.inner.tasks {
+            t.abort();
+        }
+        sqlx::query("UPDATE instances SET heartbeat_at = 0 WHERE id = $1")
+            .bind(self.inner.instance)
+            .execute(&self.inner.pool)
+            .await
+            .map_err(pg_error)?;
+        let n = self.recover_leases().await?;
+        if n > 0 {
+            tracing::info!(events = n, "leases given back at shutdown");
+        }
+        Ok(())
+    }
+
+    /// How many instances share this database now (heartbeats younger than
+    /// the instance expiry, this one included): the divisor of a rate cap
+    /// that holds for the tenant as a whole.
+    pub async fn live_instances(&self) -> Result<u32, StoreError> {
+        let since = now_ms() - self.inner.config.instance_expiry.as_millis() as i64;
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM instances WHERE heartbeat_at >= $1")
+            .bind(since)
+            .fetch_one(&self.inner.pool)
+            .await
+            .map_err(pg_error)?;
+        Ok(n.max(1) as u32)
+    }
+
+    /// Takes or keeps the lease of a one-at-a-time role (the sync lane's
+    /// window) for `ttl`; `true` while this instance holds it. A role whose
+    /// holder stopped renewing passes to the next instance that asks once
+    /// the lease ran out, so a dead leader is replaced within `ttl`.
+    pub async fn lead(&self, role: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let now = now_ms();
+        let held: Option<i64> = sqlx::query_scalar(
+            "INSERT INTO leaders (role, instance, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (role) DO UPDATE SET instance = excluded.instance, expires_at = excluded.expires_at \
+             WHERE leaders.instance = excluded.instance OR leaders.expires_at < $4 \
+             RETURNING instance",
+        )
+        .bind(role)
+        .bind(self.inner.instance)
+        .bind(now + ttl.as_millis() as i64)
+        .bind(now)
+        .fetch_optional(&self.inner.pool)
+        .await
+        .map_err(pg_error)?;
+        Ok(held == Some(self.inner.instance))
     }
 
     /// Leaves the cluster cleanly: the heartbeat stops and is marked stale,

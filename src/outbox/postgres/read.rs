@@ -251,3 +251,22 @@ pub(super) async fn dead_ids(pool: &PgPool, f: &DeadListFilter) -> Result<Vec<i6
         .await
         .map_err(pg_error)
 }
+
+/// Up to `limit` ids of dead letters matching a filter, after `after` (its
+/// own paging fields are ignored): one chunk of a replay or purge.
+pub(super) async fn dead_ids_after(
+    pool: &PgPool,
+    f: &DeadListFilter,
+    after: i64,
+    limit: i64,
+) -> Result<Vec<i64>, StoreError> {
+    sqlx::query_scalar(&format!("SELECT id {DEAD_FILTER}"))
+        .bind(after)
+        .bind(f.since_ms)
+        .bind(f.until_ms)
+        .bind(f.reason_contains.as_deref())
+        .bind(Some(limit))
+        .fetch_all(pool)
+        .await
+        .map_err(pg_error)
+}

@@ -122,6 +122,7 @@ pub(super) async fn maintain(
     .map_err(db)?
     .rows_affected();
     report.pruned_message_ids = pruned;
+    report.more_to_prune = report.pruned_events >= 10_000 || pruned >= 10_000;
     sqlx::query("DELETE FROM minute_stats WHERE minute < ?")
         .bind(minute_of(now) - 180)
         .execute(&mut *conn)

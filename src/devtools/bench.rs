@@ -357,6 +357,8 @@ struct PgServer {
     /// The URL given (its database is used only to create and drop ours).
     admin: String,
     made: Vec<String>,
+    /// Databases made so far: each name is used once.
+    serial: u32,
 }
 
 /// Whether a --database value is a PostgreSQL URL.
@@ -396,7 +398,8 @@ impl Target {
                 Ok(path.into_os_string())
             }
             Target::Postgres(pg) => {
-                let db = format!("cfwbench_{}_{}", std::process::id(), pg.made.len());
+                pg.serial += 1;
+                let db = format!("cfwbench_{}_{}", std::process::id(), pg.serial);
                 let mut admin = sqlx::PgConnection::connect(&pg.admin)
                     .await
                     .context("connecting to the PostgreSQL server given in --database")?;
@@ -864,6 +867,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         Some(url) => Target::Postgres(PgServer {
             admin: url.to_string(),
             made: Vec::new(),
+            serial: 0,
         }),
         None => Target::Sqlite(dir.clone()),
     };

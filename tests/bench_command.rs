@@ -21,25 +21,60 @@ const TRACK_EVENTS: u64 = 300;
 const BATCH_CONNECTIONS: usize = 4;
 const TRACK_CONNECTIONS: usize = 8;
 
-const RATES: [&str; 7] = [
+const DISTINCT_USERS: u64 = 700;
+const IDENTIFY_EVENTS: u64 = 450;
+
+const RATES: [&str; 13] = [
     "raw_sqlite_rows_per_sec_100_per_tx",
     "raw_sqlite_rows_per_sec_1_per_tx",
+    "raw_sqlite_lean_rows_per_sec_100_per_tx",
     "batch_ingest_events_per_sec",
     "track_ingest_events_per_sec",
     "track_ingest_empty_events_per_sec",
     "drain_events_per_sec",
     "drain_peak_rss_mb",
+    "identify_ingest_events_per_sec",
+    "audience_ingest_events_per_sec",
+    "distinct_users_ingest_events_per_sec",
+    "drain_distinct_users_events_per_sec",
+    "drain_distinct_users_peak_rss_mb",
 ];
 
-const PHASES: [&str; 4] = [
+const PHASES: [&str; 6] = [
     "batch_ingest_latency",
     "track_ingest_latency",
     "track_ingest_empty_latency",
     "status_latency",
+    "identify_ingest_latency",
+    "audience_ingest_latency",
 ];
 
 /// (ratio, numerator, denominator), as the README's Performance section
-/// reads them.
+/// reads them, on either backend.
+const COMMON_RATIOS: [(&str, &str, &str); 4] = [
+    (
+        "ratio_drain_to_batch_ingest",
+        "drain_events_per_sec",
+        "batch_ingest_events_per_sec",
+    ),
+    (
+        "ratio_drain_distinct_users_to_batch_ingest",
+        "drain_distinct_users_events_per_sec",
+        "batch_ingest_events_per_sec",
+    ),
+    (
+        "ratio_identify_to_track_batch",
+        "identify_ingest_events_per_sec",
+        "batch_ingest_events_per_sec",
+    ),
+    (
+        "ratio_audience_to_track_batch",
+        "audience_ingest_events_per_sec",
+        "batch_ingest_events_per_sec",
+    ),
+];
+
+/// The ratios to the raw figures of a SQLite run.
 const RATIOS: [(&str, &str, &str); 4] = [
     (
         "ratio_batch_to_raw",
@@ -57,11 +92,42 @@ const RATIOS: [(&str, &str, &str); 4] = [
         "raw_sqlite_rows_per_sec_1_per_tx",
     ),
     (
-        "ratio_drain_to_batch_ingest",
-        "drain_events_per_sec",
+        "ratio_batch_to_lean_raw",
         "batch_ingest_events_per_sec",
+        "raw_sqlite_lean_rows_per_sec_100_per_tx",
     ),
 ];
+
+/// The ratios to the raw figures of a PostgreSQL run: its own raw figures.
+const PG_RATIOS: [(&str, &str, &str); 3] = [
+    (
+        "ratio_batch_to_raw",
+        "batch_ingest_events_per_sec",
+        "raw_postgres_rows_per_sec_100_per_tx",
+    ),
+    (
+        "ratio_track_to_single_commit",
+        "track_ingest_events_per_sec",
+        "raw_postgres_rows_per_sec_1_per_tx",
+    ),
+    (
+        "ratio_track_empty_to_single_commit",
+        "track_ingest_empty_events_per_sec",
+        "raw_postgres_rows_per_sec_1_per_tx",
+    ),
+];
+
+/// The arguments of a run at the test's scale.
+fn small_run(cmd: &mut std::process::Command) {
+    cmd.arg("bench")
+        .args(["--events", &EVENTS.to_string()])
+        .args(["--track-events", &TRACK_EVENTS.to_string()])
+        .args(["--raw-rows", "3000", "--raw-single-rows", "30"])
+        .args(["--batch-connections", &BATCH_CONNECTIONS.to_string()])
+        .args(["--track-connections", &TRACK_CONNECTIONS.to_string()])
+        .args(["--distinct-users", &DISTINCT_USERS.to_string()])
+        .args(["--identify-events", &IDENTIFY_EVENTS.to_string()]);
+}
 
 /// Runs `bench` at the test's scale with databases in `dir`; its stdout.
 /// One run at a time: each starts forwarders of its own, and two runs at
@@ -70,14 +136,8 @@ fn bench(dir: &Path, json: bool) -> String {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut cmd = std::process::Command::new(common::binary_path());
-    cmd.arg("bench")
-        .args(["--events", &EVENTS.to_string()])
-        .args(["--track-events", &TRACK_EVENTS.to_string()])
-        .args(["--raw-rows", "3000", "--raw-single-rows", "30"])
-        .args(["--batch-connections", &BATCH_CONNECTIONS.to_string()])
-        .args(["--track-connections", &TRACK_CONNECTIONS.to_string()])
-        .arg("--dir")
-        .arg(dir);
+    small_run(&mut cmd);
+    cmd.env_remove("FORWARDER_DATABASE").arg("--dir").arg(dir);
     if json {
         cmd.arg("--json");
     }
@@ -94,6 +154,17 @@ fn f(report: &Value, field: &str) -> f64 {
     report[field]
         .as_f64()
         .unwrap_or_else(|| panic!("{field} missing: {report}"))
+}
+
+fn check_ratios<'a>(report: &Value, ratios: impl Iterator<Item = &'a (&'a str, &'a str, &'a str)>) {
+    for (ratio, num, den) in ratios {
+        let expected = f(report, num) / f(report, den);
+        let got = f(report, ratio);
+        assert!(
+            (got - expected).abs() <= expected * 1e-9,
+            "{ratio} = {got}, but {num} / {den} = {expected}"
+        );
+    }
 }
 
 fn latency(report: &Value, phase: &str) -> Latency {
@@ -120,14 +191,16 @@ async fn bench_figures_agree_with_what_it_did() {
             report[phase]
         );
     }
-    for (ratio, num, den) in RATIOS {
-        let expected = f(&report, num) / f(&report, den);
-        let got = f(&report, ratio);
-        assert!(
-            (got - expected).abs() <= expected * 1e-9,
-            "{ratio} = {got}, but {num} / {den} = {expected}"
-        );
-    }
+    check_ratios(&report, RATIOS.iter().chain(COMMON_RATIOS.iter()));
+    assert_eq!(report["backend"], "sqlite", "{report}");
+    assert_eq!(report["instances"], 1, "{report}");
+    assert!(report["raw_postgres_rows_per_sec_100_per_tx"].is_null());
+    assert_eq!(report["distinct_users_events"], DISTINCT_USERS as i64);
+    assert_eq!(
+        report["goals"].as_array().map(Vec::len),
+        Some(8),
+        "{report}"
+    );
 
     // What the run left in its outbox: every event sent through /v1/batch
     // and /v1/track stored once under its own id, none taken for a
@@ -227,6 +300,25 @@ fn printed_table_shows_the_json_figures() {
         ratio_track_empty_to_single_commit: 3.0,
         ratio_track_to_single_commit: 2.0,
         ratio_drain_to_batch_ingest: 0.5,
+        backend: "sqlite".into(),
+        instances: 1,
+        raw_sqlite_lean_rows_per_sec_100_per_tx: 140_000.0,
+        raw_postgres_rows_per_sec_100_per_tx: None,
+        raw_postgres_rows_per_sec_1_per_tx: None,
+        raw_postgres_connections: None,
+        identify_ingest_events_per_sec: 31_000.0,
+        identify_ingest_latency: distinct(5.0),
+        audience_ingest_events_per_sec: 32_000.0,
+        audience_ingest_latency: distinct(6.0),
+        distinct_users_events: 700,
+        distinct_users_ingest_events_per_sec: 41_000.0,
+        drain_distinct_users_events_per_sec: 21_000.0,
+        drain_distinct_users_peak_rss_mb: 30.5,
+        ratio_batch_to_lean_raw: Some(0.37),
+        ratio_drain_distinct_users_to_batch_ingest: 0.4,
+        ratio_identify_to_track_batch: 0.6,
+        ratio_audience_to_track_batch: 0.62,
+        goals: Vec::new(),
     };
     let args = BenchArgs {
         events: EVENTS,
@@ -237,6 +329,12 @@ fn printed_table_shows_the_json_figures() {
         track_connections: TRACK_CONNECTIONS,
         dir: None,
         json: false,
+        database: None,
+        instances: 1,
+        distinct_users: DISTINCT_USERS,
+        identify_events: IDENTIFY_EVENTS,
+        identify_connections: 8,
+        raw_connections: 8,
     };
     let rows = figures(&format_report(&report, &args));
     let batch = format!("/v1/batch x100, {BATCH_CONNECTIONS} connections");
@@ -255,6 +353,21 @@ fn printed_table_shows_the_json_figures() {
         ("ratio track (empty outbox) / raw (1/tx)", vec![3.0]),
         ("ratio track (at the backlog) / raw (1/tx)", vec![2.0]),
         ("ratio drain / batch ingest", vec![0.5]),
+        ("raw SQLite lean, 100 rows/transaction", vec![140_000.0]),
+        (
+            "identify x100 (ids), 8 connections",
+            vec![31_000.0, 50.0, 5.0, 99.0, 5.25, 5.5],
+        ),
+        (
+            "audience x100, 8 connections",
+            vec![32_000.0, 50.0, 6.0, 99.0, 6.25, 6.5],
+        ),
+        ("/v1/batch, 700 distinct users", vec![41_000.0]),
+        ("drain, every event its own user", vec![21_000.0, 30.5]),
+        ("ratio batch ingest / lean raw (100/tx)", vec![0.37]),
+        ("ratio distinct-user drain / batch ingest", vec![0.4]),
+        ("ratio identify / track batch", vec![0.6]),
+        ("ratio audience / track batch", vec![0.62]),
     ] {
         assert_eq!(row(&rows, label), expected, "line `{label}`");
     }
@@ -300,4 +413,93 @@ fn printed_table_shows_the_json_figures() {
     let status = format!("/status at {} pending", EVENTS + TRACK_EVENTS);
     let l = row(&rows, &status);
     assert!(l[1] <= l[3] && l[3] <= l[4], "{status}: {l:?}");
+}
+
+fn pg_server() -> String {
+    std::env::var("FORWARDER_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432".into())
+}
+
+/// The PostgreSQL server's admin connection, or `None` (with one loud
+/// line) when there is none; under `CI=true` no server is a failure.
+async fn pg_admin() -> Option<sqlx::PgConnection> {
+    use sqlx::Connection;
+    let url = format!("{}/test", pg_server());
+    match tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&url)).await {
+        Ok(Ok(c)) => Some(c),
+        other => {
+            let why = match other {
+                Ok(Err(e)) => e.to_string(),
+                _ => "connect timed out".into(),
+            };
+            if std::env::var("CI").is_ok_and(|v| v == "true") {
+                panic!("PostgreSQL at {url} is required under CI: {why}");
+            }
+            eprintln!("SKIPPED: bench on PostgreSQL needs a server at {url} ({why})");
+            None
+        }
+    }
+}
+
+#[tokio::test]
+async fn bench_on_postgres_reports_its_own_raw_figures_and_cleans_up() {
+    let Some(mut admin) = pg_admin().await else {
+        return;
+    };
+    let mut cmd = std::process::Command::new(common::binary_path());
+    small_run(&mut cmd);
+    cmd.args(["--instances", "2", "--raw-connections", "3", "--json"])
+        .env_remove("FORWARDER_DATABASE")
+        .arg("--database")
+        .arg(format!("{}/test", pg_server()))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = cmd.spawn().unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "bench failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: Value = serde_json::from_slice(&out.stdout).expect("JSON report");
+
+    assert_eq!(report["backend"], "postgres", "{report}");
+    assert_eq!(report["instances"], 2, "{report}");
+    assert_eq!(report["raw_postgres_connections"], 3, "{report}");
+    for field in RATES.iter().chain(
+        [
+            "raw_postgres_rows_per_sec_100_per_tx",
+            "raw_postgres_rows_per_sec_1_per_tx",
+            "startup_with_backlog_ms",
+        ]
+        .iter(),
+    ) {
+        assert!(f(&report, field) > 0.0, "{field}: {report}");
+    }
+    for phase in PHASES {
+        let l = latency(&report, phase);
+        assert!(
+            0.0 < l.p50_ms && l.p50_ms <= l.p99_ms && l.p99_ms <= l.max_ms,
+            "{phase}: {}",
+            report[phase]
+        );
+    }
+    check_ratios(&report, PG_RATIOS.iter().chain(COMMON_RATIOS.iter()));
+    assert!(report["ratio_batch_to_lean_raw"].is_null(), "{report}");
+    // Every event sent is in the backlog, spread over two instances or not.
+    assert_eq!(
+        report["backlog_events"],
+        (EVENTS + TRACK_EVENTS) as i64,
+        "{report}"
+    );
+    assert_eq!(report["distinct_users_events"], DISTINCT_USERS as i64);
+
+    // The databases the run made are gone.
+    let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_database WHERE datname LIKE $1")
+        .bind(format!("cfwbench\\_{pid}\\_%"))
+        .fetch_one(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(left, 0, "databases of bench {pid} left behind");
 }

@@ -159,6 +159,15 @@ impl Statement<'_> {
         self.check(code)
     }
 
+    /// Binds text, or NULL for `None`.
+    pub(super) fn opt_text(&mut self, index: i32, value: Option<&str>) -> Result<(), StoreError> {
+        match value {
+            Some(v) => self.text(index, v),
+            // SAFETY: a live statement.
+            None => self.check(unsafe { ffi::sqlite3_bind_null(self.stmt.as_ptr(), index) }),
+        }
+    }
+
     pub(super) fn int(&mut self, index: i32, value: i64) -> Result<(), StoreError> {
         // SAFETY: a live statement.
         let code = unsafe { ffi::sqlite3_bind_int64(self.stmt.as_ptr(), index, value) };
@@ -183,6 +192,21 @@ impl Statement<'_> {
     pub(super) fn column_int(&self, index: i32) -> i64 {
         // SAFETY: called after step() returned Row.
         unsafe { ffi::sqlite3_column_int64(self.stmt.as_ptr(), index) }
+    }
+
+    /// A text column of the current row (empty for NULL).
+    pub(super) fn column_text(&self, index: i32) -> String {
+        // SAFETY: called after step() returned Row; the pointer and length
+        // describe the column's bytes until the next step or reset, and are
+        // copied at once.
+        unsafe {
+            let p = ffi::sqlite3_column_text(self.stmt.as_ptr(), index);
+            let n = ffi::sqlite3_column_bytes(self.stmt.as_ptr(), index);
+            if p.is_null() {
+                return String::new();
+            }
+            String::from_utf8_lossy(std::slice::from_raw_parts(p, n as usize)).into_owned()
+        }
     }
 
     /// Ends this use: the statement is reset and its bindings cleared, so

@@ -6,9 +6,10 @@ use super::*;
 
 /// Inserts the events of several requests in one pass: deduplicate by
 /// (source, messageId), decide head or queued per ordering key, insert,
-/// count; then update the identity map and the audience store. The first
-/// part runs as direct SQLite calls under one lock of the connection (see
-/// direct.rs): one hand-off per group instead of one per statement.
+/// count; then update the identity map and the audience store. All of it
+/// runs as direct SQLite calls under one lock of the connection (see
+/// direct.rs): one hand-off per group instead of one per statement, which
+/// for a batch of identifies was three statements per event.
 pub(super) async fn insert_events(
     conn: &mut SqliteConnection,
     statements: &mut StatementCache,
@@ -16,54 +17,23 @@ pub(super) async fn insert_events(
     requests: &[&[NewEvent]],
     now: i64,
 ) -> Result<Vec<IngestReceipt>, StoreError> {
-    let mut identities: Vec<&IdentityUpdate> = Vec::new();
-    let mut audience: Vec<&NewEvent> = Vec::new();
-    let receipts = {
-        let mut handle = conn.lock_handle().await.map_err(db)?;
-        // SAFETY: the handle stays locked until `handle` drops at the end of
-        // this block, and `d` does not outlive it.
-        let d = unsafe { Db::new(handle.as_raw_handle()) };
-        insert_locked(
-            &d,
-            statements,
-            config,
-            requests,
-            now,
-            &mut identities,
-            &mut audience,
-        )?
-    };
-    for id in identities {
-        apply_identity(conn, id, now).await?;
-    }
-    for e in audience {
-        for (attr, value) in &e.audience {
-            sqlx::query(
-                "INSERT INTO audience_pending (user_id, attribute, value, updated_at) VALUES (?, ?, ?, ?) \
-                 ON CONFLICT (user_id, attribute) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
-            )
-            .bind(&e.order_key)
-            .bind(attr)
-            .bind(value)
-            .bind(now)
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-        }
-    }
-    Ok(receipts)
+    let mut handle = conn.lock_handle().await.map_err(db)?;
+    // SAFETY: the handle stays locked until `handle` drops at the end of
+    // this function, and `d` does not outlive it.
+    let d = unsafe { Db::new(handle.as_raw_handle()) };
+    insert_locked(&d, statements, config, requests, now)
 }
 
 /// The SQL part of `insert_events`, with the connection locked.
-pub(super) fn insert_locked<'e>(
+pub(super) fn insert_locked(
     d: &Db,
     statements: &mut StatementCache,
     config: &WriterConfig,
-    requests: &[&'e [NewEvent]],
+    requests: &[&[NewEvent]],
     now: i64,
-    identities: &mut Vec<&'e IdentityUpdate>,
-    audience: &mut Vec<&'e NewEvent>,
 ) -> Result<Vec<IngestReceipt>, StoreError> {
+    let mut identities: Vec<&IdentityUpdate> = Vec::new();
+    let mut audience: Vec<&NewEvent> = Vec::new();
     let total: usize = requests.iter().map(|r| r.len()).sum();
     let current = {
         // Row 1 counts leases of events already counted under 0 or 5.
@@ -184,95 +154,110 @@ pub(super) fn insert_locked<'e>(
         q.int(2, accepted)?;
         q.run()?;
     }
+    for id in identities {
+        apply_identity(d, statements, id, now)?;
+    }
+    for e in audience {
+        for (attr, value) in &e.audience {
+            let mut q = d.statement(
+                statements,
+                "INSERT INTO audience_pending (user_id, attribute, value, updated_at) VALUES (?1, ?2, ?3, ?4) \
+                 ON CONFLICT (user_id, attribute) DO UPDATE SET value = excluded.value, updated_at = excluded.updated_at",
+            )?;
+            q.text(1, &e.order_key)?;
+            q.text(2, attr)?;
+            q.text(3, value)?;
+            q.int(4, now)?;
+            q.run()?;
+        }
+    }
     Ok(receipts)
 }
 
 /// Updates the identity map and releases events held for the ids it now
 /// knows; the release uses the ordering-key index, never a scan of held
 /// events.
-pub(super) async fn apply_identity(
-    conn: &mut SqliteConnection,
+pub(super) fn apply_identity(
+    d: &Db,
+    statements: &mut StatementCache,
     id: &IdentityUpdate,
     now: i64,
 ) -> Result<(), StoreError> {
-    let upsert = "INSERT INTO identities (user_id, account_id, contact_id, updated_at) VALUES (?, ?, ?, ?) \
-                  ON CONFLICT (user_id) DO UPDATE SET \
-                  account_id = COALESCE(excluded.account_id, identities.account_id), \
-                  contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
-                  updated_at = excluded.updated_at";
-    if id.teaches_ids() {
-        sqlx::query(upsert)
-            .bind(&id.user_id)
-            .bind(&id.account)
-            .bind(&id.contact)
-            .bind(now)
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-    }
     let mut aliased = Vec::new();
     if id.teaches_ids() {
+        let mut q = d.statement(
+            statements,
+            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) VALUES (?1, ?2, ?3, ?4) \
+             ON CONFLICT (user_id) DO UPDATE SET \
+             account_id = COALESCE(excluded.account_id, identities.account_id), \
+             contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
+             updated_at = excluded.updated_at",
+        )?;
+        q.text(1, &id.user_id)?;
+        q.opt_text(2, id.account.as_deref())?;
+        q.opt_text(3, id.contact.as_deref())?;
+        q.int(4, now)?;
+        q.run()?;
+        drop(q);
         // Earlier ids aliased to this user learn what it now knows.
-        aliased = sqlx::query_scalar(
+        let mut q = d.statement(
+            statements,
             "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
-             SELECT a.previous_id, i.account_id, i.contact_id, ? FROM aliases a \
-             JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = ? AND a.previous_id <> a.user_id \
+             SELECT a.previous_id, i.account_id, i.contact_id, ?1 FROM aliases a \
+             JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = ?2 AND a.previous_id <> a.user_id \
              ON CONFLICT (user_id) DO UPDATE SET \
              account_id = COALESCE(identities.account_id, excluded.account_id), \
              contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
              updated_at = excluded.updated_at \
              RETURNING user_id",
-        )
-        .bind(now)
-        .bind(&id.user_id)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db)?;
+        )?;
+        q.int(1, now)?;
+        q.text(2, &id.user_id)?;
+        while q.step()? == Step::Row {
+            aliased.push(q.column_text(0));
+        }
     }
     if let Some(prev) = &id.previous_id {
-        sqlx::query(
-            "INSERT INTO aliases (previous_id, user_id, created_at) VALUES (?, ?, ?) \
+        let mut q = d.statement(
+            statements,
+            "INSERT INTO aliases (previous_id, user_id, created_at) VALUES (?1, ?2, ?3) \
              ON CONFLICT (previous_id) DO UPDATE SET user_id = excluded.user_id",
-        )
-        .bind(prev)
-        .bind(&id.user_id)
-        .bind(now)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        )?;
+        q.text(1, prev)?;
+        q.text(2, &id.user_id)?;
+        q.int(3, now)?;
+        q.run()?;
+        drop(q);
         // Alias: whichever side is known teaches the other.
-        let known: Option<(Option<String>, Option<String>)> =
-            sqlx::query_as("SELECT account_id, contact_id FROM identities WHERE user_id = ?")
-                .bind(&id.user_id)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(db)?;
-        let (from, to) = identity::alias_teacher(&id.user_id, prev, known.is_some());
-        sqlx::query(
+        let known = {
+            let mut q = d.statement(statements, "SELECT 1 FROM identities WHERE user_id = ?1")?;
+            q.text(1, &id.user_id)?;
+            q.step()? == Step::Row
+        };
+        let (from, to) = identity::alias_teacher(&id.user_id, prev, known);
+        let mut q = d.statement(
+            statements,
             "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
-             SELECT ?, account_id, contact_id, ? FROM identities WHERE user_id = ? \
+             SELECT ?1, account_id, contact_id, ?2 FROM identities WHERE user_id = ?3 \
              ON CONFLICT (user_id) DO UPDATE SET \
              account_id = COALESCE(identities.account_id, excluded.account_id), \
              contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
              updated_at = excluded.updated_at",
-        )
-        .bind(to)
-        .bind(now)
-        .bind(from)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        )?;
+        q.text(1, to)?;
+        q.int(2, now)?;
+        q.text(3, from)?;
+        q.run()?;
     }
     for key in identity::released_by(id, aliased) {
-        sqlx::query(
-            "UPDATE events INDEXED BY events_key SET state = 0, next_attempt_at = ? \
-             WHERE order_key = ? AND state IN (0, 1, 4, 5) AND state = 4",
-        )
-        .bind(now)
-        .bind(&key)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        let mut q = d.statement(
+            statements,
+            "UPDATE events INDEXED BY events_key SET state = 0, next_attempt_at = ?1 \
+             WHERE order_key = ?2 AND state IN (0, 1, 4, 5) AND state = 4",
+        )?;
+        q.int(1, now)?;
+        q.text(2, &key)?;
+        q.run()?;
     }
     Ok(())
 }

@@ -157,10 +157,10 @@ impl WriterTask {
         }
     }
 
-    /// The common group: only ingest, no identity or audience updates.
-    /// BEGIN, the inserts and COMMIT then run under a single lock of the
-    /// connection (one hand-off for the whole transaction). `None` when the
-    /// group needs the general path.
+    /// The common group: only ingest (identity and audience updates
+    /// included). BEGIN, the inserts and COMMIT then run under a single
+    /// lock of the connection (one hand-off for the whole transaction).
+    /// `None` when the group needs the general path.
     async fn plain_ingest_transaction(
         &mut self,
         ops: &[Op],
@@ -168,13 +168,7 @@ impl WriterTask {
         let mut requests: Vec<&[NewEvent]> = Vec::with_capacity(ops.len());
         for op in ops {
             match op {
-                Op::Ingest { events, .. }
-                    if events
-                        .iter()
-                        .all(|e| e.identity.is_none() && e.audience.is_empty()) =>
-                {
-                    requests.push(events.as_slice())
-                }
+                Op::Ingest { events, .. } => requests.push(events.as_slice()),
                 _ => return None,
             }
         }
@@ -190,17 +184,7 @@ impl WriterTask {
         if let Err(e) = d.exec("BEGIN IMMEDIATE") {
             return Some(Err(e));
         }
-        let (mut identities, mut audience) = (Vec::new(), Vec::new());
-        let result = insert_locked(
-            &d,
-            &mut self.statements,
-            &self.config,
-            &requests,
-            now,
-            &mut identities,
-            &mut audience,
-        );
-        debug_assert!(identities.is_empty() && audience.is_empty());
+        let result = insert_locked(&d, &mut self.statements, &self.config, &requests, now);
         let t1 = t0.elapsed();
         let result = result.and_then(|receipts| {
             d.exec("COMMIT")?;

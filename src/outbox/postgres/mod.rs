@@ -206,6 +206,11 @@ impl PgOutbox {
     pub async fn connect(url: &str, config: PgConfig) -> Result<PgOutbox, StoreError> {
         let opts = PgConnectOptions::from_str(url)
             .map_err(StoreError::Database)?
+            // The outbox's transactions never wait between statements: one
+            // left open (an instance frozen mid-transaction, SIGSTOP or a
+            // paused VM) is ended by the server before it holds the other
+            // instances' key locks for longer than the instance expiry.
+            .options([("idle_in_transaction_session_timeout", "10s")])
             .log_statements(tracing::log::LevelFilter::Trace)
             .log_slow_statements(tracing::log::LevelFilter::Warn, Duration::from_secs(2));
         // One connection first, so that a refusal names its reason instead

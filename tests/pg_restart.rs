@@ -29,6 +29,8 @@ use std::time::{Duration, Instant};
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long the server stays down.
 const OUTAGE: Duration = Duration::from_secs(4);
+/// Longer than the old outcome retries lasted.
+const LONG_OUTAGE: Duration = Duration::from_secs(26);
 
 /// The directory holding `initdb` and `pg_ctl`.
 fn server_binaries() -> Option<PathBuf> {
@@ -309,6 +311,20 @@ struct Sent {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_under_load_answers_503_quickly_and_loses_nothing() {
+    restart_under_load(OUTAGE).await;
+}
+
+/// An outage longer than the outcome writes used to be retried (five
+/// attempts, about 20 s): outcomes are now retried while their lease holds,
+/// so the batches in flight when the server went away are recorded once it
+/// is back, instead of staying leased, and their users stalled, until the
+/// lease runs out (minutes).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_outage_longer_than_twenty_seconds_stalls_no_user_for_a_lease() {
+    restart_under_load(LONG_OUTAGE).await;
+}
+
+async fn restart_under_load(outage_for: Duration) {
     let Some(cluster) = Cluster::create() else {
         return;
     };
@@ -448,7 +464,7 @@ async fn a_postgres_restart_under_load_answers_503_quickly_and_loses_nothing() {
         },
     )
     .await;
-    if let Some(left) = OUTAGE.checked_sub(down.elapsed()) {
+    if let Some(left) = outage_for.checked_sub(down.elapsed()) {
         tokio::time::sleep(left).await;
     }
     let restarting = Instant::now();

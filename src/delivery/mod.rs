@@ -235,14 +235,26 @@ async fn release(ctx: &Context, batch: Vec<ClaimedEvent>) {
 }
 
 async fn settle_with_retries(ctx: &Context, items: Vec<Settlement>) {
+    // An outcome counts only while its lease holds (the lease is its
+    // expiry, in ms): while the storage is unreachable, keep trying until
+    // then, so that an outage shorter than the lease does not leave these
+    // users' events leased, and stalled, until it runs out.
+    let lease_ends = items.iter().map(|s| s.lease).min().unwrap_or(0);
     let mut delay = Duration::from_millis(100);
-    for attempt in 1..=5 {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         match ctx.outbox.settle(items.clone()).await {
             Ok(()) => return,
             Err(e) => {
+                let transient = e.is_transient();
                 tracing::error!(error = %e, attempt, "recording delivery outcomes failed");
+                let retry_at = now_ms() + delay.as_millis() as i64;
+                if (!transient && attempt >= 5) || retry_at >= lease_ends {
+                    break;
+                }
                 tokio::time::sleep(delay).await;
-                delay *= 4;
+                delay = (delay * 4).min(Duration::from_secs(2));
             }
         }
     }

@@ -140,7 +140,7 @@ impl Server {
             delivery::held_budget(&delivery_config),
             shutdown_rx.clone(),
         ))];
-        if settings.deliver && settings.max_actions_per_second > 0 && outbox.backend() != "sqlite" {
+        if settings.deliver && settings.max_actions_per_second > 0 && outbox.is_shared() {
             workers.push(tokio::spawn(share_rate_cap(
                 outbox.clone(),
                 flow.clone(),

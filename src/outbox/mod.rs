@@ -164,6 +164,13 @@ impl Outbox {
         }
     }
 
+    /// Whether other instances may share this outbox (and so a tenant-wide
+    /// limit must be divided among them): false for a SQLite file, which
+    /// one process owns.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Outbox::Postgres(_))
+    }
+
     /// Short names of the backend for logs and status (`sqlite`, `postgres`).
     pub fn backend(&self) -> &'static str {
         match self {

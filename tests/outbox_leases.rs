@@ -114,7 +114,9 @@ async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored(db: &Pa
         .maintain(Duration::from_secs(3600), Duration::from_secs(3600))
         .await
         .unwrap();
-    assert_eq!(report.leases_released, 1);
+    // On PostgreSQL the heartbeat also brings expired leases back, and may
+    // have done so first: either way the lease is back now.
+    assert!(report.leases_released <= 1, "{report:?}");
     assert_eq!(outbox.status().await.unwrap().in_flight, 0);
 
     let fresh = outbox.claim(10, Duration::from_secs(60)).await.unwrap();

@@ -43,11 +43,30 @@ pub trait OutboxReads: Send + Sync {
     ) -> impl Future<Output = Result<Vec<DeadLetter>, StoreError>> + Send;
 
     /// A page of dead letters and the id to continue after (`None` on the
-    /// last page).
+    /// last page). One row more than the page is read to know whether
+    /// another follows, so a client never asks for an empty page; the same
+    /// on every backend, so written once here over [`OutboxReads::dead_list`].
     fn dead_page(
         &self,
         filter: &DeadListFilter,
-    ) -> impl Future<Output = Result<(Vec<DeadLetter>, Option<i64>), StoreError>> + Send;
+    ) -> impl Future<Output = Result<(Vec<DeadLetter>, Option<i64>), StoreError>> + Send {
+        async move {
+            let limit = if filter.limit <= 0 { 100 } else { filter.limit };
+            let mut items = self
+                .dead_list(&DeadListFilter {
+                    limit: limit + 1,
+                    ..filter.clone()
+                })
+                .await?;
+            let next = if items.len() as i64 > limit {
+                items.truncate(limit as usize);
+                items.last().map(|d| d.id)
+            } else {
+                None
+            };
+            Ok((items, next))
+        }
+    }
 
     /// One dead letter with its history and payload.
     fn dead_show(

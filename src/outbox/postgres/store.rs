@@ -54,29 +54,6 @@ impl PgReader {
     }
 }
 
-/// One page of dead letters and the id to continue after.
-async fn dead_page(
-    pool: &PgPool,
-    filter: &DeadListFilter,
-) -> Result<(Vec<DeadLetter>, Option<i64>), StoreError> {
-    let limit = if filter.limit <= 0 { 100 } else { filter.limit };
-    let mut items = read::dead_list(
-        pool,
-        &DeadListFilter {
-            limit: limit + 1,
-            ..filter.clone()
-        },
-    )
-    .await?;
-    let next = if items.len() as i64 > limit {
-        items.truncate(limit as usize);
-        items.last().map(|d| d.id)
-    } else {
-        None
-    };
-    Ok((items, next))
-}
-
 impl OutboxReads for PgReader {
     async fn ping(&self) -> Result<(), StoreError> {
         sqlx::query("SELECT 1")
@@ -93,12 +70,6 @@ impl OutboxReads for PgReader {
     }
     async fn dead_list(&self, filter: &DeadListFilter) -> Result<Vec<DeadLetter>, StoreError> {
         read::dead_list(&self.pool, filter).await
-    }
-    async fn dead_page(
-        &self,
-        filter: &DeadListFilter,
-    ) -> Result<(Vec<DeadLetter>, Option<i64>), StoreError> {
-        dead_page(&self.pool, filter).await
     }
     async fn dead_show(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         read::dead_show(&self.pool, id).await
@@ -143,12 +114,6 @@ impl OutboxReads for PgOutbox {
     }
     async fn dead_list(&self, filter: &DeadListFilter) -> Result<Vec<DeadLetter>, StoreError> {
         read::dead_list(self.pool(), filter).await
-    }
-    async fn dead_page(
-        &self,
-        filter: &DeadListFilter,
-    ) -> Result<(Vec<DeadLetter>, Option<i64>), StoreError> {
-        dead_page(self.pool(), filter).await
     }
     async fn dead_show(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         read::dead_show(self.pool(), id).await

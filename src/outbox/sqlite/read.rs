@@ -195,29 +195,6 @@ impl Reader {
         Ok(rows.iter().map(Self::dead_from_row).collect())
     }
 
-    /// A page of dead letters and the id to continue after, `None` on the
-    /// last page: one row more than the page is read to know whether
-    /// another page follows, so a client never asks for an empty one.
-    pub async fn dead_page(
-        &self,
-        f: &DeadListFilter,
-    ) -> Result<(Vec<DeadLetter>, Option<i64>), StoreError> {
-        let limit = if f.limit <= 0 { 100 } else { f.limit };
-        let mut items = self
-            .dead_list(&DeadListFilter {
-                limit: limit + 1,
-                ..f.clone()
-            })
-            .await?;
-        let next = if items.len() as i64 > limit {
-            items.truncate(limit as usize);
-            items.last().map(|d| d.id)
-        } else {
-            None
-        };
-        Ok((items, next))
-    }
-
     /// One dead letter with its history and payload.
     pub async fn dead_show(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         let row = sqlx::query(

@@ -25,12 +25,6 @@ impl OutboxReads for Reader {
     async fn dead_list(&self, filter: &DeadListFilter) -> Result<Vec<DeadLetter>, StoreError> {
         Reader::dead_list(self, filter).await
     }
-    async fn dead_page(
-        &self,
-        filter: &DeadListFilter,
-    ) -> Result<(Vec<DeadLetter>, Option<i64>), StoreError> {
-        Reader::dead_page(self, filter).await
-    }
     async fn dead_show(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         Reader::dead_show(self, id).await
     }
@@ -74,12 +68,6 @@ impl OutboxReads for SqliteOutbox {
     }
     async fn dead_list(&self, filter: &DeadListFilter) -> Result<Vec<DeadLetter>, StoreError> {
         self.reader.dead_list(filter).await
-    }
-    async fn dead_page(
-        &self,
-        filter: &DeadListFilter,
-    ) -> Result<(Vec<DeadLetter>, Option<i64>), StoreError> {
-        self.reader.dead_page(filter).await
     }
     async fn dead_show(&self, id: i64) -> Result<Option<DeadLetter>, StoreError> {
         self.reader.dead_show(id).await

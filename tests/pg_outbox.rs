@@ -12,76 +12,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-fn server_base() -> String {
-    std::env::var("FORWARDER_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://root@127.0.0.1:5432".into())
-}
+mod common;
 
-/// A database of its own, dropped when the test ends.
-struct TestDb {
-    name: String,
-}
-
-impl TestDb {
-    async fn new() -> Option<TestDb> {
-        let admin = format!("{}/test", server_base());
-        let conn =
-            tokio::time::timeout(Duration::from_secs(5), PgConnection::connect(&admin)).await;
-        let mut conn = match conn {
-            Ok(Ok(c)) => c,
-            other => {
-                let why = match other {
-                    Ok(Err(e)) => e.to_string(),
-                    _ => "connect timed out".into(),
-                };
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("PostgreSQL at {admin} is required under CI: {why}");
-                }
-                eprintln!("SKIPPED: PostgreSQL outbox tests need a server at {admin} ({why})");
-                return None;
-            }
-        };
-        let name = format!("cfw_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE DATABASE {name}"))
-            .execute(&mut conn)
-            .await
-            .expect("create test database");
-        let _ = conn.close().await;
-        Some(TestDb { name })
-    }
-
-    fn url(&self) -> String {
-        format!("{}/{}", server_base(), self.name)
-    }
-
-    async fn conn(&self) -> PgConnection {
-        PgConnection::connect(&self.url()).await.expect("connect")
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                if let Ok(mut c) = PgConnection::connect(&format!("{}/test", server_base())).await {
-                    let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .execute(&mut c)
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
+/// Each test's own database (see `common::PgDb`: skipped with one line
+/// without a server, failing under `CI=true`).
+use common::PgDb as TestDb;
 
 macro_rules! test_db {
     () => {
-        match TestDb::new().await {
+        match TestDb::create().await {
             Some(db) => db,
             None => return,
         }
@@ -1043,7 +982,7 @@ async fn an_unreachable_server_is_a_transient_error() {
 /// itself. With autovacuum on it leaves that to the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn maintenance_vacuums_the_tables_when_the_server_does_not() {
-    let Some(db) = TestDb::new().await else {
+    let Some(db) = TestDb::create().await else {
         return;
     };
     let mut conn = db.conn().await;

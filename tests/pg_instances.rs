@@ -225,7 +225,7 @@ async fn three_instances_share_the_load_and_a_kill_loses_nothing_and_breaks_no_o
     .await;
     // The kill lands while the instance holds leases (it started second),
     // which come back only after the instance expiry.
-    let leased_by_second = "SELECT count(*) FROM events WHERE lease_owner = \
+    let leased_by_second = "SELECT count(*) FROM leases WHERE owner = \
          (SELECT id FROM instances ORDER BY id OFFSET 1 LIMIT 1)";
     let mut conn = db.conn().await;
     let mut held_at_kill: i64 = 0;
@@ -441,7 +441,11 @@ async fn late_outcome_of_a_frozen_instance_changes_nothing(answer: ScriptedAnswe
         "B took the leases of an instance that was silent for only {taken_after:?}"
     );
     assert_eq!(
-        count(&db, &format!("lease_owner = {a_id}")).await,
+        count(
+            &db,
+            &format!("id IN (SELECT event_id FROM leases WHERE owner = {a_id})")
+        )
+        .await,
         0,
         "A still holds leases"
     );
@@ -464,11 +468,12 @@ async fn late_outcome_of_a_frozen_instance_changes_nothing(answer: ScriptedAnswe
     // delivered by B.
     let mut conn = db.conn().await;
     let (pending, leased_by_b, delivered, other): (i64, i64, i64, i64) = sqlx::query_as(&format!(
-        "SELECT count(*) FILTER (WHERE state IN (0, 4, 5) AND lease_token IS NULL), \
-                count(*) FILTER (WHERE state IN (0, 5) AND lease_owner = {b_id}), \
-                count(*) FILTER (WHERE state = 2 AND lease_token IS NULL), \
-                count(*) FILTER (WHERE NOT (state IN (0, 5) AND lease_owner = {b_id}) \
-                                 AND NOT (state = 2 AND lease_token IS NULL)) FROM events"
+        "SELECT count(*) FILTER (WHERE state IN (0, 4, 5) AND l.owner IS NULL), \
+                count(*) FILTER (WHERE state IN (0, 5) AND l.owner = {b_id}), \
+                count(*) FILTER (WHERE state = 2 AND l.owner IS NULL), \
+                count(*) FILTER (WHERE NOT (state IN (0, 5) AND l.owner IS NOT DISTINCT FROM {b_id}) \
+                                 AND NOT (state = 2 AND l.owner IS NULL)) \
+         FROM events e LEFT JOIN leases l ON l.event_id = e.id"
     ))
     .fetch_one(&mut conn)
     .await
@@ -492,7 +497,11 @@ async fn late_outcome_of_a_frozen_instance_changes_nothing(answer: ScriptedAnswe
     );
     assert_eq!(st["accepted"], json!(total), "{st}");
     assert_eq!(
-        count(&db, "state = 2 AND attempts = 1 AND lease_token IS NULL").await,
+        count(
+            &db,
+            "state = 2 AND attempts = 1 AND id NOT IN (SELECT event_id FROM leases)"
+        )
+        .await,
         total as i64
     );
     let delivered_by: Vec<(i64, Option<i64>)> =

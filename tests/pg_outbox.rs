@@ -485,7 +485,7 @@ async fn an_outcome_without_the_lease_is_ignored() {
     let s = a.status().await.unwrap();
     assert_eq!((s.delivered, s.dead, s.in_flight), (0, 0, 1));
     let mut conn = db.conn().await;
-    let owner = scalar(&mut conn, "SELECT lease_owner FROM events").await;
+    let owner = scalar(&mut conn, "SELECT owner FROM leases").await;
     assert_eq!(owner, b.instance_id());
     b.settle(vec![delivered(&cb[0])]).await.unwrap();
     let s = b.status().await.unwrap();
@@ -1028,4 +1028,49 @@ async fn maintenance_vacuums_the_tables_when_the_server_does_not() {
             "autovacuum is on: maintenance must not vacuum"
         );
     }
+}
+
+/// A database of the schema before leases had a table of their own (their
+/// owner, token and expiry were columns of `events`), with an event in
+/// flight as that version left it: the upgrade gives the lease back, as a
+/// restart would, so the event is pending, counted so, and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_gives_back_the_leases_the_older_schema_held() {
+    let db = test_db!();
+    let old = tempfile::tempdir().expect("tempdir");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+    for name in ["0001_outbox.sql", "0002_leaders.sql"] {
+        std::fs::copy(dir.join(name), old.path().join(name)).expect("copy migration");
+    }
+    let mut conn = db.conn().await;
+    sqlx::migrate::Migrator::new(old.path())
+        .await
+        .expect("older migrations")
+        .run(&mut conn)
+        .await
+        .expect("older schema");
+    sqlx::raw_sql(
+        "INSERT INTO instances (started_at, heartbeat_at) VALUES (1, 1); \
+         INSERT INTO order_keys VALUES ('u1'); \
+         INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, \
+             next_attempt_at, lease_owner, lease_token, lease_until) \
+         VALUES ('src', 'm1', 'track', 'u1', '{\"messageId\":\"m1\"}', 0, 1, 1, 1, 99, 99)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("an event in flight, as the older version wrote it");
+    assert_eq!(
+        scalar(&mut conn, "SELECT sum(leased)::int8 FROM counters").await,
+        1
+    );
+
+    let a = instance(&db).await;
+    let s = a.status().await.unwrap();
+    assert_eq!((s.pending, s.in_flight), (1, 0), "{s:?}");
+    let claimed = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(claimed.iter().map(msg_of).collect::<Vec<_>>(), ["m1"]);
+    assert_eq!(a.status().await.unwrap().in_flight, 1);
+    a.settle(vec![delivered(&claimed[0])]).await.unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!((s.pending, s.in_flight, s.delivered), (0, 0, 1), "{s:?}");
 }

@@ -1,7 +1,7 @@
 //! Claims, settlements and lease recovery (see the module doc of
 //! `postgres` for the ordering design they keep).
 
-use super::{add_counters, bump_minute, lock_keys, pg_error};
+use super::{lock_keys, pg_error};
 use crate::outbox::recent_errors;
 use crate::outbox::{ClaimedEvent, SettleOutcome, Settlement, StoreError, now_ms};
 use sqlx::{PgConnection, PgPool, Row};
@@ -24,8 +24,9 @@ pub(super) async fn claim(
     // Candidates without locks: twice the batch, so that heads another
     // instance is claiming right now (their keys are skipped) leave room.
     let candidates: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT id, order_key FROM events WHERE state = 0 AND lease_token IS NULL \
-         AND next_attempt_at <= $1 ORDER BY next_attempt_at, id LIMIT $2",
+        "SELECT e.id, e.order_key FROM events e WHERE e.state = 0 AND e.next_attempt_at <= $1 \
+         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.event_id = e.id) \
+         ORDER BY e.next_attempt_at, e.id LIMIT $2",
     )
     .bind(now)
     .bind((max * 2) as i64)
@@ -54,8 +55,8 @@ pub(super) async fn claim(
     // Re-read under the key locks: a head another instance leased or a
     // settle moved since the candidate read is left alone.
     let heads: Vec<i64> = sqlx::query_scalar(
-        "SELECT h.id FROM events h WHERE h.id = ANY($1) AND h.state = 0 AND h.lease_token IS NULL \
-         AND NOT EXISTS (SELECT 1 FROM events l WHERE l.order_key = h.order_key AND l.lease_token IS NOT NULL) \
+        "SELECT h.id FROM events h WHERE h.id = ANY($1) AND h.state = 0 \
+         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.order_key = h.order_key) \
          ORDER BY h.next_attempt_at, h.id LIMIT $2",
     )
     .bind(&wanted)
@@ -76,7 +77,7 @@ pub(super) async fn claim(
             "SELECT h.id, f.id FROM unnest($1::int8[]) AS h(id) \
              JOIN events he ON he.id = h.id \
              CROSS JOIN LATERAL (SELECT e.id FROM events e WHERE e.order_key = he.order_key \
-                 AND e.state = 5 AND e.lease_token IS NULL AND e.id > he.id ORDER BY e.id LIMIT $2) f",
+                 AND e.state = 5 AND e.id > he.id ORDER BY e.id LIMIT $2) f",
         )
         .bind(&heads)
         .bind(room as i64)
@@ -104,10 +105,14 @@ pub(super) async fn claim(
     // by. With the owner it still fences: a later claim of the same event,
     // by anyone, ends later.
     let until = now + lease.as_millis() as i64;
+    // The key is not leased (checked under its lock), so none of these
+    // events is: each gets a lease row, and the event's own row is not
+    // written at all.
     let rows = sqlx::query(
-        "UPDATE events SET lease_owner = $2, lease_token = $3, lease_until = $3 \
-         WHERE id = ANY($1) \
-         RETURNING id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions, lease_token",
+        "WITH l AS (INSERT INTO leases (event_id, order_key, owner, token, until) \
+             SELECT id, order_key, $2, $3, $3 FROM events WHERE id = ANY($1) RETURNING event_id) \
+         SELECT e.id, e.order_key, e.kind, e.payload, e.attempts, e.accepted_at, e.first_attempt_at, \
+             e.actions, $3::int8 FROM events e JOIN l ON l.event_id = e.id",
     )
     .bind(&ids)
     .bind(me)
@@ -167,18 +172,27 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
     let now = now_ms();
     let mut tx = pool.begin().await.map_err(pg_error)?;
     let keys: Vec<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
-    lock_keys(&mut tx, &keys).await?;
-    // Fencing: only rows that still carry this instance's lease token count.
+    let mut sorted_keys = keys.clone();
+    sorted_keys.sort_unstable();
+    sorted_keys.dedup();
+    // The keys' locks and the fencing in one round trip: only leases that
+    // still carry this instance's token count. The lock orders this settle
+    // against ingest and other settles of the same keys for the statements
+    // after it (a lease row itself is only ever removed under its row lock,
+    // so the fence needs no key lock).
     let ids: Vec<i64> = items.iter().map(|s| s.id).collect();
     let tokens: Vec<i64> = items.iter().map(|s| s.lease).collect();
     let held: Vec<i64> = sqlx::query_scalar(
-        "UPDATE events e SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
-         FROM unnest($1::int8[], $2::int8[]) AS t(id, tok) \
-         WHERE e.id = t.id AND e.lease_token = t.tok AND e.lease_owner = $3 RETURNING e.id",
+        "WITH locked AS (INSERT INTO order_keys (order_key) \
+             SELECT k FROM unnest($4::text[]) AS t(k) ORDER BY k \
+             ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false) \
+         DELETE FROM leases l USING unnest($1::int8[], $2::int8[]) AS t(id, tok) \
+         WHERE l.event_id = t.id AND l.token = t.tok AND l.owner = $3 RETURNING l.event_id",
     )
     .bind(&ids)
     .bind(&tokens)
     .bind(me)
+    .bind(&sorted_keys)
     .fetch_all(&mut *tx)
     .await
     .map_err(pg_error)?;
@@ -221,19 +235,39 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
             SettleOutcome::Held { error, map_as_of } => held_items.push((s, error, *map_as_of)),
         }
     }
-    if !delivered.is_empty() {
-        sqlx::query(
-            "UPDATE events e SET state = 2, finished_at = $3, attempts = e.attempts + 1, \
+    // The delivered events and the settle's bookkeeping (retries counted,
+    // this minute's activity, the instance's last delivery and error) in one
+    // round trip.
+    let failed = (retry.ids.len() + dead.ids.len()) as i64;
+    sqlx::query(
+        "WITH d AS (UPDATE events e SET state = 2, finished_at = $3, attempts = e.attempts + 1, \
              first_attempt_at = t.first FROM unnest($1::int8[], $2::int8[]) AS t(id, first) \
-             WHERE e.id = t.id",
-        )
-        .bind(&delivered)
-        .bind(&del_first)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-    }
+             WHERE e.id = t.id), \
+         c AS (UPDATE counters SET retries = retries + $4 \
+             WHERE shard = txid_current() % 16 AND $4 > 0), \
+         i AS (UPDATE instances SET \
+             last_delivery_at = CASE WHEN $5 > 0 THEN $3 ELSE last_delivery_at END, \
+             last_error = COALESCE($7, last_error), \
+             last_error_at = CASE WHEN $7 IS NULL THEN last_error_at ELSE $3 END \
+             WHERE id = $8 AND ($5 > 0 OR $7 IS NOT NULL)) \
+         INSERT INTO minute_stats (minute, shard, accepted, delivered, failed) \
+         SELECT $9, (txid_current() % 16)::smallint, 0, $5, $6 WHERE $5 + $6 > 0 \
+         ON CONFLICT (minute, shard) DO UPDATE SET \
+             delivered = minute_stats.delivered + excluded.delivered, \
+             failed = minute_stats.failed + excluded.failed",
+    )
+    .bind(&delivered)
+    .bind(&del_first)
+    .bind(now)
+    .bind(retry.ids.len() as i64)
+    .bind(delivered.len() as i64)
+    .bind(failed)
+    .bind(last_error)
+    .bind(me)
+    .bind(now.div_euclid(60_000))
+    .execute(&mut *tx)
+    .await
+    .map_err(pg_error)?;
     // Retried and released events are queued; the normalisation below makes
     // the earliest of each key its head again, keeping its retry time.
     if !retry.ids.is_empty() {
@@ -326,25 +360,6 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
-    let failed = (retry.ids.len() + dead.ids.len()) as i64;
-    add_counters(&mut tx, &[("retries", retry.ids.len() as i64)]).await?;
-    bump_minute(&mut tx, now, 0, delivered.len() as i64, failed).await?;
-    if !delivered.is_empty() || last_error.is_some() {
-        sqlx::query(
-            "UPDATE instances SET \
-             last_delivery_at = CASE WHEN $2 THEN $3 ELSE last_delivery_at END, \
-             last_error = COALESCE($4, last_error), \
-             last_error_at = CASE WHEN $4 IS NULL THEN last_error_at ELSE $3 END \
-             WHERE id = $1",
-        )
-        .bind(me)
-        .bind(!delivered.is_empty())
-        .bind(now)
-        .bind(last_error)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-    }
     record_errors(&mut tx, me, &reports, now).await?;
     tx.commit().await.map_err(pg_error)?;
     Ok(())
@@ -406,18 +421,16 @@ pub(super) async fn normalize(conn: &mut PgConnection, keys: &[&str]) -> Result<
     let heads = "WITH k AS (SELECT DISTINCT unnest($1::text[]) AS key), \
          h AS (SELECT k.key, (SELECT e.id FROM events e WHERE e.order_key = k.key \
                    AND e.state IN (0, 4, 5) ORDER BY e.id LIMIT 1) AS head \
-               FROM k WHERE NOT EXISTS (SELECT 1 FROM events l \
-                   WHERE l.order_key = k.key AND l.lease_token IS NOT NULL)) ";
+               FROM k WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.order_key = k.key)) ";
+    // One statement does both moves: every other head of the key is queued
+    // again, and the lowest active id becomes the head (held stays held).
+    // Each move is found through its own index (a key's heads; the id),
+    // never by walking the key's whole queue.
     sqlx::query(&format!(
-        "{heads} UPDATE events e SET state = 5 FROM h \
-         WHERE e.order_key = h.key AND e.state IN (0, 4) AND e.id > h.head"
-    ))
-    .bind(keys)
-    .execute(&mut *conn)
-    .await
-    .map_err(pg_error)?;
-    sqlx::query(&format!(
-        "{heads} UPDATE events e SET state = 0 FROM h WHERE e.id = h.head AND e.state = 5"
+        "{heads}, t AS (SELECT e.id, 5::int2 AS st FROM h JOIN events e ON e.order_key = h.key \
+                  AND e.state IN (0, 4) AND e.id > h.head \
+              UNION ALL SELECT e.id, 0::int2 FROM h JOIN events e ON e.id = h.head AND e.state = 5) \
+         UPDATE events e SET state = t.st FROM t WHERE e.id = t.id"
     ))
     .bind(keys)
     .execute(&mut *conn)
@@ -435,10 +448,9 @@ pub(super) async fn recover_leases(
     expiry: Duration,
 ) -> Result<u64, StoreError> {
     let dead_before = now - expiry.as_millis() as i64;
-    let stale = "lease_token IS NOT NULL AND (lease_until < $2 OR lease_owner IN \
-                 (SELECT id FROM instances WHERE heartbeat_at < $3))";
+    let stale = "(until < $2 OR owner IN (SELECT id FROM instances WHERE heartbeat_at < $3))";
     let keys: Vec<String> = sqlx::query_scalar(&format!(
-        "SELECT DISTINCT order_key FROM events WHERE {stale} AND $1::int8 IS NULL LIMIT {RECOVER_PAGE}"
+        "SELECT DISTINCT order_key FROM leases WHERE {stale} AND $1::int8 IS NULL LIMIT {RECOVER_PAGE}"
     ))
     .bind(None::<i64>)
     .bind(now)
@@ -452,8 +464,7 @@ pub(super) async fn recover_leases(
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     lock_keys(conn, &keys).await?;
     let r = sqlx::query(&format!(
-        "UPDATE events SET lease_owner = NULL, lease_token = NULL, lease_until = NULL \
-         WHERE order_key = ANY($1) AND {stale}"
+        "DELETE FROM leases WHERE order_key = ANY($1) AND {stale}"
     ))
     .bind(&keys)
     .bind(now)

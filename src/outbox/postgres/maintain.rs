@@ -59,7 +59,7 @@ async fn vacuum_tables(pool: &PgPool) -> Result<bool, sqlx::Error> {
         return Ok(false);
     }
     let vacuumed = sqlx::query(
-        "VACUUM (ANALYZE) counters, order_keys, instances, leaders, minute_stats, meta, \
+        "VACUUM (ANALYZE) counters, order_keys, instances, leaders, leases, minute_stats, meta, \
              message_ids, events",
     )
     .execute(&mut *conn)
@@ -182,7 +182,7 @@ pub(super) async fn maintain(
     // one, and status reads each one's recent errors.
     sqlx::query(
         "DELETE FROM instances i WHERE i.heartbeat_at < $1 \
-         AND NOT EXISTS (SELECT 1 FROM events e WHERE e.lease_owner = i.id AND e.lease_token IS NOT NULL)",
+         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.owner = i.id)",
     )
     .bind(now - INSTANCE_RETENTION_MS)
     .execute(&mut *tx)

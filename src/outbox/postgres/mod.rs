@@ -19,10 +19,12 @@
 //! with the queued events behind it, in id order, under one lease token. So
 //! a key is in flight under at most one lease anywhere, its events go out in
 //! commit order, and a retried, released or held head stays the head, with
-//! everything behind it waiting. A lease is (owner instance, token, expiry):
-//! a settle counts only for rows that still carry its owner and token, and
-//! leases come back (under the key lock, then normalised) when they expire or
-//! when their owner's heartbeat is older than the instance expiry.
+//! everything behind it waiting. A lease is a row of `leases` (event, key,
+//! owner instance, token, expiry), so a claim and its settle write a small
+//! row, not the event's: a settle counts only for leases that still carry
+//! its owner and token, and leases come back (under the key lock, then
+//! normalised) when they expire or when their owner's heartbeat is older
+//! than the instance expiry.
 
 mod audience;
 mod delivery;
@@ -559,60 +561,6 @@ async fn lock_keys(conn: &mut sqlx::PgConnection, keys: &[&str]) -> Result<(), S
          ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false",
     )
     .bind(&sorted)
-    .execute(&mut *conn)
-    .await
-    .map_err(pg_error)?;
-    Ok(())
-}
-
-/// Adds deltas to the transaction's shard of the counters. The names are
-/// columns of `counters` and come from this module only.
-async fn add_counters(
-    conn: &mut sqlx::PgConnection,
-    deltas: &[(&'static str, i64)],
-) -> Result<(), StoreError> {
-    let deltas: Vec<&(&str, i64)> = deltas.iter().filter(|(_, n)| *n != 0).collect();
-    if deltas.is_empty() {
-        return Ok(());
-    }
-    let sets: Vec<String> = deltas
-        .iter()
-        .enumerate()
-        .map(|(i, (name, _))| format!("{name} = {name} + ${}", i + 1))
-        .collect();
-    let sql = format!(
-        "UPDATE counters SET {} WHERE shard = txid_current() % 16",
-        sets.join(", ")
-    );
-    let mut q = sqlx::query(&sql);
-    for (_, n) in deltas {
-        q = q.bind(*n);
-    }
-    q.execute(&mut *conn).await.map_err(pg_error)?;
-    Ok(())
-}
-
-/// Adds to this minute's activity, in the transaction's shard.
-async fn bump_minute(
-    conn: &mut sqlx::PgConnection,
-    now: i64,
-    accepted: i64,
-    delivered: i64,
-    failed: i64,
-) -> Result<(), StoreError> {
-    if accepted == 0 && delivered == 0 && failed == 0 {
-        return Ok(());
-    }
-    sqlx::query(
-        "INSERT INTO minute_stats (minute, shard, accepted, delivered, failed) \
-         VALUES ($1, (txid_current() % 16)::smallint, $2, $3, $4) \
-         ON CONFLICT (minute, shard) DO UPDATE SET accepted = minute_stats.accepted + excluded.accepted, \
-         delivered = minute_stats.delivered + excluded.delivered, failed = minute_stats.failed + excluded.failed",
-    )
-    .bind(now.div_euclid(60_000))
-    .bind(accepted)
-    .bind(delivered)
-    .bind(failed)
     .execute(&mut *conn)
     .await
     .map_err(pg_error)?;

@@ -3,7 +3,7 @@
 //! Every statement covers the whole group (arrays through `unnest`), so a
 //! group costs the same few round trips however many events it holds.
 
-use super::{PgConfig, add_counters, bump_minute, lock_keys, pg_error, retryable};
+use super::{PgConfig, lock_keys, pg_error, retryable};
 use crate::outbox::{EventState, IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
@@ -22,23 +22,57 @@ pub(super) struct Request {
     pub reply: oneshot::Sender<Result<IngestReceipt, StoreError>>,
 }
 
+/// Groups in flight at once. A group's commit waits for its WAL flush;
+/// meanwhile a second group runs its statements, so the round trips of one
+/// overlap the disk wait of the other, and the server flushes both commits
+/// together when they meet. The key locks order the two groups exactly as
+/// they order two instances.
+const COMMITTERS: usize = 4;
+
 pub(super) async fn run(
     pool: PgPool,
     config: PgConfig,
     stored: Arc<Notify>,
-    mut rx: mpsc::Receiver<Request>,
+    rx: mpsc::Receiver<Request>,
+) {
+    let rx = tokio::sync::Mutex::new(rx);
+    let committers = (0..COMMITTERS).map(|_| committer(&pool, &config, &stored, &rx));
+    futures_util::future::join_all(committers).await;
+}
+
+/// Takes whatever is queued (after waiting for the first request) as one
+/// group, commits it, answers, and goes again, until the queue closes.
+async fn committer(
+    pool: &PgPool,
+    config: &PgConfig,
+    stored: &Notify,
+    rx: &tokio::sync::Mutex<mpsc::Receiver<Request>>,
 ) {
     let mut group: Vec<Request> = Vec::with_capacity(GROUP_CAP);
-    while let Some(first) = rx.recv().await {
-        group.push(first);
-        while group.len() < GROUP_CAP {
-            match rx.try_recv() {
-                Ok(r) => group.push(r),
-                Err(_) => break,
+    loop {
+        {
+            let mut rx = rx.lock().await;
+            let Some(first) = rx.recv().await else {
+                return;
+            };
+            group.push(first);
+            while group.len() < GROUP_CAP {
+                match rx.try_recv() {
+                    Ok(r) => group.push(r),
+                    Err(_) => break,
+                }
             }
         }
         let requests: Vec<&[NewEvent]> = group.iter().map(|r| r.events.as_slice()).collect();
-        let result = commit_with_retry(&pool, &config, &requests).await;
+        let started = std::time::Instant::now();
+        let result = commit_with_retry(pool, config, &requests).await;
+        tracing::trace!(
+            requests = requests.len(),
+            events = requests.iter().map(|r| r.len()).sum::<usize>(),
+            micros = started.elapsed().as_micros() as u64,
+            ok = result.is_ok(),
+            "ingest group"
+        );
         match result {
             Ok(receipts) => {
                 for (r, receipt) in group.drain(..).zip(receipts) {
@@ -63,7 +97,7 @@ pub(super) async fn run(
                 // One request's failure must not fail its neighbours.
                 for r in group.drain(..) {
                     let single = [r.events.as_slice()];
-                    let result = commit_with_retry(&pool, &config, &single)
+                    let result = commit_with_retry(pool, config, &single)
                         .await
                         .map(|mut v| v.pop().unwrap_or_default());
                     let _ = r.reply.send(result);
@@ -123,14 +157,23 @@ async fn commit_group(
             }
         }
     }
-    lock_keys(&mut tx, &keys).await?;
-
+    // The keys' locks and the backlog in one round trip. The backlog is
+    // read from a snapshot taken before the locks were granted: it is a
+    // limit across instances that are all adding to it, never exact.
+    let mut sorted_keys = keys;
+    sorted_keys.sort_unstable();
+    sorted_keys.dedup();
+    let backlog: i64 = sqlx::query_scalar(
+        "WITH locked AS (INSERT INTO order_keys (order_key) \
+             SELECT k FROM unnest($1::text[]) AS t(k) ORDER BY k \
+             ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false) \
+         SELECT COALESCE(sum(s0 + s4 + s5), 0)::bigint FROM counters",
+    )
+    .bind(&sorted_keys)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(pg_error)?;
     let total = all().filter(|e| e.forward).count() as u64;
-    let backlog: i64 =
-        sqlx::query_scalar("SELECT COALESCE(sum(s0 + s4 + s5), 0)::bigint FROM counters")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(pg_error)?;
     if total > 0 && backlog.max(0) as u64 + total > config.max_backlog {
         return Err(StoreError::Backlog(config.max_backlog));
     }
@@ -148,23 +191,46 @@ async fn commit_group(
         }
     }
     let cutoff = now - config.dedup_window.as_millis() as i64;
-    let fresh_rows: Vec<(String, String)> = sqlx::query_as(
-        "INSERT INTO message_ids (source, message_id, seen_at) \
-         SELECT s, m, $3 FROM unnest($1::text[], $2::text[]) AS t(s, m) ORDER BY s, m \
-         ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
-         WHERE message_ids.seen_at < $4 RETURNING source, message_id",
+    // Which of the group's keys already have an active event, asked of every
+    // key the group would append to (the duplicates among them are not yet
+    // known), in the same round trip as the dedup upsert. The key locks,
+    // taken by the statement before, make the answer hold until commit.
+    let mut append_keys: Vec<&str> = all()
+        .filter(|e| e.forward)
+        .map(|e| e.order_key.as_str())
+        .collect();
+    append_keys.sort_unstable();
+    append_keys.dedup();
+    let rows: Vec<(bool, String, Option<String>)> = sqlx::query_as(
+        "WITH fresh AS (INSERT INTO message_ids (source, message_id, seen_at) \
+             SELECT s, m, $3 FROM unnest($1::text[], $2::text[]) AS t(s, m) ORDER BY s, m \
+             ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
+             WHERE message_ids.seen_at < $4 RETURNING source, message_id) \
+         SELECT true, source, message_id FROM fresh \
+         UNION ALL \
+         SELECT false, k, NULL FROM unnest($5::text[]) AS b(k) WHERE EXISTS \
+             (SELECT 1 FROM events e WHERE e.order_key = b.k AND e.state IN (0, 4, 5))",
     )
     .bind(&sources)
     .bind(&ids)
     .bind(now)
     .bind(cutoff)
+    .bind(&append_keys)
     .fetch_all(&mut *tx)
     .await
     .map_err(pg_error)?;
-    let fresh: HashSet<(&str, &str)> = fresh_rows
-        .iter()
-        .map(|(s, m)| (s.as_str(), m.as_str()))
-        .collect();
+    let mut fresh: HashSet<(&str, &str)> = HashSet::new();
+    let mut active: HashSet<&str> = HashSet::new();
+    for (is_fresh, a, b) in &rows {
+        match (is_fresh, b) {
+            (true, Some(m)) => {
+                fresh.insert((a.as_str(), m.as_str()));
+            }
+            _ => {
+                active.insert(a.as_str());
+            }
+        }
+    }
 
     let mut receipts = Vec::with_capacity(requests.len());
     let mut taken: HashSet<(&str, &str)> = HashSet::new();
@@ -193,52 +259,6 @@ async fn commit_group(
             receipt.stored += 1;
         }
         receipts.push(receipt);
-    }
-
-    if !to_store.is_empty() {
-        let mut distinct: Vec<&str> = to_store.iter().map(|e| e.order_key.as_str()).collect();
-        distinct.sort_unstable();
-        distinct.dedup();
-        // Keys already active stay as they are; for the others the first
-        // event of the group becomes the head. The key locks make this
-        // answer hold until commit.
-        let busy: Vec<String> = sqlx::query_scalar(
-            "SELECT k FROM unnest($1::text[]) AS t(k) WHERE EXISTS \
-             (SELECT 1 FROM events e WHERE e.order_key = t.k AND e.state IN (0, 4, 5))",
-        )
-        .bind(&distinct)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-        let mut active: HashSet<&str> = busy.iter().map(String::as_str).collect();
-        let states: Vec<i16> = to_store
-            .iter()
-            .map(|e| {
-                if active.insert(e.order_key.as_str()) {
-                    EventState::Pending.code() as i16
-                } else {
-                    EventState::Queued.code() as i16
-                }
-            })
-            .collect();
-        let col = |f: fn(&NewEvent) -> &str| to_store.iter().map(|e| f(e)).collect::<Vec<&str>>();
-        // Ids are assigned in the order of the rows (the group's order).
-        sqlx::query(
-            "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) \
-             SELECT s, m, k, o, p, st, $7, $7 \
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[]) \
-                  WITH ORDINALITY AS t(s, m, k, o, p, st, n) ORDER BY n",
-        )
-        .bind(col(|e| &e.source))
-        .bind(col(|e| &e.message_id))
-        .bind(col(|e| e.kind))
-        .bind(col(|e| &e.order_key))
-        .bind(col(|e| &e.payload))
-        .bind(&states)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg_error)?;
     }
 
     // Identifies and groups (ids, no alias) share a few statements for the
@@ -271,18 +291,54 @@ async fn commit_group(
         .map_err(pg_error)?;
     }
 
+    // The events, the group's counters and its minute of activity in one
+    // round trip (the events' own trigger counts their states after it).
+    let states: Vec<i16> = to_store
+        .iter()
+        .map(|e| {
+            if active.insert(e.order_key.as_str()) {
+                EventState::Pending.code() as i16
+            } else {
+                EventState::Queued.code() as i16
+            }
+        })
+        .collect();
+    let col = |f: fn(&NewEvent) -> &str| to_store.iter().map(|e| f(e)).collect::<Vec<&str>>();
     let sum = |f: fn(&IngestReceipt) -> usize| receipts.iter().map(f).sum::<usize>() as i64;
-    let accepted = sum(|r| r.stored);
-    add_counters(
-        &mut tx,
-        &[
-            ("accepted", accepted),
-            ("duplicates", sum(|r| r.duplicates)),
-            ("filtered", sum(|r| r.filtered)),
-        ],
-    )
-    .await?;
-    bump_minute(&mut tx, now, accepted, 0, 0).await?;
+    let (accepted, duplicates, filtered) = (
+        sum(|r| r.stored),
+        sum(|r| r.duplicates),
+        sum(|r| r.filtered),
+    );
+    if accepted + duplicates + filtered > 0 {
+        // Ids are assigned in the order of the rows (the group's order).
+        sqlx::query(
+            "WITH ins AS (INSERT INTO events \
+                 (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) \
+                 SELECT s, m, k, o, p, st, $7, $7 \
+                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[]) \
+                      WITH ORDINALITY AS t(s, m, k, o, p, st, n) ORDER BY n), \
+             c AS (UPDATE counters SET accepted = accepted + $8, duplicates = duplicates + $9, \
+                 filtered = filtered + $10 WHERE shard = txid_current() % 16) \
+             INSERT INTO minute_stats (minute, shard, accepted, delivered, failed) \
+             SELECT $11, (txid_current() % 16)::smallint, $8, 0, 0 WHERE $8 > 0 \
+             ON CONFLICT (minute, shard) DO UPDATE SET accepted = minute_stats.accepted + excluded.accepted",
+        )
+        .bind(col(|e| &e.source))
+        .bind(col(|e| &e.message_id))
+        .bind(col(|e| e.kind))
+        .bind(col(|e| &e.order_key))
+        .bind(col(|e| &e.payload))
+        .bind(&states)
+        .bind(now)
+        .bind(accepted)
+        .bind(duplicates)
+        .bind(filtered)
+        .bind(now.div_euclid(60_000))
+        .execute(&mut *tx)
+        .await
+        .map_err(pg_error)?;
+    }
     tx.commit().await.map_err(pg_error)?;
     Ok(receipts)
 }

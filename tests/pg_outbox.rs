@@ -1074,3 +1074,48 @@ async fn an_upgrade_gives_back_the_leases_the_older_schema_held() {
     let s = a.status().await.unwrap();
     assert_eq!((s.pending, s.in_flight, s.delivered), (0, 0, 1), "{s:?}");
 }
+
+/// The read-only queries that docs/operator.md gives for PostgreSQL name
+/// the schema's tables and columns: each runs on an outbox with events in
+/// every state but dead, and one in flight, so a schema change that
+/// would leave an operator's query failing at 3 a.m. fails here first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_guides_queries_run_on_the_schema() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("u1", "m1"), ev("u1", "m2"), ev("u2", "m3")])
+        .await
+        .unwrap();
+    let claimed = a.claim(1, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    let guide = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operator.md"))
+        .expect("docs/operator.md");
+    let section = guide
+        .split("\n## PostgreSQL")
+        .nth(1)
+        .expect("docs/operator.md has a PostgreSQL section");
+    let section = section.split("\n## ").next().unwrap_or(section);
+    let mut ran = 0;
+    for block in section.split("```sql\n").skip(1) {
+        let sql = block.split("```").next().unwrap_or_default().trim();
+        // The guide's settings changes are advice, not reads.
+        if sql.starts_with("ALTER") {
+            continue;
+        }
+        let mut conn = db.conn().await;
+        sqlx::raw_sql(sql)
+            .execute(&mut conn)
+            .await
+            .unwrap_or_else(|e| panic!("the guide's query fails: {e}\n{sql}"));
+        ran += 1;
+    }
+    assert!(ran >= 10, "only {ran} queries found in the guide");
+    let mut conn = db.conn().await;
+    let in_flight: i64 = sqlx::query_scalar(
+        "SELECT count(l.event_id) FROM events e LEFT JOIN leases l ON l.event_id = e.id",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(in_flight, 1);
+}

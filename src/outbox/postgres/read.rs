@@ -12,12 +12,6 @@ use sqlx::{PgPool, Row};
 use std::collections::HashMap;
 
 pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
-    let mut tx = pool.begin().await.map_err(pg_error)?;
-    // One snapshot for every figure.
-    sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
-        .execute(&mut *tx)
-        .await
-        .map_err(pg_error)?;
     let names = [
         "s0",
         "s3",
@@ -35,74 +29,84 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
         .iter()
         .map(|n| format!("COALESCE(sum({n}), 0)::bigint"))
         .collect();
-    let row = sqlx::query(&format!("SELECT {} FROM counters", sums.join(", ")))
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-    let counts: HashMap<&str, i64> = names
-        .iter()
-        .enumerate()
-        .map(|(i, n)| (*n, row.get::<i64, _>(i)))
-        .collect();
-    let meta: HashMap<String, String> =
-        sqlx::query_as("SELECT name, value FROM meta WHERE value IS NOT NULL")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(pg_error)?
-            .into_iter()
-            .collect();
-    let (last_delivery, last_error, last_error_at): (Option<i64>, Option<String>, Option<i64>) =
-        sqlx::query_as(
-            "SELECT (SELECT max(last_delivery_at) FROM instances), e.last_error, e.last_error_at \
-             FROM (SELECT 1) one LEFT JOIN LATERAL (SELECT last_error, last_error_at FROM instances \
-             WHERE last_error_at IS NOT NULL ORDER BY last_error_at DESC LIMIT 1) e ON true",
-        )
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-    let rings: Vec<Option<String>> =
-        sqlx::query_scalar("SELECT recent_errors FROM instances WHERE recent_errors IS NOT NULL")
-            .fetch_all(&mut *tx)
-            .await
-            .map_err(pg_error)?;
-    // Newest first across instances (RFC 3339 in UTC sorts as text).
-    let mut recent: Vec<RecentError> = rings
-        .iter()
-        .flat_map(|r| recent_errors::parse(r.as_deref()))
-        .collect();
-    recent.sort_by(|a, b| b.at.cmp(&a.at));
-    recent.truncate(recent_errors::KEEP);
+    let now = now_ms();
+    let this_minute = now.div_euclid(60_000);
+    let since = this_minute - (PER_MINUTE_WINDOW - 1);
+    // Every figure in one statement: one snapshot without a transaction,
+    // and one round trip (a status read under load waited for nine).
+    //
     // Ids grow with commit order per key, and a key's head is its lowest
     // active id: the first head not held is the oldest event that can be
     // sent. Events queued behind a held head cannot be, and count with the
     // held (as on SQLite). Their number is read per held key through the
     // key index: the cost follows the held users' queues, not the backlog.
-    let (oldest, oldest_held, held_queued): (Option<i64>, Option<i64>, i64) = sqlx::query_as(
-        "SELECT (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1), \
-                (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1), \
-                (SELECT coalesce(sum(q.n), 0)::bigint FROM \
-                    (SELECT DISTINCT order_key FROM events WHERE state = 4) h \
-                  CROSS JOIN LATERAL (SELECT count(*) AS n FROM events e \
-                    WHERE e.order_key = h.order_key AND e.state IN (0, 4, 5) AND e.state = 5) q)",
-    )
-    .fetch_one(&mut *tx)
+    let row = sqlx::query(&format!(
+        "SELECT {sums}, \
+            (SELECT json_object_agg(name, value) FROM meta WHERE value IS NOT NULL)::text, \
+            (SELECT max(last_delivery_at) FROM instances), \
+            e.last_error, e.last_error_at, \
+            (SELECT array_agg(recent_errors) FROM instances WHERE recent_errors IS NOT NULL), \
+            (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1), \
+            (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1), \
+            (SELECT coalesce(sum(q.n), 0)::bigint FROM \
+                (SELECT DISTINCT order_key FROM events WHERE state = 4) h \
+              CROSS JOIN LATERAL (SELECT count(*) AS n FROM events e \
+                WHERE e.order_key = h.order_key AND e.state IN (0, 4, 5) AND e.state = 5) q), \
+            (SELECT json_agg(json_build_array(minute, a, d, f))::text FROM \
+                (SELECT minute, sum(accepted)::bigint AS a, sum(delivered)::bigint AS d, \
+                        sum(failed)::bigint AS f \
+                 FROM minute_stats WHERE minute >= $1 GROUP BY minute) m) \
+         FROM counters \
+         LEFT JOIN LATERAL (SELECT last_error, last_error_at FROM instances \
+             WHERE last_error_at IS NOT NULL ORDER BY last_error_at DESC LIMIT 1) e ON true \
+         GROUP BY e.last_error, e.last_error_at",
+        sums = sums.join(", ")
+    ))
+    .bind(since)
+    .fetch_one(pool)
     .await
     .map_err(pg_error)?;
-    let now = now_ms();
-    let this_minute = now.div_euclid(60_000);
-    let since = this_minute - (PER_MINUTE_WINDOW - 1);
-    let rows: HashMap<i64, (i64, i64, i64)> = sqlx::query(
-        "SELECT minute, sum(accepted)::bigint, sum(delivered)::bigint, sum(failed)::bigint \
-         FROM minute_stats WHERE minute >= $1 GROUP BY minute",
-    )
-    .bind(since)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(pg_error)?
-    .into_iter()
-    .map(|r| (r.get::<i64, _>(0), (r.get(1), r.get(2), r.get(3))))
-    .collect();
-    tx.commit().await.map_err(pg_error)?;
+    let counts: HashMap<&str, i64> = names
+        .iter()
+        .enumerate()
+        .map(|(i, n)| (*n, row.get::<i64, _>(i)))
+        .collect();
+    let at = names.len();
+    let meta: HashMap<String, Option<String>> = row
+        .get::<Option<String>, _>(at)
+        .and_then(|j| serde_json::from_str(&j).ok())
+        .unwrap_or_default();
+    let meta: HashMap<String, String> = meta
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k, v)))
+        .collect();
+    let last_delivery: Option<i64> = row.get(at + 1);
+    let last_error: Option<String> = row.get(at + 2);
+    let last_error_at: Option<i64> = row.get(at + 3);
+    let rings: Vec<String> = row
+        .get::<Option<Vec<String>>, _>(at + 4)
+        .unwrap_or_default();
+    let (oldest, oldest_held, held_queued): (Option<i64>, Option<i64>, i64) =
+        (row.get(at + 5), row.get(at + 6), row.get(at + 7));
+    let minutes: Vec<(i64, i64, i64, i64)> = row
+        .get::<Option<String>, _>(at + 8)
+        .map(|j| {
+            serde_json::from_str(&j)
+                .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
+        })
+        .transpose()?
+        .unwrap_or_default();
+    let rows: HashMap<i64, (i64, i64, i64)> = minutes
+        .into_iter()
+        .map(|(m, a, d, f)| (m, (a, d, f)))
+        .collect();
+    // Newest first across instances (RFC 3339 in UTC sorts as text).
+    let mut recent: Vec<RecentError> = rings
+        .iter()
+        .flat_map(|r| recent_errors::parse(Some(r.as_str())))
+        .collect();
+    recent.sort_by(|a, b| b.at.cmp(&a.at));
+    recent.truncate(recent_errors::KEEP);
     let per_minute = crate::outbox::status::per_minute_series(since, this_minute, &rows);
     let age = |t: Option<i64>| t.map(|o| ((now - o).max(0) as f64) / 1000.0).unwrap_or(0.0);
     let c = |n: &str| counts.get(n).copied().unwrap_or(0);

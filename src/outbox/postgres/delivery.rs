@@ -5,7 +5,7 @@ use super::{lock_keys, pg_error};
 use crate::outbox::recent_errors;
 use crate::outbox::{ClaimedEvent, SettleOutcome, Settlement, StoreError, now_ms};
 use sqlx::{PgConnection, PgPool, Row};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::time::Duration;
 
 /// Failed attempts remembered per event for dead-letter inspection.
@@ -21,106 +21,63 @@ pub(super) async fn claim(
 ) -> Result<Vec<ClaimedEvent>, StoreError> {
     let now = now_ms();
     let mut tx = pool.begin().await.map_err(pg_error)?;
-    // Candidates without locks: twice the batch, so that heads another
-    // instance is claiming right now (their keys are skipped) leave room.
-    let candidates: Vec<(i64, String)> = sqlx::query_as(
-        "SELECT e.id, e.order_key FROM events e WHERE e.state = 0 AND e.next_attempt_at <= $1 \
-         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.event_id = e.id) \
-         ORDER BY e.next_attempt_at, e.id LIMIT $2",
+    // The keys of the oldest due, unleased heads, locked without waiting:
+    // a key another instance (or worker) is changing right now is skipped
+    // this round. Half as many candidates again as the batch, so that the
+    // skipped ones leave room.
+    let locked: Vec<String> = sqlx::query_scalar(
+        "SELECT k.order_key FROM order_keys k WHERE k.order_key = ANY(ARRAY( \
+             SELECT e.order_key FROM events e WHERE e.state = 0 AND e.next_attempt_at <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.event_id = e.id) \
+             ORDER BY e.next_attempt_at, e.id LIMIT $2)) \
+         ORDER BY k.order_key FOR UPDATE SKIP LOCKED",
     )
     .bind(now)
-    .bind((max * 2) as i64)
+    .bind((max + max / 2) as i64)
     .fetch_all(&mut *tx)
     .await
     .map_err(pg_error)?;
-    if candidates.is_empty() {
+    if locked.is_empty() {
         tx.commit().await.map_err(pg_error)?;
         return Ok(Vec::new());
     }
-    let keys: Vec<&str> = candidates.iter().map(|(_, k)| k.as_str()).collect();
-    let locked: Vec<String> = sqlx::query_scalar(
-        "SELECT order_key FROM order_keys WHERE order_key = ANY($1) ORDER BY order_key \
-         FOR UPDATE SKIP LOCKED",
-    )
-    .bind(&keys)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(pg_error)?;
-    let locked: HashSet<&str> = locked.iter().map(String::as_str).collect();
-    let wanted: Vec<i64> = candidates
-        .iter()
-        .filter(|(_, k)| locked.contains(k.as_str()))
-        .map(|(id, _)| *id)
-        .collect();
-    // Re-read under the key locks: a head another instance leased or a
-    // settle moved since the candidate read is left alone.
-    let heads: Vec<i64> = sqlx::query_scalar(
-        "SELECT h.id FROM events h WHERE h.id = ANY($1) AND h.state = 0 \
-         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.order_key = h.order_key) \
-         ORDER BY h.next_attempt_at, h.id LIMIT $2",
-    )
-    .bind(&wanted)
-    .bind(max as i64)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(pg_error)?;
-    if heads.is_empty() {
-        tx.commit().await.map_err(pg_error)?;
-        return Ok(Vec::new());
-    }
-    // Each head brings the events queued behind it, in order, before the
-    // next head is taken. The room per head is what the heads leave free.
-    let room = max - heads.len();
-    let mut followers: HashMap<i64, Vec<i64>> = HashMap::new();
-    if room > 0 {
-        let rows: Vec<(i64, i64)> = sqlx::query_as(
-            "SELECT h.id, f.id FROM unnest($1::int8[]) AS h(id) \
-             JOIN events he ON he.id = h.id \
-             CROSS JOIN LATERAL (SELECT e.id FROM events e WHERE e.order_key = he.order_key \
-                 AND e.state = 5 AND e.id > he.id ORDER BY e.id LIMIT $2) f",
-        )
-        .bind(&heads)
-        .bind(room as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-        for (h, f) in rows {
-            followers.entry(h).or_default().push(f);
-        }
-    }
-    let mut ids: Vec<i64> = Vec::with_capacity(max);
-    for h in &heads {
-        if ids.len() >= max {
-            // Heads that do not fit stay due for the next claim.
-            break;
-        }
-        ids.push(*h);
-        let mut behind = followers.remove(h).unwrap_or_default();
-        behind.sort_unstable();
-        let fit = (max - ids.len()).min(behind.len());
-        ids.extend(behind.into_iter().take(fit));
-    }
-    // The token handed to the worker is the lease's expiry (ms), as in the
-    // SQLite outbox: delivery reads it as the time its requests must end
-    // by. With the owner it still fences: a later claim of the same event,
-    // by anyone, ends later.
+    // Under the key locks, in one statement: the keys' heads read again (a
+    // head another instance leased, or a settle moved, since the candidate
+    // read is left alone), each head followed by the events queued behind
+    // it in id order before the next head is taken, the first `max` of
+    // those leased, and their rows returned. The key is not leased, so none
+    // of its events is; the events' own rows are not written.
     let until = now + lease.as_millis() as i64;
-    // The key is not leased (checked under its lock), so none of these
-    // events is: each gets a lease row, and the event's own row is not
-    // written at all.
     let rows = sqlx::query(
-        "WITH l AS (INSERT INTO leases (event_id, order_key, owner, token, until) \
-             SELECT id, order_key, $2, $3, $3 FROM events WHERE id = ANY($1) RETURNING event_id) \
-         SELECT e.id, e.order_key, e.kind, e.payload, e.attempts, e.accepted_at, e.first_attempt_at, \
-             e.actions, $3::int8 FROM events e JOIN l ON l.event_id = e.id",
+        "WITH heads AS (SELECT h.id, h.order_key, \
+                 row_number() OVER (ORDER BY h.next_attempt_at, h.id) AS pos \
+             FROM events h WHERE h.order_key = ANY($1) AND h.state = 0 AND h.next_attempt_at <= $5 \
+             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.order_key = h.order_key) \
+             ORDER BY h.next_attempt_at, h.id LIMIT $2), \
+         picked AS (SELECT id, order_key, pos, 0::int8 AS sub FROM heads \
+             UNION ALL \
+             SELECT f.id, h.order_key, h.pos, f.id FROM heads h CROSS JOIN LATERAL \
+                 (SELECT e.id FROM events e WHERE e.order_key = h.order_key AND e.state = 5 \
+                  AND e.id > h.id ORDER BY e.id LIMIT (SELECT $2 - count(*) FROM heads)) f), \
+         chosen AS (SELECT id, order_key FROM picked ORDER BY pos, sub LIMIT $2), \
+         l AS (INSERT INTO leases (event_id, order_key, owner, token, until) \
+             SELECT id, order_key, $3, $4, $4 FROM chosen RETURNING event_id) \
+         SELECT e.id, e.order_key, e.kind, e.payload, e.attempts, e.accepted_at, \
+             e.first_attempt_at, e.actions FROM events e JOIN l ON l.event_id = e.id",
     )
-    .bind(&ids)
+    .bind(&locked)
+    .bind(max as i64)
     .bind(me)
     .bind(until)
+    .bind(now)
     .fetch_all(&mut *tx)
     .await
     .map_err(pg_error)?;
     tx.commit().await.map_err(pg_error)?;
+    // The token handed to the worker is the lease's expiry (ms), as in the
+    // SQLite outbox: delivery reads it as the time its requests must end
+    // by. With the owner it still fences: a later claim of the same event,
+    // by anyone, ends later.
     let mut claimed: Vec<ClaimedEvent> = rows
         .into_iter()
         .map(|r| ClaimedEvent {
@@ -131,7 +88,7 @@ pub(super) async fn claim(
             attempts: r.get::<i32, _>(4) as i64 + 1,
             accepted_at: r.get(5),
             first_attempt_at: r.get::<Option<i64>, _>(6).unwrap_or(now),
-            lease: r.get(8),
+            lease: until,
             claimed_at: now,
             actions: r.get(7),
         })

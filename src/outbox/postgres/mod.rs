@@ -327,7 +327,16 @@ impl PgOutbox {
         }
         let pool = &self.inner.pool;
         let me = self.inner.instance;
-        with_retry(|| delivery::claim(pool, me, max, lease)).await
+        let started = std::time::Instant::now();
+        let claimed = with_retry(|| delivery::claim(pool, me, max, lease)).await;
+        if let Ok(c) = &claimed {
+            tracing::trace!(
+                events = c.len(),
+                micros = started.elapsed().as_micros() as u64,
+                "claim"
+            );
+        }
+        claimed
     }
 
     /// Records outcomes, atomically for the batch; outcomes whose lease this
@@ -339,7 +348,15 @@ impl PgOutbox {
         let pool = &self.inner.pool;
         let me = self.inner.instance;
         let items = &items;
-        with_retry(|| delivery::settle(pool, me, items)).await
+        let started = std::time::Instant::now();
+        let settled = with_retry(|| delivery::settle(pool, me, items)).await;
+        tracing::trace!(
+            events = items.len(),
+            micros = started.elapsed().as_micros() as u64,
+            ok = settled.is_ok(),
+            "settle"
+        );
+        settled
     }
 
     /// Proves this instance alive now (the background task does it every

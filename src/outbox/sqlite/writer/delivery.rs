@@ -3,8 +3,28 @@
 
 use super::*;
 
+/// Claims up to `max` due events. Every statement runs as a direct call
+/// under one lock of the connection (see direct.rs): a claim of events that
+/// each have a user of their own looks up the followers of every head, and
+/// through sqlx each of those lookups was a hand-off to the connection's
+/// thread, most of the claim's time.
 pub(super) async fn claim(
     conn: &mut SqliteConnection,
+    statements: &mut StatementCache,
+    max: usize,
+    lease: Duration,
+    now: i64,
+) -> Result<Vec<ClaimedEvent>, StoreError> {
+    let mut handle = conn.lock_handle().await.map_err(db)?;
+    // SAFETY: the handle stays locked until `handle` drops at the end of
+    // this function, and `d` does not outlive it.
+    let d = unsafe { Db::new(handle.as_raw_handle()) };
+    claim_locked(&d, statements, max, lease, now)
+}
+
+fn claim_locked(
+    d: &Db,
+    statements: &mut StatementCache,
     max: usize,
     lease: Duration,
     now: i64,
@@ -12,15 +32,20 @@ pub(super) async fn claim(
     // Leased heads stay in events_due (a claim writes only to `leases`), so
     // the scan steps over at most the pool's in-flight heads. Ids only: the
     // index covers them, and a head's row is read only if the head is used.
-    let heads: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM events INDEXED BY events_due WHERE state = 0 AND next_attempt_at <= ? \
-         AND id NOT IN (SELECT id FROM leases) ORDER BY next_attempt_at, id LIMIT ?",
-    )
-    .bind(now)
-    .bind(max as i64)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?;
+    let mut heads: Vec<(i64, String)> = Vec::new();
+    {
+        let mut q = d.statement(
+            statements,
+            "SELECT e.id, e.order_key FROM (SELECT id FROM events INDEXED BY events_due \
+             WHERE state = 0 AND next_attempt_at <= ?1 AND id NOT IN (SELECT id FROM leases) \
+             ORDER BY next_attempt_at, id LIMIT ?2) h JOIN events e ON e.id = h.id",
+        )?;
+        q.int(1, now)?;
+        q.int(2, max as i64)?;
+        while q.step()? == Step::Row {
+            heads.push((q.column_int(0), q.column_text(1)));
+        }
+    }
     if heads.is_empty() {
         return Ok(Vec::new());
     }
@@ -29,60 +54,63 @@ pub(super) async fn claim(
     // head to promote per batch, and heads that do not fit stay pending for
     // the next claim.
     let mut ids: Vec<i64> = Vec::with_capacity(max);
-    for head in heads {
+    for (head, key) in &heads {
         if ids.len() >= max {
             break;
         }
-        ids.push(head);
+        ids.push(*head);
         let room = max - ids.len();
         if room == 0 {
             break;
         }
-        let followers: Vec<i64> = sqlx::query_scalar(
+        let mut q = d.statement(
+            statements,
             "SELECT id FROM events INDEXED BY events_key \
-             WHERE order_key = (SELECT order_key FROM events WHERE id = ?) \
-             AND state IN (0, 1, 4, 5) AND state = 5 \
-             AND id NOT IN (SELECT id FROM leases) ORDER BY id LIMIT ?",
-        )
-        .bind(head)
-        .bind(room as i64)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db)?;
-        ids.extend(followers);
+             WHERE order_key = ?1 AND state IN (0, 1, 4, 5) AND state = 5 \
+             AND id NOT IN (SELECT id FROM leases) ORDER BY id LIMIT ?2",
+        )?;
+        q.text(1, key)?;
+        q.int(2, room as i64)?;
+        while q.step()? == Step::Row {
+            ids.push(q.column_int(0));
+        }
     }
+    ids.sort_unstable();
     let lease_until = now + lease.as_millis() as i64;
-    let json = serde_json::to_string(&ids).expect("ids serialise");
-    sqlx::query("INSERT INTO leases (id, lease_until) SELECT value, ? FROM json_each(?)")
-        .bind(lease_until)
-        .bind(&json)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    let rows = sqlx::query(
-        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
-         FROM events WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
-    )
-    .bind(json)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(rows
-        .into_iter()
-        .map(|r| ClaimedEvent {
-            id: r.get(0),
-            order_key: r.get(1),
-            kind: r.get(2),
-            payload: r.get(3),
-            // This attempt counts from now; the row records it at settle.
-            attempts: r.get::<i64, _>(4) + 1,
-            accepted_at: r.get(5),
-            first_attempt_at: r.get::<Option<i64>, _>(6).unwrap_or(now),
-            lease: lease_until,
-            claimed_at: now,
-            actions: r.get(7),
-        })
-        .collect())
+    let mut claimed = Vec::with_capacity(ids.len());
+    for id in ids {
+        {
+            let mut q = d.statement(
+                statements,
+                "INSERT INTO leases (id, lease_until) VALUES (?1, ?2)",
+            )?;
+            q.int(1, id)?;
+            q.int(2, lease_until)?;
+            q.run()?;
+        }
+        let mut q = d.statement(
+            statements,
+            "SELECT order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
+             FROM events WHERE id = ?1",
+        )?;
+        q.int(1, id)?;
+        if q.step()? == Step::Row {
+            claimed.push(ClaimedEvent {
+                id,
+                order_key: q.column_text(0),
+                kind: q.column_text(1),
+                payload: q.column_text(2),
+                // This attempt counts from now; the row records it at settle.
+                attempts: q.column_int(3) + 1,
+                accepted_at: q.column_int(4),
+                first_attempt_at: q.column_opt_int(5).unwrap_or(now),
+                lease: lease_until,
+                claimed_at: now,
+                actions: q.column_opt_text(6),
+            });
+        }
+    }
+    Ok(claimed)
 }
 
 pub(super) fn history_entry(now: i64, error: &str) -> String {

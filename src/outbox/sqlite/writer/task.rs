@@ -235,7 +235,7 @@ impl WriterTask {
                 Op::Ingest { .. } => Done::Ingest(receipts.next().expect("receipt per request")),
                 Op::Claim { max, lease, .. } => {
                     let t = std::time::Instant::now();
-                    let c = claim(&mut self.conn, *max, *lease, now).await?;
+                    let c = claim(&mut self.conn, &mut self.statements, *max, *lease, now).await?;
                     tracing::trace!(us = t.elapsed().as_micros() as u64, n = c.len(), "op claim");
                     Done::Claim(c)
                 }

@@ -304,6 +304,87 @@ pub(super) async fn settle(
     Ok(())
 }
 
+/// The common settlement, every item delivered, as direct calls under one
+/// lock of the connection (see direct.rs). It does what `settle` does for
+/// such a batch, a statement per event instead of JSON lists: through sqlx
+/// each statement was a hand-off to the connection's thread, and settling
+/// events that each have a user of their own spent much of its time there.
+/// Batches with any other outcome go through `settle`.
+pub(super) async fn settle_delivered(
+    conn: &mut SqliteConnection,
+    statements: &mut StatementCache,
+    items: &[Settlement],
+    now: i64,
+) -> Result<(), StoreError> {
+    debug_assert!(
+        items
+            .iter()
+            .all(|s| matches!(s.outcome, SettleOutcome::Delivered))
+    );
+    let mut handle = conn.lock_handle().await.map_err(db)?;
+    // SAFETY: the handle stays locked until `handle` drops at the end of
+    // this function, and `d` does not outlive it.
+    let d = unsafe { Db::new(handle.as_raw_handle()) };
+    let mut delivered = 0i64;
+    let mut keys: HashSet<&str> = HashSet::with_capacity(items.len());
+    for s in items {
+        // Only outcomes whose lease is still held count: a worker whose
+        // lease expired (and whose event may have been claimed again) is
+        // ignored.
+        {
+            let mut q = d.statement(
+                statements,
+                "DELETE FROM leases WHERE id = ?1 AND lease_until = ?2",
+            )?;
+            q.int(1, s.id)?;
+            q.int(2, s.lease)?;
+            q.run()?;
+        }
+        if d.changes() != 1 {
+            continue;
+        }
+        let mut q = d.statement(
+            statements,
+            "UPDATE events SET state = 2, finished_at = ?1, attempts = attempts + 1, \
+             first_attempt_at = ?2 WHERE id = ?3",
+        )?;
+        q.int(1, now)?;
+        q.int(2, s.first_attempt_at)?;
+        q.int(3, s.id)?;
+        q.run()?;
+        drop(q);
+        delivered += d.changes();
+        keys.insert(s.order_key.as_str());
+    }
+    let keys: Vec<&str> = keys.into_iter().collect();
+    for chunk in keys.chunks(2000) {
+        let json = serde_json::to_string(chunk).expect("strings serialise");
+        let mut q = d.statement(statements, PROMOTE)?;
+        q.int(1, now)?;
+        q.text(2, &json)?;
+        q.run()?;
+    }
+    if delivered > 0 {
+        let mut q = d.statement(
+            statements,
+            "INSERT INTO minute_stats (minute, delivered) VALUES (?1, ?2) \
+             ON CONFLICT (minute) DO UPDATE SET delivered = delivered + excluded.delivered",
+        )?;
+        q.int(1, minute_of(now))?;
+        q.int(2, delivered)?;
+        q.run()?;
+        drop(q);
+        let mut q = d.statement(
+            statements,
+            "INSERT INTO meta (name, value) VALUES ('last_delivery_at', ?1) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )?;
+        q.text(1, &now.to_string())?;
+        q.run()?;
+    }
+    Ok(())
+}
+
 /// Counts one event under its (error, outcome) for the recent-errors ring.
 pub(super) fn note_error(
     reports: &mut Vec<(String, &'static str, i64)>,
@@ -319,6 +400,16 @@ pub(super) fn note_error(
     }
 }
 
+/// The promotion of `promote`: ?1 the time, ?2 a JSON array of keys. Both
+/// probes go through the partial index events_key: O(keys), whatever the
+/// backlog.
+const PROMOTE: &str = "UPDATE events SET state = 0, next_attempt_at = ?1 WHERE id IN ( \
+     SELECT (SELECT e.id FROM events e INDEXED BY events_key \
+             WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) \
+     FROM json_each(?2) j \
+     WHERE NOT EXISTS (SELECT 1 FROM events x INDEXED BY events_key \
+       WHERE x.order_key = j.value AND x.state IN (0, 1, 4, 5) AND x.state IN (0, 1, 4)))";
+
 /// Makes the earliest queued event of each key the head when the key has
 /// no head left (its events were delivered or died).
 pub(super) async fn promote<'a>(
@@ -329,21 +420,12 @@ pub(super) async fn promote<'a>(
     let keys: Vec<&str> = keys.collect();
     for chunk in keys.chunks(2000) {
         let json = serde_json::to_string(chunk).expect("strings serialise");
-        // Both probes go through the partial index events_key: O(keys),
-        // whatever the backlog.
-        sqlx::query(
-            "UPDATE events SET state = 0, next_attempt_at = ? WHERE id IN ( \
-               SELECT (SELECT e.id FROM events e INDEXED BY events_key \
-                       WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) \
-               FROM json_each(?) j \
-               WHERE NOT EXISTS (SELECT 1 FROM events x INDEXED BY events_key \
-                 WHERE x.order_key = j.value AND x.state IN (0, 1, 4, 5) AND x.state IN (0, 1, 4)))",
-        )
-        .bind(now)
-        .bind(json)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        sqlx::query(PROMOTE)
+            .bind(now)
+            .bind(json)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
     }
     Ok(())
 }

@@ -241,7 +241,14 @@ impl WriterTask {
                 }
                 Op::Settle { items, .. } => {
                     let t = std::time::Instant::now();
-                    settle(&mut self.conn, items, now).await?;
+                    if items
+                        .iter()
+                        .all(|s| matches!(s.outcome, SettleOutcome::Delivered))
+                    {
+                        settle_delivered(&mut self.conn, &mut self.statements, items, now).await?;
+                    } else {
+                        settle(&mut self.conn, items, now).await?;
+                    }
                     tracing::trace!(
                         us = t.elapsed().as_micros() as u64,
                         n = items.len(),

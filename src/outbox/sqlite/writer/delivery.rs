@@ -276,16 +276,12 @@ pub(super) async fn settle(
     let mut delivered = 0i64;
     for chunk in delivered_ids.chunks(5000) {
         let json = serde_json::to_string(chunk).expect("pairs serialise");
-        let r = sqlx::query(
-            "UPDATE events SET state = 2, finished_at = ?, attempts = attempts + 1, first_attempt_at = t.first \
-             FROM (SELECT value ->> 0 AS id, value ->> 1 AS first FROM json_each(?)) AS t \
-             WHERE events.id = t.id",
-        )
-        .bind(now)
-        .bind(json)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        let r = sqlx::query(MARK_DELIVERED)
+            .bind(now)
+            .bind(json)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
         delivered += r.rows_affected() as i64;
     }
     let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
@@ -305,11 +301,9 @@ pub(super) async fn settle(
 }
 
 /// The common settlement, every item delivered, as direct calls under one
-/// lock of the connection (see direct.rs). It does what `settle` does for
-/// such a batch, a statement per event instead of JSON lists: through sqlx
-/// each statement was a hand-off to the connection's thread, and settling
-/// events that each have a user of their own spent much of its time there.
-/// Batches with any other outcome go through `settle`.
+/// lock of the connection (see direct.rs). It runs the statements `settle`
+/// runs for such a batch; through sqlx each was a hand-off to the
+/// connection's thread. Batches with any other outcome go through `settle`.
 pub(super) async fn settle_delivered(
     conn: &mut SqliteConnection,
     statements: &mut StatementCache,
@@ -325,37 +319,44 @@ pub(super) async fn settle_delivered(
     // SAFETY: the handle stays locked until `handle` drops at the end of
     // this function, and `d` does not outlive it.
     let d = unsafe { Db::new(handle.as_raw_handle()) };
-    let mut delivered = 0i64;
-    let mut keys: HashSet<&str> = HashSet::with_capacity(items.len());
+    // Only outcomes whose lease is still held count: a worker whose lease
+    // expired (and whose events may have been claimed again) is ignored.
+    // Set-based statements, as in `settle`: a statement per event would pay
+    // SQLite's per-statement journal and trigger setup for each.
+    let mut by_lease: HashMap<i64, Vec<i64>> = HashMap::new();
     for s in items {
-        // Only outcomes whose lease is still held count: a worker whose
-        // lease expired (and whose event may have been claimed again) is
-        // ignored.
-        {
-            let mut q = d.statement(
-                statements,
-                "DELETE FROM leases WHERE id = ?1 AND lease_until = ?2",
-            )?;
-            q.int(1, s.id)?;
-            q.int(2, s.lease)?;
-            q.run()?;
-        }
-        if d.changes() != 1 {
-            continue;
-        }
+        by_lease.entry(s.lease).or_default().push(s.id);
+    }
+    let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
+    for (lease, ids) in &by_lease {
+        let json = serde_json::to_string(ids).expect("ids serialise");
         let mut q = d.statement(
             statements,
-            "UPDATE events SET state = 2, finished_at = ?1, attempts = attempts + 1, \
-             first_attempt_at = ?2 WHERE id = ?3",
+            "DELETE FROM leases WHERE lease_until = ?1 AND id IN (SELECT value FROM json_each(?2)) \
+             RETURNING id",
         )?;
+        q.int(1, *lease)?;
+        q.text(2, &json)?;
+        while q.step()? == Step::Row {
+            held_lease.insert(q.column_int(0));
+        }
+    }
+    let items: Vec<&Settlement> = items
+        .iter()
+        .filter(|s| held_lease.contains(&s.id))
+        .collect();
+    let pairs: Vec<(i64, i64)> = items.iter().map(|s| (s.id, s.first_attempt_at)).collect();
+    let mut delivered = 0i64;
+    for chunk in pairs.chunks(5000) {
+        let json = serde_json::to_string(chunk).expect("pairs serialise");
+        let mut q = d.statement(statements, MARK_DELIVERED)?;
         q.int(1, now)?;
-        q.int(2, s.first_attempt_at)?;
-        q.int(3, s.id)?;
+        q.text(2, &json)?;
         q.run()?;
         drop(q);
         delivered += d.changes();
-        keys.insert(s.order_key.as_str());
     }
+    let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
     let keys: Vec<&str> = keys.into_iter().collect();
     for chunk in keys.chunks(2000) {
         let json = serde_json::to_string(chunk).expect("strings serialise");
@@ -399,6 +400,13 @@ pub(super) fn note_error(
         None => reports.push((error.to_string(), outcome, 1)),
     }
 }
+
+/// Marks events delivered: ?1 the time, ?2 a JSON array of
+/// `[id, first_attempt_at]` pairs.
+const MARK_DELIVERED: &str = "UPDATE events SET state = 2, finished_at = ?1, attempts = attempts + 1, \
+     first_attempt_at = t.first \
+     FROM (SELECT value ->> 0 AS id, value ->> 1 AS first FROM json_each(?2)) AS t \
+     WHERE events.id = t.id";
 
 /// The promotion of `promote`: ?1 the time, ?2 a JSON array of keys. Both
 /// probes go through the partial index events_key: O(keys), whatever the

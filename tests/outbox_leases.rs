@@ -146,6 +146,47 @@ async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored(db: &Pa
 
 on_both_backends! {
 #[tokio::test]
+async fn a_late_delivery_after_the_lease_was_reclaimed_is_ignored(db: &Path) {
+    let outbox = open(db).await;
+    outbox
+        .ingest(vec![event(1, "late"), event(2, "late"), event(1, "other")])
+        .await
+        .unwrap();
+
+    let stale = outbox.claim(10, Duration::from_millis(1)).await.unwrap();
+    assert_eq!(stale.len(), 3);
+    while now_ms() <= stale[0].lease {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    outbox
+        .maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+        .await
+        .unwrap();
+    assert_eq!(outbox.status().await.unwrap().in_flight, 0);
+    let fresh = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(fresh.len(), 3);
+
+    // The first worker reports every event delivered, too late: the events
+    // belong to the second claim, so none of them counts as delivered.
+    outbox
+        .settle(settle_all(&stale, SettleOutcome::Delivered))
+        .await
+        .unwrap();
+    let s = outbox.status().await.unwrap();
+    assert_eq!((s.delivered, s.in_flight), (0, 3));
+
+    // The owner's outcome still applies, in the users' order.
+    outbox
+        .settle(settle_all(&fresh, SettleOutcome::Delivered))
+        .await
+        .unwrap();
+    let s = outbox.status().await.unwrap();
+    assert_eq!((s.delivered, s.in_flight, s.pending), (3, 0, 0));
+}
+}
+
+on_both_backends! {
+#[tokio::test]
 async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest(db: &Path) {
     {
         let outbox = open(db).await;

@@ -81,6 +81,15 @@ impl Db {
         }
     }
 
+    /// Rows the last finished INSERT, UPDATE or DELETE changed (an upsert's
+    /// update counts; a `DO UPDATE ... WHERE` that matched nothing does
+    /// not). It lets an upsert report whether it won without RETURNING,
+    /// which makes SQLite build a temporary table for every execution.
+    pub(super) fn changes(&self) -> i64 {
+        // SAFETY: the handle is open and locked (see `new`).
+        unsafe { ffi::sqlite3_changes64(self.handle.as_ptr()) }
+    }
+
     /// A cached statement, reset and with its bindings cleared.
     pub(super) fn statement<'a>(
         &'a self,
@@ -192,6 +201,22 @@ impl Statement<'_> {
     pub(super) fn column_int(&self, index: i32) -> i64 {
         // SAFETY: called after step() returned Row.
         unsafe { ffi::sqlite3_column_int64(self.stmt.as_ptr(), index) }
+    }
+
+    /// Whether a column of the current row is NULL.
+    pub(super) fn column_is_null(&self, index: i32) -> bool {
+        // SAFETY: called after step() returned Row.
+        unsafe { ffi::sqlite3_column_type(self.stmt.as_ptr(), index) == ffi::SQLITE_NULL }
+    }
+
+    /// An integer column of the current row, `None` for NULL.
+    pub(super) fn column_opt_int(&self, index: i32) -> Option<i64> {
+        (!self.column_is_null(index)).then(|| self.column_int(index))
+    }
+
+    /// A text column of the current row, `None` for NULL.
+    pub(super) fn column_opt_text(&self, index: i32) -> Option<String> {
+        (!self.column_is_null(index)).then(|| self.column_text(index))
     }
 
     /// A text column of the current row (empty for NULL).

@@ -3,8 +3,28 @@
 
 use super::*;
 
+/// Claims up to `max` due events. Every statement runs as a direct call
+/// under one lock of the connection (see direct.rs): a claim of events that
+/// each have a user of their own looks up the followers of every head, and
+/// through sqlx each of those lookups was a hand-off to the connection's
+/// thread, most of the claim's time.
 pub(super) async fn claim(
     conn: &mut SqliteConnection,
+    statements: &mut StatementCache,
+    max: usize,
+    lease: Duration,
+    now: i64,
+) -> Result<Vec<ClaimedEvent>, StoreError> {
+    let mut handle = conn.lock_handle().await.map_err(db)?;
+    // SAFETY: the handle stays locked until `handle` drops at the end of
+    // this function, and `d` does not outlive it.
+    let d = unsafe { Db::new(handle.as_raw_handle()) };
+    claim_locked(&d, statements, max, lease, now)
+}
+
+fn claim_locked(
+    d: &Db,
+    statements: &mut StatementCache,
     max: usize,
     lease: Duration,
     now: i64,
@@ -12,15 +32,20 @@ pub(super) async fn claim(
     // Leased heads stay in events_due (a claim writes only to `leases`), so
     // the scan steps over at most the pool's in-flight heads. Ids only: the
     // index covers them, and a head's row is read only if the head is used.
-    let heads: Vec<i64> = sqlx::query_scalar(
-        "SELECT id FROM events INDEXED BY events_due WHERE state = 0 AND next_attempt_at <= ? \
-         AND id NOT IN (SELECT id FROM leases) ORDER BY next_attempt_at, id LIMIT ?",
-    )
-    .bind(now)
-    .bind(max as i64)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?;
+    let mut heads: Vec<(i64, String)> = Vec::new();
+    {
+        let mut q = d.statement(
+            statements,
+            "SELECT e.id, e.order_key FROM (SELECT id FROM events INDEXED BY events_due \
+             WHERE state = 0 AND next_attempt_at <= ?1 AND id NOT IN (SELECT id FROM leases) \
+             ORDER BY next_attempt_at, id LIMIT ?2) h JOIN events e ON e.id = h.id",
+        )?;
+        q.int(1, now)?;
+        q.int(2, max as i64)?;
+        while q.step()? == Step::Row {
+            heads.push((q.column_int(0), q.column_text(1)));
+        }
+    }
     if heads.is_empty() {
         return Ok(Vec::new());
     }
@@ -29,60 +54,63 @@ pub(super) async fn claim(
     // head to promote per batch, and heads that do not fit stay pending for
     // the next claim.
     let mut ids: Vec<i64> = Vec::with_capacity(max);
-    for head in heads {
+    for (head, key) in &heads {
         if ids.len() >= max {
             break;
         }
-        ids.push(head);
+        ids.push(*head);
         let room = max - ids.len();
         if room == 0 {
             break;
         }
-        let followers: Vec<i64> = sqlx::query_scalar(
+        let mut q = d.statement(
+            statements,
             "SELECT id FROM events INDEXED BY events_key \
-             WHERE order_key = (SELECT order_key FROM events WHERE id = ?) \
-             AND state IN (0, 1, 4, 5) AND state = 5 \
-             AND id NOT IN (SELECT id FROM leases) ORDER BY id LIMIT ?",
-        )
-        .bind(head)
-        .bind(room as i64)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db)?;
-        ids.extend(followers);
+             WHERE order_key = ?1 AND state IN (0, 1, 4, 5) AND state = 5 \
+             AND id NOT IN (SELECT id FROM leases) ORDER BY id LIMIT ?2",
+        )?;
+        q.text(1, key)?;
+        q.int(2, room as i64)?;
+        while q.step()? == Step::Row {
+            ids.push(q.column_int(0));
+        }
     }
+    ids.sort_unstable();
     let lease_until = now + lease.as_millis() as i64;
-    let json = serde_json::to_string(&ids).expect("ids serialise");
-    sqlx::query("INSERT INTO leases (id, lease_until) SELECT value, ? FROM json_each(?)")
-        .bind(lease_until)
-        .bind(&json)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    let rows = sqlx::query(
-        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
-         FROM events WHERE id IN (SELECT value FROM json_each(?)) ORDER BY id",
-    )
-    .bind(json)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(db)?;
-    Ok(rows
-        .into_iter()
-        .map(|r| ClaimedEvent {
-            id: r.get(0),
-            order_key: r.get(1),
-            kind: r.get(2),
-            payload: r.get(3),
-            // This attempt counts from now; the row records it at settle.
-            attempts: r.get::<i64, _>(4) + 1,
-            accepted_at: r.get(5),
-            first_attempt_at: r.get::<Option<i64>, _>(6).unwrap_or(now),
-            lease: lease_until,
-            claimed_at: now,
-            actions: r.get(7),
-        })
-        .collect())
+    let mut claimed = Vec::with_capacity(ids.len());
+    for id in ids {
+        {
+            let mut q = d.statement(
+                statements,
+                "INSERT INTO leases (id, lease_until) VALUES (?1, ?2)",
+            )?;
+            q.int(1, id)?;
+            q.int(2, lease_until)?;
+            q.run()?;
+        }
+        let mut q = d.statement(
+            statements,
+            "SELECT order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
+             FROM events WHERE id = ?1",
+        )?;
+        q.int(1, id)?;
+        if q.step()? == Step::Row {
+            claimed.push(ClaimedEvent {
+                id,
+                order_key: q.column_text(0),
+                kind: q.column_text(1),
+                payload: q.column_text(2),
+                // This attempt counts from now; the row records it at settle.
+                attempts: q.column_int(3) + 1,
+                accepted_at: q.column_int(4),
+                first_attempt_at: q.column_opt_int(5).unwrap_or(now),
+                lease: lease_until,
+                claimed_at: now,
+                actions: q.column_opt_text(6),
+            });
+        }
+    }
+    Ok(claimed)
 }
 
 pub(super) fn history_entry(now: i64, error: &str) -> String {
@@ -248,16 +276,12 @@ pub(super) async fn settle(
     let mut delivered = 0i64;
     for chunk in delivered_ids.chunks(5000) {
         let json = serde_json::to_string(chunk).expect("pairs serialise");
-        let r = sqlx::query(
-            "UPDATE events SET state = 2, finished_at = ?, attempts = attempts + 1, first_attempt_at = t.first \
-             FROM (SELECT value ->> 0 AS id, value ->> 1 AS first FROM json_each(?)) AS t \
-             WHERE events.id = t.id",
-        )
-        .bind(now)
-        .bind(json)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        let r = sqlx::query(MARK_DELIVERED)
+            .bind(now)
+            .bind(json)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
         delivered += r.rows_affected() as i64;
     }
     let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
@@ -276,6 +300,92 @@ pub(super) async fn settle(
     Ok(())
 }
 
+/// The common settlement, every item delivered, as direct calls under one
+/// lock of the connection (see direct.rs). It runs the statements `settle`
+/// runs for such a batch; through sqlx each was a hand-off to the
+/// connection's thread. Batches with any other outcome go through `settle`.
+pub(super) async fn settle_delivered(
+    conn: &mut SqliteConnection,
+    statements: &mut StatementCache,
+    items: &[Settlement],
+    now: i64,
+) -> Result<(), StoreError> {
+    debug_assert!(
+        items
+            .iter()
+            .all(|s| matches!(s.outcome, SettleOutcome::Delivered))
+    );
+    let mut handle = conn.lock_handle().await.map_err(db)?;
+    // SAFETY: the handle stays locked until `handle` drops at the end of
+    // this function, and `d` does not outlive it.
+    let d = unsafe { Db::new(handle.as_raw_handle()) };
+    // Only outcomes whose lease is still held count: a worker whose lease
+    // expired (and whose events may have been claimed again) is ignored.
+    // Set-based statements, as in `settle`: a statement per event would pay
+    // SQLite's per-statement journal and trigger setup for each.
+    let mut by_lease: HashMap<i64, Vec<i64>> = HashMap::new();
+    for s in items {
+        by_lease.entry(s.lease).or_default().push(s.id);
+    }
+    let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
+    for (lease, ids) in &by_lease {
+        let json = serde_json::to_string(ids).expect("ids serialise");
+        let mut q = d.statement(
+            statements,
+            "DELETE FROM leases WHERE lease_until = ?1 AND id IN (SELECT value FROM json_each(?2)) \
+             RETURNING id",
+        )?;
+        q.int(1, *lease)?;
+        q.text(2, &json)?;
+        while q.step()? == Step::Row {
+            held_lease.insert(q.column_int(0));
+        }
+    }
+    let items: Vec<&Settlement> = items
+        .iter()
+        .filter(|s| held_lease.contains(&s.id))
+        .collect();
+    let pairs: Vec<(i64, i64)> = items.iter().map(|s| (s.id, s.first_attempt_at)).collect();
+    let mut delivered = 0i64;
+    for chunk in pairs.chunks(5000) {
+        let json = serde_json::to_string(chunk).expect("pairs serialise");
+        let mut q = d.statement(statements, MARK_DELIVERED)?;
+        q.int(1, now)?;
+        q.text(2, &json)?;
+        q.run()?;
+        drop(q);
+        delivered += d.changes();
+    }
+    let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
+    let keys: Vec<&str> = keys.into_iter().collect();
+    for chunk in keys.chunks(2000) {
+        let json = serde_json::to_string(chunk).expect("strings serialise");
+        let mut q = d.statement(statements, PROMOTE)?;
+        q.int(1, now)?;
+        q.text(2, &json)?;
+        q.run()?;
+    }
+    if delivered > 0 {
+        let mut q = d.statement(
+            statements,
+            "INSERT INTO minute_stats (minute, delivered) VALUES (?1, ?2) \
+             ON CONFLICT (minute) DO UPDATE SET delivered = delivered + excluded.delivered",
+        )?;
+        q.int(1, minute_of(now))?;
+        q.int(2, delivered)?;
+        q.run()?;
+        drop(q);
+        let mut q = d.statement(
+            statements,
+            "INSERT INTO meta (name, value) VALUES ('last_delivery_at', ?1) \
+             ON CONFLICT (name) DO UPDATE SET value = excluded.value",
+        )?;
+        q.text(1, &now.to_string())?;
+        q.run()?;
+    }
+    Ok(())
+}
+
 /// Counts one event under its (error, outcome) for the recent-errors ring.
 pub(super) fn note_error(
     reports: &mut Vec<(String, &'static str, i64)>,
@@ -291,6 +401,23 @@ pub(super) fn note_error(
     }
 }
 
+/// Marks events delivered: ?1 the time, ?2 a JSON array of
+/// `[id, first_attempt_at]` pairs.
+const MARK_DELIVERED: &str = "UPDATE events SET state = 2, finished_at = ?1, attempts = attempts + 1, \
+     first_attempt_at = t.first \
+     FROM (SELECT value ->> 0 AS id, value ->> 1 AS first FROM json_each(?2)) AS t \
+     WHERE events.id = t.id";
+
+/// The promotion of `promote`: ?1 the time, ?2 a JSON array of keys. Both
+/// probes go through the partial index events_key: O(keys), whatever the
+/// backlog.
+const PROMOTE: &str = "UPDATE events SET state = 0, next_attempt_at = ?1 WHERE id IN ( \
+     SELECT (SELECT e.id FROM events e INDEXED BY events_key \
+             WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) \
+     FROM json_each(?2) j \
+     WHERE NOT EXISTS (SELECT 1 FROM events x INDEXED BY events_key \
+       WHERE x.order_key = j.value AND x.state IN (0, 1, 4, 5) AND x.state IN (0, 1, 4)))";
+
 /// Makes the earliest queued event of each key the head when the key has
 /// no head left (its events were delivered or died).
 pub(super) async fn promote<'a>(
@@ -301,21 +428,12 @@ pub(super) async fn promote<'a>(
     let keys: Vec<&str> = keys.collect();
     for chunk in keys.chunks(2000) {
         let json = serde_json::to_string(chunk).expect("strings serialise");
-        // Both probes go through the partial index events_key: O(keys),
-        // whatever the backlog.
-        sqlx::query(
-            "UPDATE events SET state = 0, next_attempt_at = ? WHERE id IN ( \
-               SELECT (SELECT e.id FROM events e INDEXED BY events_key \
-                       WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) \
-               FROM json_each(?) j \
-               WHERE NOT EXISTS (SELECT 1 FROM events x INDEXED BY events_key \
-                 WHERE x.order_key = j.value AND x.state IN (0, 1, 4, 5) AND x.state IN (0, 1, 4)))",
-        )
-        .bind(now)
-        .bind(json)
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
+        sqlx::query(PROMOTE)
+            .bind(now)
+            .bind(json)
+            .execute(&mut *conn)
+            .await
+            .map_err(db)?;
     }
     Ok(())
 }

@@ -56,24 +56,21 @@ pub(super) fn insert_locked(
     for request in requests {
         let mut receipt = IngestReceipt::default();
         for e in request.iter() {
-            // Deduplicate: the upsert "wins" (returns a row) for a new id or
+            // Deduplicate: the upsert "wins" (changes a row) for a new id or
             // one older than the window.
             let fresh = {
                 let mut q = d.statement(
                     statements,
                     "INSERT INTO message_ids (source, message_id, seen_at) VALUES (?1, ?2, ?3) \
                      ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
-                     WHERE message_ids.seen_at < ?4 RETURNING 1",
+                     WHERE message_ids.seen_at < ?4",
                 )?;
                 q.text(1, &e.source)?;
                 q.text(2, &e.message_id)?;
                 q.int(3, now)?;
                 q.int(4, cutoff)?;
-                let won = q.step()? == Step::Row;
-                if won {
-                    q.run()?;
-                }
-                won
+                q.run()?;
+                d.changes() == 1
             };
             if !fresh {
                 receipt.duplicates += 1;
@@ -154,8 +151,16 @@ pub(super) fn insert_locked(
         q.int(2, accepted)?;
         q.run()?;
     }
-    for id in identities {
-        apply_identity(d, statements, id, now)?;
+    if !identities.is_empty() {
+        // Ingest never holds an event, so what is held now is all that this
+        // group's identities can release.
+        let any_held = {
+            let mut q = d.statement(statements, "SELECT n FROM state_counts WHERE state = 4")?;
+            q.step()? == Step::Row && q.column_int(0) > 0
+        };
+        for id in identities {
+            apply_identity(d, statements, id, now, any_held)?;
+        }
     }
     for e in audience {
         for (attr, value) in &e.audience {
@@ -176,12 +181,14 @@ pub(super) fn insert_locked(
 
 /// Updates the identity map and releases events held for the ids it now
 /// knows; the release uses the ordering-key index, never a scan of held
-/// events.
+/// events. `any_held` false (no event is held) skips the release, which
+/// then could not change a row.
 pub(super) fn apply_identity(
     d: &Db,
     statements: &mut StatementCache,
     id: &IdentityUpdate,
     now: i64,
+    any_held: bool,
 ) -> Result<(), StoreError> {
     let mut aliased = Vec::new();
     if id.teaches_ids() {
@@ -199,22 +206,36 @@ pub(super) fn apply_identity(
         q.int(4, now)?;
         q.run()?;
         drop(q);
-        // Earlier ids aliased to this user learn what it now knows.
-        let mut q = d.statement(
-            statements,
-            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
-             SELECT a.previous_id, i.account_id, i.contact_id, ?1 FROM aliases a \
-             JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = ?2 AND a.previous_id <> a.user_id \
-             ON CONFLICT (user_id) DO UPDATE SET \
-             account_id = COALESCE(identities.account_id, excluded.account_id), \
-             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
-             updated_at = excluded.updated_at \
-             RETURNING user_id",
-        )?;
-        q.int(1, now)?;
-        q.text(2, &id.user_id)?;
-        while q.step()? == Step::Row {
-            aliased.push(q.column_text(0));
+        // Earlier ids aliased to this user learn what it now knows. Most
+        // users have no alias: a probe of the alias index is far cheaper
+        // than the copy, which SQLite runs through a temporary table (it
+        // reads the table it writes, and returns rows).
+        let has_alias = {
+            let mut q = d.statement(
+                statements,
+                "SELECT 1 FROM aliases INDEXED BY aliases_user \
+                 WHERE user_id = ?1 AND previous_id <> user_id LIMIT 1",
+            )?;
+            q.text(1, &id.user_id)?;
+            q.step()? == Step::Row
+        };
+        if has_alias {
+            let mut q = d.statement(
+                statements,
+                "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+                 SELECT a.previous_id, i.account_id, i.contact_id, ?1 FROM aliases a \
+                 JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = ?2 AND a.previous_id <> a.user_id \
+                 ON CONFLICT (user_id) DO UPDATE SET \
+                 account_id = COALESCE(identities.account_id, excluded.account_id), \
+                 contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+                 updated_at = excluded.updated_at \
+                 RETURNING user_id",
+            )?;
+            q.int(1, now)?;
+            q.text(2, &id.user_id)?;
+            while q.step()? == Step::Row {
+                aliased.push(q.column_text(0));
+            }
         }
     }
     if let Some(prev) = &id.previous_id {
@@ -248,6 +269,9 @@ pub(super) fn apply_identity(
         q.int(2, now)?;
         q.text(3, from)?;
         q.run()?;
+    }
+    if !any_held {
+        return Ok(());
     }
     for key in identity::released_by(id, aliased) {
         let mut q = d.statement(

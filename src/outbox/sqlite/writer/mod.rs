@@ -19,7 +19,7 @@ use crate::outbox::{
     AudienceOp, ClaimedEvent, DEAD_CHUNK, DeadListFilter, DeadSelection, IdentityUpdate,
     IngestReceipt, MaintenanceReport, NewEvent, SettleOutcome, Settlement, WriterConfig,
 };
-use sqlx::{Row, SqliteConnection};
+use sqlx::SqliteConnection;
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 use tokio::sync::{Notify, mpsc, oneshot};

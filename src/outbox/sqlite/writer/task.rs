@@ -235,13 +235,20 @@ impl WriterTask {
                 Op::Ingest { .. } => Done::Ingest(receipts.next().expect("receipt per request")),
                 Op::Claim { max, lease, .. } => {
                     let t = std::time::Instant::now();
-                    let c = claim(&mut self.conn, *max, *lease, now).await?;
+                    let c = claim(&mut self.conn, &mut self.statements, *max, *lease, now).await?;
                     tracing::trace!(us = t.elapsed().as_micros() as u64, n = c.len(), "op claim");
                     Done::Claim(c)
                 }
                 Op::Settle { items, .. } => {
                     let t = std::time::Instant::now();
-                    settle(&mut self.conn, items, now).await?;
+                    if items
+                        .iter()
+                        .all(|s| matches!(s.outcome, SettleOutcome::Delivered))
+                    {
+                        settle_delivered(&mut self.conn, &mut self.statements, items, now).await?;
+                    } else {
+                        settle(&mut self.conn, items, now).await?;
+                    }
                     tracing::trace!(
                         us = t.elapsed().as_micros() as u64,
                         n = items.len(),

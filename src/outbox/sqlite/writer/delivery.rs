@@ -119,6 +119,16 @@ pub(super) fn history_entry(now: i64, error: &str) -> String {
     .to_string()
 }
 
+/// The settled ids grouped by the lease they were claimed under: a lease
+/// (its expiry) is checked once for all of its events.
+fn ids_by_lease(items: &[Settlement]) -> HashMap<i64, Vec<i64>> {
+    let mut by_lease: HashMap<i64, Vec<i64>> = HashMap::new();
+    for s in items {
+        by_lease.entry(s.lease).or_default().push(s.id);
+    }
+    by_lease
+}
+
 pub(super) async fn settle(
     conn: &mut SqliteConnection,
     items: &[Settlement],
@@ -126,12 +136,8 @@ pub(super) async fn settle(
 ) -> Result<(), StoreError> {
     // Only outcomes whose lease is still held count: a worker whose lease
     // expired (and whose events may have been claimed again) is ignored.
-    let mut by_lease: HashMap<i64, Vec<i64>> = HashMap::new();
-    for s in items {
-        by_lease.entry(s.lease).or_default().push(s.id);
-    }
     let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
-    for (lease, ids) in &by_lease {
+    for (lease, ids) in &ids_by_lease(items) {
         let json = serde_json::to_string(ids).expect("ids serialise");
         let released: Vec<i64> = sqlx::query_scalar(
             "DELETE FROM leases WHERE lease_until = ? AND id IN (SELECT value FROM json_each(?)) RETURNING id",
@@ -323,12 +329,8 @@ pub(super) async fn settle_delivered(
     // expired (and whose events may have been claimed again) is ignored.
     // Set-based statements, as in `settle`: a statement per event would pay
     // SQLite's per-statement journal and trigger setup for each.
-    let mut by_lease: HashMap<i64, Vec<i64>> = HashMap::new();
-    for s in items {
-        by_lease.entry(s.lease).or_default().push(s.id);
-    }
     let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
-    for (lease, ids) in &by_lease {
+    for (lease, ids) in &ids_by_lease(items) {
         let json = serde_json::to_string(ids).expect("ids serialise");
         let mut q = d.statement(
             statements,

@@ -254,18 +254,7 @@ async fn three_instances_share_the_load_and_a_kill_loses_nothing_and_breaks_no_o
     // Everything acknowledged arrives, the killed instance's leases
     // included once its heartbeat is older than the instance expiry.
     let state = mock.state();
-    wait_for(
-        "every acknowledged event at the mock",
-        Duration::from_secs(60),
-        || {
-            let (state, acked) = (state.clone(), &acked);
-            async move {
-                let got = arrivals("load", &state.actions()).distinct;
-                acked.is_subset(&got).then_some(())
-            }
-        },
-    )
-    .await;
+    common::wait_all_acked_at_mock(&state, &acked, Duration::from_secs(60)).await;
     let bases_now: Vec<String> = bases.lock().unwrap().clone();
     let idle = idle_statuses(&bases_now).await;
     let got = arrivals("load", &state.actions());

@@ -534,22 +534,7 @@ async fn restart_under_load(outage_for: Duration) {
         })
         .flatten()
         .collect();
-    wait_for(
-        "every acknowledged event at the mock",
-        Duration::from_secs(60),
-        || {
-            let (state, acked) = (state.clone(), &acked);
-            async move {
-                let got: HashSet<String> = state
-                    .actions()
-                    .iter()
-                    .filter_map(|a| a["description"].as_str().map(String::from))
-                    .collect();
-                acked.is_subset(&got).then_some(())
-            }
-        },
-    )
-    .await;
+    common::wait_all_acked_at_mock(&state, &acked, Duration::from_secs(60)).await;
     let st = wait_status(&fwd.base, "pending", 0).await;
     let st = if st["in_flight"] == json!(0) {
         st

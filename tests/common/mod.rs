@@ -118,6 +118,25 @@ where
     }
 }
 
+/// Waits until every acknowledged event (by its `description`, the tests'
+/// unique event label) has reached the mock: the "nothing acknowledged is
+/// lost" check of the crash, restart and multi-instance tests.
+pub async fn wait_all_acked_at_mock(
+    state: &churnzero_forwarder::mock_churnzero::MockState,
+    acked: &std::collections::HashSet<String>,
+    timeout: Duration,
+) {
+    wait_for("every acknowledged event at the mock", timeout, || {
+        let got: std::collections::HashSet<String> = state
+            .actions()
+            .iter()
+            .filter_map(|a| a["description"].as_str().map(String::from))
+            .collect();
+        async move { acked.is_subset(&got).then_some(()) }
+    })
+    .await;
+}
+
 /// Waits until `/status` shows `field == n`.
 pub async fn wait_status(base: &str, field: &str, n: i64) -> Value {
     let mut last = Value::Null;

@@ -445,6 +445,44 @@ async fn per_key_order_holds_across_instances_through_retries_and_holds() {
     );
 }
 
+/// A claim passes over keys another claim (of this instance or another)
+/// holds at that moment and goes on to the next due heads, so claims that
+/// run at once each come back full instead of racing for the same oldest
+/// keys, where all but one came back nearly empty.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_passes_over_keys_another_claim_holds() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let b = instance(&db).await;
+    let events: Vec<NewEvent> = (0..10)
+        .map(|i| ev(&format!("u{i}"), &format!("m-{i}")))
+        .collect();
+    a.ingest(events).await.unwrap();
+    // Another claim under way holds the four oldest keys' locks.
+    let mut other = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let held: Vec<String> = sqlx::query_scalar(
+        "SELECT order_key FROM order_keys WHERE order_key IN ('u0', 'u1', 'u2', 'u3') \
+         ORDER BY order_key FOR UPDATE",
+    )
+    .fetch_all(&mut other)
+    .await
+    .unwrap();
+    assert_eq!(held.len(), 4);
+    let claimed = b.claim(4, Duration::from_secs(30)).await.unwrap();
+    let keys: Vec<&str> = claimed.iter().map(|c| c.order_key.as_str()).collect();
+    assert_eq!(
+        keys,
+        ["u4", "u5", "u6", "u7"],
+        "the next due heads, none held elsewhere"
+    );
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    // Once let go, the passed-over keys are the oldest due again.
+    let rest = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    let keys: Vec<&str> = rest.iter().map(|c| c.order_key.as_str()).collect();
+    assert_eq!(keys, ["u0", "u1", "u2", "u3", "u8", "u9"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_outcome_without_the_lease_is_ignored() {
     let db = test_db!();

@@ -20,60 +20,25 @@ pub(super) async fn claim(
     lease: Duration,
 ) -> Result<Vec<ClaimedEvent>, StoreError> {
     let now = now_ms();
-    let mut tx = pool.begin().await.map_err(pg_error)?;
-    // The keys of the oldest due, unleased heads, locked without waiting:
-    // a key another instance (or worker) is changing right now is skipped
-    // this round. Half as many candidates again as the batch, so that the
-    // skipped ones leave room.
-    let locked: Vec<String> = sqlx::query_scalar(
-        "SELECT k.order_key FROM order_keys k WHERE k.order_key = ANY(ARRAY( \
-             SELECT e.order_key FROM events e WHERE e.state = 0 AND e.next_attempt_at <= $1 \
-             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.event_id = e.id) \
-             ORDER BY e.next_attempt_at, e.id LIMIT $2)) \
-         ORDER BY k.order_key FOR UPDATE SKIP LOCKED",
-    )
-    .bind(now)
-    .bind((max + max / 2) as i64)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(pg_error)?;
-    if locked.is_empty() {
-        tx.commit().await.map_err(pg_error)?;
-        return Ok(Vec::new());
-    }
-    // Under the key locks, in one statement: the keys' heads read again (a
-    // head another instance leased, or a settle moved, since the candidate
-    // read is left alone), each head followed by the events queued behind
-    // it in id order before the next head is taken, the first `max` of
-    // those leased, and their rows returned. The key is not leased, so none
-    // of its events is; the events' own rows are not written.
+    // One statement, outside an explicit transaction (see `claim_events` in
+    // the migrations): the keys of the oldest due, unleased heads locked
+    // without waiting (a key another instance or worker is changing right
+    // now is skipped this round), then under the locks the heads read
+    // again, each followed by the events queued behind it, the first `max`
+    // leased and returned. The key is not leased, so none of its events is;
+    // the events' own rows are not written.
     let until = now + lease.as_millis() as i64;
     let rows = sqlx::query(
-        "WITH heads AS (SELECT h.id, h.order_key, \
-                 row_number() OVER (ORDER BY h.next_attempt_at, h.id) AS pos \
-             FROM events h WHERE h.order_key = ANY($1) AND h.state = 0 AND h.next_attempt_at <= $5 \
-             AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.order_key = h.order_key) \
-             ORDER BY h.next_attempt_at, h.id LIMIT $2), \
-         picked AS (SELECT id, order_key, pos, 0::int8 AS sub FROM heads \
-             UNION ALL \
-             SELECT f.id, h.order_key, h.pos, f.id FROM heads h CROSS JOIN LATERAL \
-                 (SELECT e.id FROM events e WHERE e.order_key = h.order_key AND e.state = 5 \
-                  AND e.id > h.id ORDER BY e.id LIMIT (SELECT $2 - count(*) FROM heads)) f), \
-         chosen AS (SELECT id, order_key FROM picked ORDER BY pos, sub LIMIT $2), \
-         l AS (INSERT INTO leases (event_id, order_key, owner, token, until) \
-             SELECT id, order_key, $3, $4, $4 FROM chosen RETURNING event_id) \
-         SELECT e.id, e.order_key, e.kind, e.payload, e.attempts, e.accepted_at, \
-             e.first_attempt_at, e.actions FROM events e JOIN l ON l.event_id = e.id",
+        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
+         FROM claim_events($1, $2, $3, $4)",
     )
-    .bind(&locked)
-    .bind(max as i64)
     .bind(me)
+    .bind(i32::try_from(max).unwrap_or(i32::MAX))
     .bind(until)
     .bind(now)
-    .fetch_all(&mut *tx)
+    .fetch_all(pool)
     .await
     .map_err(pg_error)?;
-    tx.commit().await.map_err(pg_error)?;
     // The token handed to the worker is the lease's expiry (ms), as in the
     // SQLite outbox: delivery reads it as the time its requests must end
     // by. With the owner it still fences: a later claim of the same event,
@@ -126,6 +91,12 @@ impl<'a> Failures<'a> {
 }
 
 pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Result<(), StoreError> {
+    if items
+        .iter()
+        .all(|s| matches!(s.outcome, SettleOutcome::Delivered))
+    {
+        return settle_delivered(pool, me, items).await;
+    }
     let now = now_ms();
     let mut tx = pool.begin().await.map_err(pg_error)?;
     let keys: Vec<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
@@ -322,6 +293,36 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
     Ok(())
 }
 
+/// The common settle, every outcome delivered, as one statement outside an
+/// explicit transaction (`settle_delivered` in the migrations): the same
+/// key locks, fence, updates and normalisation as the general path below.
+async fn settle_delivered(pool: &PgPool, me: i64, items: &[Settlement]) -> Result<(), StoreError> {
+    let mut keys: Vec<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let ids: Vec<i64> = items.iter().map(|s| s.id).collect();
+    let tokens: Vec<i64> = items.iter().map(|s| s.lease).collect();
+    let firsts: Vec<i64> = items.iter().map(|s| s.first_attempt_at).collect();
+    let counted: i32 = sqlx::query_scalar("SELECT settle_delivered($1, $2, $3, $4, $5, $6)")
+        .bind(me)
+        .bind(&ids)
+        .bind(&tokens)
+        .bind(&firsts)
+        .bind(&keys)
+        .bind(now_ms())
+        .fetch_one(pool)
+        .await
+        .map_err(pg_error)?;
+    let ignored = items.len().saturating_sub(counted.max(0) as usize);
+    if ignored > 0 {
+        tracing::info!(
+            events = ignored,
+            "outcomes ignored: their lease is no longer held"
+        );
+    }
+    Ok(())
+}
+
 /// Counts one event under its (error, outcome) for the recent-errors ring.
 fn note_error<'a>(
     reports: &mut Vec<(&'a str, &'static str, i64)>,
@@ -375,24 +376,11 @@ pub(super) async fn normalize(conn: &mut PgConnection, keys: &[&str]) -> Result<
     if keys.is_empty() {
         return Ok(());
     }
-    let heads = "WITH k AS (SELECT DISTINCT unnest($1::text[]) AS key), \
-         h AS (SELECT k.key, (SELECT e.id FROM events e WHERE e.order_key = k.key \
-                   AND e.state IN (0, 4, 5) ORDER BY e.id LIMIT 1) AS head \
-               FROM k WHERE NOT EXISTS (SELECT 1 FROM leases l WHERE l.order_key = k.key)) ";
-    // One statement does both moves: every other head of the key is queued
-    // again, and the lowest active id becomes the head (held stays held).
-    // Each move is found through its own index (a key's heads; the id),
-    // never by walking the key's whole queue.
-    sqlx::query(&format!(
-        "{heads}, t AS (SELECT e.id, 5::int2 AS st FROM h JOIN events e ON e.order_key = h.key \
-                  AND e.state IN (0, 4) AND e.id > h.head \
-              UNION ALL SELECT e.id, 0::int2 FROM h JOIN events e ON e.id = h.head AND e.state = 5) \
-         UPDATE events e SET state = t.st FROM t WHERE e.id = t.id"
-    ))
-    .bind(keys)
-    .execute(&mut *conn)
-    .await
-    .map_err(pg_error)?;
+    sqlx::query("SELECT normalize_keys($1)")
+        .bind(keys)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 //! group costs the same few round trips however many events it holds.
 
 use super::{PgConfig, lock_keys, pg_error, retryable};
-use crate::outbox::{EventState, IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
+use crate::outbox::{IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -141,100 +141,99 @@ async fn commit_group(
     requests: &[&[NewEvent]],
 ) -> Result<Vec<IngestReceipt>, StoreError> {
     let now = now_ms();
-    let mut tx = pool.begin().await.map_err(pg_error)?;
     let all = || requests.iter().flat_map(|r| r.iter());
 
     // Every key whose queue or held events this group may change.
-    let mut keys: Vec<&str> = Vec::new();
+    let mut lock_keys: Vec<&str> = Vec::new();
     for e in all() {
         if e.forward {
-            keys.push(&e.order_key);
+            lock_keys.push(&e.order_key);
         }
         if let Some(id) = &e.identity {
-            keys.push(&id.user_id);
+            lock_keys.push(&id.user_id);
             if let Some(p) = &id.previous_id {
-                keys.push(p);
+                lock_keys.push(p);
             }
         }
     }
-    // The keys' locks and the backlog in one round trip. The backlog is
-    // read from a snapshot taken before the locks were granted: it is a
-    // limit across instances that are all adding to it, never exact.
-    let mut sorted_keys = keys;
-    sorted_keys.sort_unstable();
-    sorted_keys.dedup();
-    let backlog: i64 = sqlx::query_scalar(
-        "WITH locked AS (INSERT INTO order_keys (order_key) \
-             SELECT k FROM unnest($1::text[]) AS t(k) ORDER BY k \
-             ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false) \
-         SELECT COALESCE(sum(s0 + s4 + s5), 0)::bigint FROM counters",
-    )
-    .bind(&sorted_keys)
-    .fetch_one(&mut *tx)
-    .await
-    .map_err(pg_error)?;
-    let total = all().filter(|e| e.forward).count() as u64;
-    if total > 0 && backlog.max(0) as u64 + total > config.max_backlog {
-        return Err(StoreError::Backlog(config.max_backlog));
-    }
-
-    // Deduplicate: within the group the first occurrence counts; against the
-    // table, the upsert returns a row for a new id or one older than the
-    // window. Concurrent inserts of one id (another instance) wait on the
-    // unique index for the other's commit and then see the conflict.
-    let mut first: HashSet<(&str, &str)> = HashSet::new();
-    let (mut sources, mut ids): (Vec<&str>, Vec<&str>) = (Vec::new(), Vec::new());
-    for e in all() {
-        if first.insert((&e.source, &e.message_id)) {
-            sources.push(&e.source);
-            ids.push(&e.message_id);
-        }
-    }
-    let cutoff = now - config.dedup_window.as_millis() as i64;
-    // Which of the group's keys already have an active event, asked of every
-    // key the group would append to (the duplicates among them are not yet
-    // known), in the same round trip as the dedup upsert. The key locks,
-    // taken by the statement before, make the answer hold until commit.
+    lock_keys.sort_unstable();
+    lock_keys.dedup();
     let mut append_keys: Vec<&str> = all()
         .filter(|e| e.forward)
         .map(|e| e.order_key.as_str())
         .collect();
     append_keys.sort_unstable();
     append_keys.dedup();
-    let rows: Vec<(bool, String, Option<String>)> = sqlx::query_as(
-        "WITH fresh AS (INSERT INTO message_ids (source, message_id, seen_at) \
-             SELECT s, m, $3 FROM unnest($1::text[], $2::text[]) AS t(s, m) ORDER BY s, m \
-             ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at \
-             WHERE message_ids.seen_at < $4 RETURNING source, message_id) \
-         SELECT true, source, message_id FROM fresh \
-         UNION ALL \
-         SELECT false, k, NULL FROM unnest($5::text[]) AS b(k) WHERE EXISTS \
-             (SELECT 1 FROM events e WHERE e.order_key = b.k AND e.state IN (0, 4, 5))",
-    )
-    .bind(&sources)
-    .bind(&ids)
-    .bind(now)
-    .bind(cutoff)
-    .bind(&append_keys)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(pg_error)?;
-    let mut fresh: HashSet<(&str, &str)> = HashSet::new();
-    let mut active: HashSet<&str> = HashSet::new();
-    for (is_fresh, a, b) in &rows {
-        match (is_fresh, b) {
-            (true, Some(m)) => {
-                fresh.insert((a.as_str(), m.as_str()));
-            }
-            _ => {
-                active.insert(a.as_str());
-            }
-        }
-    }
+    let forward_total = all().filter(|e| e.forward).count() as i64;
+    let total = all().count() as i64;
+
+    // Within the group the first occurrence of a message id counts; the
+    // database decides which of those are fresh against the table.
+    let mut first: HashSet<(&str, &str)> = HashSet::new();
+    let candidates: Vec<&NewEvent> = all()
+        .filter(|e| first.insert((&e.source, &e.message_id)))
+        .collect();
+    let col = |f: fn(&NewEvent) -> &str| candidates.iter().map(|e| f(e)).collect::<Vec<&str>>();
+    let (sources, ids) = (col(|e| &e.source), col(|e| &e.message_id));
+    let (kinds, keys, payloads) = (col(|e| e.kind), col(|e| &e.order_key), col(|e| &e.payload));
+    let forward: Vec<bool> = candidates.iter().map(|e| e.forward).collect();
+    let max_backlog = i64::try_from(config.max_backlog).unwrap_or(i64::MAX);
+    let cutoff = now - config.dedup_window.as_millis() as i64;
+
+    // A group that touches neither the identity map nor the audience store
+    // (tracks, pages, screens: most traffic) is one statement that commits
+    // by itself: one round trip. The others run its two halves (locks and
+    // message ids; then the events) in one transaction with their own
+    // statements between them, as they always ran.
+    let side_effects = all().any(|e| e.identity.is_some() || !e.audience.is_empty());
+    let mut tx = None;
+    let fresh_positions: Option<Vec<i32>> = if side_effects {
+        let mut t = pool.begin().await.map_err(pg_error)?;
+        let r = sqlx::query_scalar("SELECT ingest_begin($1, $2, $3, $4, $5, $6, $7)")
+            .bind(&lock_keys)
+            .bind(forward_total)
+            .bind(max_backlog)
+            .bind(&sources)
+            .bind(&ids)
+            .bind(now)
+            .bind(cutoff)
+            .fetch_one(&mut *t)
+            .await
+            .map_err(pg_error)?;
+        tx = Some(t);
+        r
+    } else {
+        sqlx::query_scalar(
+            "SELECT ingest_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
+        )
+        .bind(&lock_keys)
+        .bind(&append_keys)
+        .bind(forward_total)
+        .bind(max_backlog)
+        .bind(&sources)
+        .bind(&ids)
+        .bind(&forward)
+        .bind(&kinds)
+        .bind(&keys)
+        .bind(&payloads)
+        .bind(total)
+        .bind(now)
+        .bind(cutoff)
+        .fetch_one(pool)
+        .await
+        .map_err(pg_error)?
+    };
+    let Some(fresh_positions) = fresh_positions else {
+        return Err(StoreError::Backlog(config.max_backlog));
+    };
+    let fresh: HashSet<(&str, &str)> = fresh_positions
+        .iter()
+        .filter_map(|&n| candidates.get((n as usize).checked_sub(1)?))
+        .map(|e| (e.source.as_str(), e.message_id.as_str()))
+        .collect();
 
     let mut receipts = Vec::with_capacity(requests.len());
     let mut taken: HashSet<(&str, &str)> = HashSet::new();
-    let mut to_store: Vec<&NewEvent> = Vec::new();
     let mut identities: Vec<&IdentityUpdate> = Vec::new();
     let mut audience: HashMap<(&str, &str), &str> = HashMap::new();
     for request in requests {
@@ -255,11 +254,13 @@ async fn commit_group(
                 receipt.filtered += 1;
                 continue;
             }
-            to_store.push(e);
             receipt.stored += 1;
         }
         receipts.push(receipt);
     }
+    let Some(mut tx) = tx else {
+        return Ok(receipts);
+    };
 
     // Identifies and groups (ids, no alias) share a few statements for the
     // whole group; aliases, rarer, go one by one after them.
@@ -290,55 +291,20 @@ async fn commit_group(
         .await
         .map_err(pg_error)?;
     }
-
-    // The events, the group's counters and its minute of activity in one
-    // round trip (the events' own trigger counts their states after it).
-    let states: Vec<i16> = to_store
-        .iter()
-        .map(|e| {
-            if active.insert(e.order_key.as_str()) {
-                EventState::Pending.code() as i16
-            } else {
-                EventState::Queued.code() as i16
-            }
-        })
-        .collect();
-    let col = |f: fn(&NewEvent) -> &str| to_store.iter().map(|e| f(e)).collect::<Vec<&str>>();
-    let sum = |f: fn(&IngestReceipt) -> usize| receipts.iter().map(f).sum::<usize>() as i64;
-    let (accepted, duplicates, filtered) = (
-        sum(|r| r.stored),
-        sum(|r| r.duplicates),
-        sum(|r| r.filtered),
-    );
-    if accepted + duplicates + filtered > 0 {
-        // Ids are assigned in the order of the rows (the group's order).
-        sqlx::query(
-            "WITH ins AS (INSERT INTO events \
-                 (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at) \
-                 SELECT s, m, k, o, p, st, $7, $7 \
-                 FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int2[]) \
-                      WITH ORDINALITY AS t(s, m, k, o, p, st, n) ORDER BY n), \
-             c AS (UPDATE counters SET accepted = accepted + $8, duplicates = duplicates + $9, \
-                 filtered = filtered + $10 WHERE shard = txid_current() % 16) \
-             INSERT INTO minute_stats (minute, shard, accepted, delivered, failed) \
-             SELECT $11, (txid_current() % 16)::smallint, $8, 0, 0 WHERE $8 > 0 \
-             ON CONFLICT (minute, shard) DO UPDATE SET accepted = minute_stats.accepted + excluded.accepted",
-        )
-        .bind(col(|e| &e.source))
-        .bind(col(|e| &e.message_id))
-        .bind(col(|e| e.kind))
-        .bind(col(|e| &e.order_key))
-        .bind(col(|e| &e.payload))
-        .bind(&states)
+    sqlx::query("SELECT ingest_store($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
+        .bind(&append_keys)
+        .bind(&fresh_positions)
+        .bind(&sources)
+        .bind(&ids)
+        .bind(&forward)
+        .bind(&kinds)
+        .bind(&keys)
+        .bind(&payloads)
+        .bind(total)
         .bind(now)
-        .bind(accepted)
-        .bind(duplicates)
-        .bind(filtered)
-        .bind(now.div_euclid(60_000))
         .execute(&mut *tx)
         .await
         .map_err(pg_error)?;
-    }
     tx.commit().await.map_err(pg_error)?;
     Ok(receipts)
 }

@@ -112,7 +112,7 @@ pub async fn run(
     mapping: Arc<MappingConfig>,
     config: DeliveryConfig,
     flow: Arc<FlowControl>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let ctx = Arc::new(Context {
         outbox,
@@ -123,6 +123,29 @@ pub async fn run(
         shutdown: shutdown.clone(),
     });
     let permits = Arc::new(Semaphore::new(ctx.config.workers));
+    // Under a rate cap one claim at a time already outpaces the sending.
+    let loops = if ctx.flow.capped() {
+        1
+    } else {
+        ctx.outbox.claim_loops()
+    };
+    let dispatchers = (0..loops).map(|_| dispatch(ctx.clone(), permits.clone(), shutdown.clone()));
+    futures_util::future::join_all(dispatchers).await;
+    // Let in-flight workers finish: each request is bounded by the timeout.
+    let deadline = ctx.config.request_timeout + Duration::from_secs(5);
+    let all = ctx.config.workers as u32;
+    match tokio::time::timeout(deadline, permits.acquire_many(all)).await {
+        Ok(_) => tracing::info!("delivery stopped: no request in flight"),
+        Err(_) => tracing::warn!(
+            "delivery stopped with requests still in flight; their leases will expire"
+        ),
+    }
+}
+
+/// One claim loop: waits for a free worker and an open gate, claims, hands
+/// the batch to a worker, until `shutdown` turns true. Several loops share
+/// the workers when the outbox lets claims overlap.
+async fn dispatch(ctx: Arc<Context>, permits: Arc<Semaphore>, mut shutdown: watch::Receiver<bool>) {
     let lease = ctx.config.lease();
     let stored = ctx.outbox.stored_signal();
     'dispatch: loop {
@@ -206,15 +229,6 @@ pub async fn run(
             settle_with_retries(&ctx, settlements).await;
             drop(permit);
         });
-    }
-    // Let in-flight workers finish: each request is bounded by the timeout.
-    let deadline = ctx.config.request_timeout + Duration::from_secs(5);
-    let all = ctx.config.workers as u32;
-    match tokio::time::timeout(deadline, permits.acquire_many(all)).await {
-        Ok(_) => tracing::info!("delivery stopped: no request in flight"),
-        Err(_) => tracing::warn!(
-            "delivery stopped with requests still in flight; their leases will expire"
-        ),
     }
 }
 

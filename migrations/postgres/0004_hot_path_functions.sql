@@ -115,15 +115,15 @@ END $$;
 -- may change, sorted and distinct, so that concurrent groups of this
 -- instance or another order themselves as the module doc says), the
 -- backlog limit, and the message ids. Each (source, message id) comes once,
--- in the group's order. Returns the positions (1-based) of the fresh ones,
--- or NULL when the backlog is full (nothing is written then but the key
--- locks, which the end of the transaction releases).
+-- in the group's order. Returns, for each, whether it is fresh; NULL when
+-- the backlog is full (nothing is written then but the key locks, which the
+-- end of the transaction releases).
 CREATE FUNCTION ingest_begin(p_lock_keys text[], p_forward_total bigint, p_max_backlog bigint,
                              p_sources text[], p_ids text[], p_now bigint, p_cutoff bigint)
-RETURNS integer[] LANGUAGE plpgsql AS $$
+RETURNS boolean[] LANGUAGE plpgsql AS $$
 DECLARE
     backlog bigint;
-    fresh integer[];
+    fresh boolean[];
 BEGIN
     -- The backlog is read from a snapshot taken before the locks were
     -- granted: a limit across instances that are all adding to it.
@@ -140,9 +140,9 @@ BEGIN
             SELECT s, m, p_now FROM unnest(p_sources, p_ids) AS t(s, m) ORDER BY s, m
             ON CONFLICT (source, message_id) DO UPDATE SET seen_at = excluded.seen_at
             WHERE message_ids.seen_at < p_cutoff RETURNING source, message_id)
-    SELECT array_agg(t.n ORDER BY t.n) INTO fresh
+    SELECT array_agg(f.source IS NOT NULL ORDER BY t.n) INTO fresh
         FROM unnest(p_sources, p_ids) WITH ORDINALITY AS t(s, m, n)
-        JOIN f ON f.source = t.s AND f.message_id = t.m;
+        LEFT JOIN f ON f.source = t.s AND f.message_id = t.m;
     RETURN COALESCE(fresh, '{}');
 END $$;
 
@@ -150,35 +150,39 @@ END $$;
 -- events whose `p_forward` is true are stored (the other fresh ones are
 -- filtered), and the group's counters and minute of activity are added.
 -- `p_total` counts the group's events, duplicates within it included.
-CREATE FUNCTION ingest_store(p_append_keys text[], p_fresh integer[], p_sources text[],
-                             p_ids text[], p_forward boolean[], p_kinds text[], p_keys text[],
+-- Every array runs alongside the others (no search of one array per row of
+-- another, which a group of thousands of events would pay quadratically).
+CREATE FUNCTION ingest_store(p_fresh boolean[], p_sources text[], p_ids text[],
+                             p_forward boolean[], p_kinds text[], p_keys text[],
                              p_payloads text[], p_total bigint, p_now bigint)
 RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
-    active text[];
+    fresh_n bigint;
     stored bigint;
 BEGIN
-    -- Which keys already have an active event: read under the locks.
-    active := ARRAY(SELECT b.k FROM unnest(p_append_keys) AS b(k) WHERE EXISTS
-        (SELECT 1 FROM events e WHERE e.order_key = b.k AND e.state IN (0, 4, 5)));
-    -- Ids are assigned in the order of the rows (the group's order); the
-    -- first new event of a key without an active one is its head.
+    -- Ids are assigned in the order of the rows (the group's order). The
+    -- first new event of a key is its head unless the key already has an
+    -- active event, read in this statement's snapshot, taken under the
+    -- locks.
     WITH ins AS (INSERT INTO events
             (source, message_id, kind, order_key, payload, state, accepted_at, next_attempt_at)
             SELECT s, m, k, o, p,
-                CASE WHEN o <> ALL(active) AND row_number() OVER (PARTITION BY o ORDER BY n) = 1
-                     THEN 0 ELSE 5 END::int2,
+                CASE WHEN row_number() OVER (PARTITION BY o ORDER BY n) > 1 THEN 5
+                     WHEN EXISTS (SELECT 1 FROM events e WHERE e.order_key = o
+                                  AND e.state IN (0, 4, 5)) THEN 5
+                     ELSE 0 END::int2,
                 p_now, p_now
-            FROM unnest(p_sources, p_ids, p_kinds, p_keys, p_payloads, p_forward)
-                 WITH ORDINALITY AS t(s, m, k, o, p, fw, n)
-            WHERE fw AND n = ANY(p_fresh)
+            FROM unnest(p_sources, p_ids, p_kinds, p_keys, p_payloads, p_forward, p_fresh)
+                 WITH ORDINALITY AS t(s, m, k, o, p, fw, fr, n)
+            WHERE fw AND fr
             ORDER BY n
             RETURNING 1)
     SELECT count(*) INTO stored FROM ins;
+    SELECT count(*) INTO fresh_n FROM unnest(p_fresh) AS t(fr) WHERE fr;
     IF p_total > 0 THEN
         UPDATE counters SET accepted = accepted + stored,
-            duplicates = duplicates + (p_total - cardinality(p_fresh)),
-            filtered = filtered + (cardinality(p_fresh) - stored)
+            duplicates = duplicates + (p_total - fresh_n),
+            filtered = filtered + (fresh_n - stored)
             WHERE shard = txid_current() % 16;
     END IF;
     IF stored > 0 THEN
@@ -194,19 +198,19 @@ END $$;
 -- others run the halves as two statements of one transaction with their
 -- own statements between them, in the order the first half's locks were
 -- designed for (no key is locked after a counter row).
-CREATE FUNCTION ingest_group(p_lock_keys text[], p_append_keys text[], p_forward_total bigint,
-                             p_max_backlog bigint, p_sources text[], p_ids text[],
-                             p_forward boolean[], p_kinds text[], p_keys text[],
-                             p_payloads text[], p_total bigint, p_now bigint, p_cutoff bigint)
-RETURNS integer[] LANGUAGE plpgsql AS $$
+CREATE FUNCTION ingest_group(p_lock_keys text[], p_forward_total bigint, p_max_backlog bigint,
+                             p_sources text[], p_ids text[], p_forward boolean[],
+                             p_kinds text[], p_keys text[], p_payloads text[], p_total bigint,
+                             p_now bigint, p_cutoff bigint)
+RETURNS boolean[] LANGUAGE plpgsql AS $$
 DECLARE
-    fresh integer[];
+    fresh boolean[];
 BEGIN
     fresh := ingest_begin(p_lock_keys, p_forward_total, p_max_backlog, p_sources, p_ids,
                           p_now, p_cutoff);
     IF fresh IS NOT NULL THEN
-        PERFORM ingest_store(p_append_keys, fresh, p_sources, p_ids, p_forward, p_kinds,
-                             p_keys, p_payloads, p_total, p_now);
+        PERFORM ingest_store(fresh, p_sources, p_ids, p_forward, p_kinds, p_keys, p_payloads,
+                             p_total, p_now);
     END IF;
     RETURN fresh;
 END $$;

@@ -158,12 +158,6 @@ async fn commit_group(
     }
     lock_keys.sort_unstable();
     lock_keys.dedup();
-    let mut append_keys: Vec<&str> = all()
-        .filter(|e| e.forward)
-        .map(|e| e.order_key.as_str())
-        .collect();
-    append_keys.sort_unstable();
-    append_keys.dedup();
     let forward_total = all().filter(|e| e.forward).count() as i64;
     let total = all().count() as i64;
 
@@ -187,7 +181,7 @@ async fn commit_group(
     // statements between them, as they always ran.
     let side_effects = all().any(|e| e.identity.is_some() || !e.audience.is_empty());
     let mut tx = None;
-    let fresh_positions: Option<Vec<i32>> = if side_effects {
+    let fresh_mask: Option<Vec<bool>> = if side_effects {
         let mut t = pool.begin().await.map_err(pg_error)?;
         let r = sqlx::query_scalar("SELECT ingest_begin($1, $2, $3, $4, $5, $6, $7)")
             .bind(&lock_keys)
@@ -203,33 +197,31 @@ async fn commit_group(
         tx = Some(t);
         r
     } else {
-        sqlx::query_scalar(
-            "SELECT ingest_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)",
-        )
-        .bind(&lock_keys)
-        .bind(&append_keys)
-        .bind(forward_total)
-        .bind(max_backlog)
-        .bind(&sources)
-        .bind(&ids)
-        .bind(&forward)
-        .bind(&kinds)
-        .bind(&keys)
-        .bind(&payloads)
-        .bind(total)
-        .bind(now)
-        .bind(cutoff)
-        .fetch_one(pool)
-        .await
-        .map_err(pg_error)?
+        sqlx::query_scalar("SELECT ingest_group($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)")
+            .bind(&lock_keys)
+            .bind(forward_total)
+            .bind(max_backlog)
+            .bind(&sources)
+            .bind(&ids)
+            .bind(&forward)
+            .bind(&kinds)
+            .bind(&keys)
+            .bind(&payloads)
+            .bind(total)
+            .bind(now)
+            .bind(cutoff)
+            .fetch_one(pool)
+            .await
+            .map_err(pg_error)?
     };
-    let Some(fresh_positions) = fresh_positions else {
+    let Some(fresh_mask) = fresh_mask else {
         return Err(StoreError::Backlog(config.max_backlog));
     };
-    let fresh: HashSet<(&str, &str)> = fresh_positions
+    let fresh: HashSet<(&str, &str)> = candidates
         .iter()
-        .filter_map(|&n| candidates.get((n as usize).checked_sub(1)?))
-        .map(|e| (e.source.as_str(), e.message_id.as_str()))
+        .zip(&fresh_mask)
+        .filter(|(_, fresh)| **fresh)
+        .map(|(e, _)| (e.source.as_str(), e.message_id.as_str()))
         .collect();
 
     let mut receipts = Vec::with_capacity(requests.len());
@@ -291,9 +283,8 @@ async fn commit_group(
         .await
         .map_err(pg_error)?;
     }
-    sqlx::query("SELECT ingest_store($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)")
-        .bind(&append_keys)
-        .bind(&fresh_positions)
+    sqlx::query("SELECT ingest_store($1, $2, $3, $4, $5, $6, $7, $8, $9)")
+        .bind(&fresh_mask)
         .bind(&sources)
         .bind(&ids)
         .bind(&forward)

@@ -294,7 +294,15 @@ impl Drop for Binary {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if self.log.starts_with(url_log_dir()) {
+        if std::thread::panicking() {
+            // A failing test keeps its child's log for whoever reads the failure.
+            use std::io::Write as _;
+            let _ = writeln!(
+                std::io::stderr(),
+                "the forwarder's log is kept at {}",
+                self.log.display()
+            );
+        } else if self.log.starts_with(url_log_dir()) {
             let _ = std::fs::remove_file(&self.log);
         }
     }

@@ -48,6 +48,15 @@ pub(super) fn insert_locked(
         return Err(StoreError::Backlog(config.max_backlog));
     }
     let cutoff = now - config.dedup_window.as_millis() as i64;
+    // A queued row whose key has a held head counts as held (held_keys).
+    // Nothing in the insert loop holds a head, so one look decides for the
+    // whole group whether any queued row can need that.
+    let any_held_key = {
+        let mut q = d.statement(statements, "SELECT 1 FROM held_keys LIMIT 1")?;
+        q.step()? == Step::Row
+    };
+    // Rows inserted per state, added to state_counts once per group.
+    let (mut new_pending, mut new_queued) = (0i64, 0i64);
     // Ordering keys seen in this group: true when the key has an active
     // event (in the outbox before, or inserted just now).
     let mut active: HashMap<&str, bool> = HashMap::new();
@@ -119,12 +128,40 @@ pub(super) fn insert_locked(
             )?;
             q.int(7, now)?;
             q.run()?;
+            drop(q);
+            if busy {
+                new_queued += 1;
+                if any_held_key {
+                    let mut q = d.statement(
+                        statements,
+                        "UPDATE held_keys SET queued = queued + 1 WHERE order_key = ?1",
+                    )?;
+                    q.text(1, &e.order_key)?;
+                    q.run()?;
+                }
+            } else {
+                new_pending += 1;
+            }
             receipt.stored += 1;
         }
         accepted += receipt.stored as i64;
         duplicates += receipt.duplicates as i64;
         filtered += receipt.filtered as i64;
         receipts.push(receipt);
+    }
+    for (state, by) in [
+        (EventState::Pending, new_pending),
+        (EventState::Queued, new_queued),
+    ] {
+        if by != 0 {
+            let mut q = d.statement(
+                statements,
+                "UPDATE state_counts SET n = n + ?1 WHERE state = ?2",
+            )?;
+            q.int(1, by)?;
+            q.int(2, state.code())?;
+            q.run()?;
+        }
     }
     for (name, by) in [
         ("accepted", accepted),

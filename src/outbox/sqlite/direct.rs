@@ -12,6 +12,7 @@ use super::StoreError;
 use libsqlite3_sys as ffi;
 use std::collections::HashMap;
 use std::ffi::{CStr, CString};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::ptr::NonNull;
 
 /// A raw connection borrowed from a locked sqlx handle. Valid only while the
@@ -24,7 +25,46 @@ pub(super) struct Db {
 /// closes.
 #[derive(Default)]
 pub(super) struct StatementCache {
-    statements: HashMap<&'static str, NonNull<ffi::sqlite3_stmt>>,
+    statements: HashMap<SqlKey, NonNull<ffi::sqlite3_stmt>, BuildHasherDefault<SqlKeyHasher>>,
+}
+
+/// A statement's SQL named by where its text lives: the statements are
+/// string literals, so the address and length pick one out without hashing
+/// its text (hashing the SQL of every statement run, a few hundred bytes
+/// each, was a visible share of the writer's time per event). Two literals
+/// of the same text at different addresses only cost one more prepare.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct SqlKey(usize, usize);
+
+impl SqlKey {
+    fn of(sql: &'static str) -> SqlKey {
+        SqlKey(sql.as_ptr() as usize, sql.len())
+    }
+}
+
+/// Mixes the two words of a [`SqlKey`]; a cache of a few dozen entries
+/// needs no protection against chosen keys.
+#[derive(Default)]
+struct SqlKeyHasher(u64);
+
+impl Hasher for SqlKeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+    }
 }
 
 // SAFETY: the statements belong to the writer's connection and are used only
@@ -96,7 +136,7 @@ impl Db {
         cache: &'a mut StatementCache,
         sql: &'static str,
     ) -> Result<Statement<'a>, StoreError> {
-        let stmt = match cache.statements.get(sql) {
+        let stmt = match cache.statements.get(&SqlKey::of(sql)) {
             Some(s) => *s,
             None => {
                 let mut raw: *mut ffi::sqlite3_stmt = std::ptr::null_mut();
@@ -116,7 +156,7 @@ impl Db {
                     return Err(error(self.handle, code));
                 }
                 let stmt = NonNull::new(raw).expect("a statement for non-empty SQL");
-                cache.statements.insert(sql, stmt);
+                cache.statements.insert(SqlKey::of(sql), stmt);
                 stmt
             }
         };

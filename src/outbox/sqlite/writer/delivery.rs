@@ -66,7 +66,7 @@ fn claim_locked(
         let mut q = d.statement(
             statements,
             "SELECT id FROM events INDEXED BY events_key \
-             WHERE order_key = ?1 AND state IN (0, 1, 4, 5) AND state = 5 \
+             WHERE order_key = ?1 AND state NOT IN (2, 3) AND state = 5 \
              AND id NOT IN (SELECT id FROM leases) ORDER BY id LIMIT ?2",
         )?;
         q.text(1, key)?;
@@ -415,10 +415,10 @@ const MARK_DELIVERED: &str = "UPDATE events SET state = 2, finished_at = ?1, att
 /// backlog.
 const PROMOTE: &str = "UPDATE events SET state = 0, next_attempt_at = ?1 WHERE id IN ( \
      SELECT (SELECT e.id FROM events e INDEXED BY events_key \
-             WHERE e.order_key = j.value AND e.state IN (0, 1, 4, 5) AND e.state = 5 ORDER BY e.id LIMIT 1) \
+             WHERE e.order_key = j.value AND e.state NOT IN (2, 3) AND e.state = 5 ORDER BY e.id LIMIT 1) \
      FROM json_each(?2) j \
      WHERE NOT EXISTS (SELECT 1 FROM events x INDEXED BY events_key \
-       WHERE x.order_key = j.value AND x.state IN (0, 1, 4, 5) AND x.state IN (0, 1, 4)))";
+       WHERE x.order_key = j.value AND x.state NOT IN (2, 3) AND x.state <> 5))";
 
 /// Makes the earliest queued event of each key the head when the key has
 /// no head left (its events were delivered or died).

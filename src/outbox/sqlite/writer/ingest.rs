@@ -101,7 +101,7 @@ pub(super) fn insert_locked(
                     let mut q = d.statement(
                         statements,
                         "SELECT 1 FROM events INDEXED BY events_key \
-                         WHERE order_key = ?1 AND state IN (0, 1, 4, 5) LIMIT 1",
+                         WHERE order_key = ?1 AND state NOT IN (2, 3) LIMIT 1",
                     )?;
                     q.text(1, &e.order_key)?;
                     q.step()? == Step::Row
@@ -314,7 +314,7 @@ pub(super) fn apply_identity(
         let mut q = d.statement(
             statements,
             "UPDATE events INDEXED BY events_key SET state = 0, next_attempt_at = ?1 \
-             WHERE order_key = ?2 AND state IN (0, 1, 4, 5) AND state = 4",
+             WHERE order_key = ?2 AND state NOT IN (2, 3) AND state = 4",
         )?;
         q.int(1, now)?;
         q.text(2, &key)?;

@@ -21,7 +21,9 @@ const DEAD: i64 = 30_000;
 const CLI_DEAD: i64 = 5_000;
 
 /// Writes `n` dead letters (one user each) straight into the database, as
-/// a long outage would have left them.
+/// a long outage would have left them. On SQLite the state counters are
+/// kept by the code that inserts (no insert trigger), so the seed counts
+/// its rows itself, in the same transaction.
 async fn seed_dead(db: &Path, n: i64) {
     let columns = "INSERT INTO events (source, message_id, kind, order_key, payload, state, \
                    attempts, accepted_at, next_attempt_at, finished_at, reason, last_error) \
@@ -32,8 +34,11 @@ async fn seed_dead(db: &Path, n: i64) {
     execute(
         db,
         &format!(
-            "WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < {n}) \
-             {columns} FROM seq"
+            "BEGIN; \
+             WITH RECURSIVE seq(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM seq WHERE i < {n}) \
+             {columns} FROM seq; \
+             UPDATE state_counts SET n = n + {n} WHERE state = 3; \
+             COMMIT"
         ),
         &format!("{columns} FROM generate_series(1, {n}) AS i"),
     )

@@ -187,3 +187,111 @@ async fn serve_starts_on_a_database_of_the_current_schema_made_elsewhere() {
     assert_eq!(s["dead"], 0);
     drop(server);
 }
+
+/// The insert triggers kept SQLite's counters up to schema version 6;
+/// from 0007 on ingest keeps them itself. A database of version 6 with
+/// pending, queued, held (with a queue behind it) and dead events keeps
+/// its counts through the upgrade, and ingest after it counts right, held
+/// queues included.
+#[tokio::test]
+async fn counters_stay_right_across_the_upgrade_from_insert_triggers() {
+    use churnzero_forwarder::outbox::{IdentityUpdate, NewEvent, Outbox, WriterConfig};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("v6.db");
+    let migrations = tempfile::tempdir().unwrap();
+    for n in 1..=6 {
+        let name =
+            std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .find(|f| f.starts_with(&format!("000{n}_")))
+                .unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("migrations/sqlite")
+                .join(&name),
+            migrations.path().join(&name),
+        )
+        .unwrap();
+    }
+    let url = format!("sqlite://{}?mode=rwc", db.display());
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    Migrator::new(migrations.path())
+        .await
+        .unwrap()
+        .run(&mut conn)
+        .await
+        .unwrap();
+    // u1: a held head and one event queued behind it; u2: a head and one
+    // queued; u3: a dead letter. Version 6's triggers count them.
+    for (n, user, state) in [
+        (1, "u1", 4),
+        (2, "u1", 5),
+        (3, "u2", 0),
+        (4, "u2", 5),
+        (5, "u3", 3),
+    ] {
+        sqlx::query(
+            "INSERT INTO events (source, message_id, kind, order_key, payload, state, \
+             accepted_at, next_attempt_at) VALUES ('s', ?, 'track', ?, '{}', ?, 1, 1)",
+        )
+        .bind(format!("old-{n}"))
+        .bind(user)
+        .bind(state)
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    }
+    conn.close().await.unwrap();
+
+    let outbox = Outbox::open(&db, WriterConfig::default()).await.unwrap();
+    let figures =
+        |s: &churnzero_forwarder::outbox::OutboxStatus| (s.pending, s.held, s.held_queued, s.dead);
+    assert_eq!(figures(&outbox.status().await.unwrap()), (2, 2, 1, 1));
+
+    let event = |n: u32, user: &str| NewEvent {
+        source: "s".into(),
+        message_id: format!("new-{n}"),
+        kind: "track",
+        order_key: user.into(),
+        payload: "{}".into(),
+        forward: true,
+        identity: None,
+        audience: Vec::new(),
+    };
+    // Behind u1's held head, behind u2's head, and a new user's head.
+    outbox
+        .ingest(vec![event(1, "u1"), event(2, "u2"), event(3, "u4")])
+        .await
+        .unwrap();
+    assert_eq!(figures(&outbox.status().await.unwrap()), (4, 3, 2, 1));
+    // u1's ids arrive: its head and queue are pending again.
+    outbox
+        .ingest(vec![NewEvent {
+            kind: "identify",
+            identity: Some(IdentityUpdate {
+                user_id: "u1".into(),
+                account: Some("acc".into()),
+                contact: Some("u1".into()),
+                previous_id: None,
+            }),
+            ..event(4, "u1")
+        }])
+        .await
+        .unwrap();
+    assert_eq!(figures(&outbox.status().await.unwrap()), (8, 0, 0, 1));
+
+    // And the counters equal a count of the rows.
+    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let drift: Vec<(i64, i64, i64)> = sqlx::query_as(
+        "SELECT c.state, c.n, CASE c.state WHEN 1 THEN (SELECT COUNT(*) FROM leases) \
+           WHEN 6 THEN (SELECT COALESCE(SUM(queued), 0) FROM held_keys) \
+           ELSE (SELECT COUNT(*) FROM events e WHERE e.state = c.state) END AS actual \
+         FROM state_counts c WHERE c.n <> actual",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    conn.close().await.unwrap();
+    assert!(drift.is_empty(), "(state, counter, rows): {drift:?}");
+}

@@ -13,13 +13,15 @@ const HISTORY_KEEP: i32 = 20;
 /// Keys whose leases one recovery pass brings back at most.
 const RECOVER_PAGE: i64 = 1000;
 
+/// Claims up to `max` events under the lease `until` (its expiry in ms,
+/// and the token that names this claim).
 pub(super) async fn claim(
     pool: &PgPool,
     me: i64,
     max: usize,
-    lease: Duration,
+    until: i64,
+    now: i64,
 ) -> Result<Vec<ClaimedEvent>, StoreError> {
-    let now = now_ms();
     // One statement, outside an explicit transaction (see `claim_events` in
     // the migrations): the keys of the oldest due, unleased heads locked
     // without waiting (a key another instance or worker is changing right
@@ -27,7 +29,6 @@ pub(super) async fn claim(
     // again, each followed by the events queued behind it, the first `max`
     // leased and returned. The key is not leased, so none of its events is;
     // the events' own rows are not written.
-    let until = now + lease.as_millis() as i64;
     let rows = sqlx::query(
         "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
          FROM claim_events($1, $2, $3, $4)",
@@ -382,6 +383,37 @@ pub(super) async fn normalize(conn: &mut PgConnection, keys: &[&str]) -> Result<
         .await
         .map_err(pg_error)?;
     Ok(())
+}
+
+/// Gives back, under the keys' locks, the leases this instance took under
+/// `tokens`: claims whose answer never arrived, so that no worker holds
+/// their events. Their keys are normalised as after any settle.
+pub(super) async fn release_tokens(
+    conn: &mut PgConnection,
+    me: i64,
+    tokens: &[i64],
+) -> Result<u64, StoreError> {
+    let keys: Vec<String> = sqlx::query_scalar(
+        "SELECT DISTINCT order_key FROM leases WHERE owner = $1 AND token = ANY($2)",
+    )
+    .bind(me)
+    .bind(tokens)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    lock_keys(conn, &keys).await?;
+    let r = sqlx::query("DELETE FROM leases WHERE owner = $1 AND token = ANY($2)")
+        .bind(me)
+        .bind(tokens)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
+    normalize(conn, &keys).await?;
+    Ok(r.rows_affected())
 }
 
 /// Brings back leases that expired or whose owner's heartbeat is older

@@ -114,6 +114,14 @@ struct Inner {
     stored: Arc<Notify>,
     held_cursor: Mutex<i64>,
     key_cursor: Mutex<String>,
+    /// The last lease token handed out: every claim gets a larger one, so
+    /// that a token names one claim.
+    last_token: Mutex<i64>,
+    /// Tokens of claims whose answer never came (the connection broke): the
+    /// claim may have committed, and then holds leases no worker knows of.
+    /// They are given back as soon as the database answers again, instead
+    /// of when the lease runs out.
+    unanswered: Arc<Mutex<Vec<i64>>>,
     tasks: Vec<JoinHandle<()>>,
     /// The server runs no autovacuum: maintenance vacuums the outbox's
     /// tables itself (see [`maintain::vacuum_if_due`]).
@@ -257,7 +265,13 @@ impl PgOutbox {
             stored.clone(),
             rx,
         ));
-        let beat = tokio::spawn(heartbeat_loop(pool.clone(), instance, config.clone()));
+        let unanswered: Arc<Mutex<Vec<i64>>> = Arc::default();
+        let beat = tokio::spawn(heartbeat_loop(
+            pool.clone(),
+            instance,
+            config.clone(),
+            unanswered.clone(),
+        ));
         Ok(PgOutbox {
             inner: Arc::new(Inner {
                 pool,
@@ -267,6 +281,8 @@ impl PgOutbox {
                 stored,
                 held_cursor: Mutex::new(0),
                 key_cursor: Mutex::new(String::new()),
+                last_token: Mutex::new(0),
+                unanswered,
                 tasks: vec![writer, beat],
                 autovacuum_off,
                 last_vacuum: Mutex::new(None),
@@ -327,14 +343,28 @@ impl PgOutbox {
         }
         let pool = &self.inner.pool;
         let me = self.inner.instance;
+        let now = now_ms();
+        let token = {
+            let mut last = self.inner.last_token.lock().expect("token lock");
+            *last = (now + lease.as_millis() as i64).max(*last + 1);
+            *last
+        };
         let started = std::time::Instant::now();
-        let claimed = with_retry(|| delivery::claim(pool, me, max, lease)).await;
-        if let Ok(c) = &claimed {
-            tracing::trace!(
+        let claimed = with_retry(|| delivery::claim(pool, me, max, token, now)).await;
+        match &claimed {
+            Ok(c) => tracing::trace!(
                 events = c.len(),
                 micros = started.elapsed().as_micros() as u64,
                 "claim"
-            );
+            ),
+            // The claim may have committed without its answer arriving.
+            Err(e) if e.is_transient() => self
+                .inner
+                .unanswered
+                .lock()
+                .expect("unanswered lock")
+                .push(token),
+            Err(_) => {}
         }
         claimed
     }
@@ -539,7 +569,12 @@ async fn beat(pool: &PgPool, instance: i64) -> Result<(), StoreError> {
 
 /// Keeps this instance alive in `instances` and brings back the leases of
 /// instances that stopped doing so.
-async fn heartbeat_loop(pool: PgPool, instance: i64, config: PgConfig) {
+async fn heartbeat_loop(
+    pool: PgPool,
+    instance: i64,
+    config: PgConfig,
+    unanswered: Arc<Mutex<Vec<i64>>>,
+) {
     let mut tick = tokio::time::interval(config.heartbeat);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -547,6 +582,31 @@ async fn heartbeat_loop(pool: PgPool, instance: i64, config: PgConfig) {
         if let Err(e) = beat(&pool, instance).await {
             tracing::warn!(error = %e, "outbox heartbeat failed");
             continue;
+        }
+        let tokens = unanswered.lock().expect("unanswered lock").clone();
+        if !tokens.is_empty() {
+            let released = with_retry(|| async {
+                let mut tx = pool.begin().await.map_err(pg_error)?;
+                let n = delivery::release_tokens(&mut tx, instance, &tokens).await?;
+                tx.commit().await.map_err(pg_error)?;
+                Ok(n)
+            })
+            .await;
+            match released {
+                Ok(n) => {
+                    unanswered
+                        .lock()
+                        .expect("unanswered lock")
+                        .retain(|t| !tokens.contains(t));
+                    if n > 0 {
+                        tracing::info!(
+                            events = n,
+                            "leases of claims whose answer was lost came back"
+                        );
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "giving back unanswered claims failed"),
+            }
         }
         let recovered = with_retry(|| async {
             let mut tx = pool.begin().await.map_err(pg_error)?;

@@ -17,6 +17,28 @@
 -- index insertion and led the settle's fence to a worse plan than the key.
 DROP INDEX leases_owner;
 
+-- Locks the rows of these ordering keys (creating missing ones) until the
+-- transaction ends, without writing them (ON CONFLICT ... WHERE false), in
+-- sorted order, so that two transactions never wait on each other in a
+-- cycle. The one way every change to a key's queue is ordered: ingest,
+-- settles, lease recovery, replay, the end of a hold.
+CREATE FUNCTION lock_order_keys(p_keys text[]) RETURNS void LANGUAGE sql AS $$
+    INSERT INTO order_keys (order_key) SELECT k FROM unnest(p_keys) AS t(k) ORDER BY k
+    ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false;
+$$;
+
+-- The fence of a settle: gives back the leases that still carry this owner
+-- and the token its worker was handed, and returns their events, the only
+-- outcomes that count. A lease row is only ever removed under its row
+-- lock, so the fence needs no key lock of its own.
+CREATE FUNCTION fence_leases(p_owner bigint, p_ids bigint[], p_tokens bigint[])
+RETURNS bigint[] LANGUAGE sql AS $$
+    WITH d AS (DELETE FROM leases l USING unnest(p_ids, p_tokens) AS t(id, tok)
+               WHERE l.event_id = t.id AND l.token = t.tok AND l.owner = p_owner
+               RETURNING l.event_id)
+    SELECT COALESCE(array_agg(event_id), '{}') FROM d;
+$$;
+
 -- Restores the per-key invariant for keys the caller has locked: the lowest
 -- active id is the head (state 0, or 4 if it was held), every other active
 -- event is queued. Keys with an event in flight are left alone: their settle
@@ -99,10 +121,10 @@ BEGIN
         e.first_attempt_at, e.actions FROM events e JOIN l ON l.event_id = e.id;
 END $$;
 
--- A settle whose outcomes are all "delivered": the keys locked (sorted by
--- the caller), the fence (only leases that still carry this owner and
--- token count), the delivered events and the bookkeeping, then the keys
--- normalised. Returns how many outcomes counted.
+-- A settle whose outcomes are all "delivered": the keys locked, the fence
+-- (only leases that still carry this owner and token count), the delivered
+-- events and the bookkeeping, then the keys normalised. Returns how many
+-- outcomes counted.
 CREATE FUNCTION settle_delivered(p_owner bigint, p_ids bigint[], p_tokens bigint[],
                                  p_firsts bigint[], p_keys text[], p_now bigint)
 RETURNS integer LANGUAGE plpgsql AS $$
@@ -110,13 +132,9 @@ DECLARE
     held bigint[];
     n integer;
 BEGIN
-    INSERT INTO order_keys (order_key) SELECT k FROM unnest(p_keys) AS t(k) ORDER BY k
-        ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false;
-    WITH d AS (DELETE FROM leases l USING unnest(p_ids, p_tokens) AS t(id, tok)
-               WHERE l.event_id = t.id AND l.token = t.tok AND l.owner = p_owner
-               RETURNING l.event_id)
-    SELECT array_agg(event_id) INTO held FROM d;
-    n := coalesce(cardinality(held), 0);
+    PERFORM lock_order_keys(p_keys);
+    held := fence_leases(p_owner, p_ids, p_tokens);
+    n := cardinality(held);
     IF n > 0 THEN
         UPDATE events e SET state = 2, finished_at = p_now, attempts = e.attempts + 1,
             first_attempt_at = t.first
@@ -146,11 +164,9 @@ DECLARE
     backlog bigint;
     fresh boolean[];
 BEGIN
-    -- The backlog is read from a snapshot taken before the locks were
-    -- granted: a limit across instances that are all adding to it.
-    WITH locked AS (INSERT INTO order_keys (order_key)
-            SELECT k FROM unnest(p_lock_keys) AS t(k) ORDER BY k
-            ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false)
+    PERFORM lock_order_keys(p_lock_keys);
+    -- The backlog: a limit across instances that are all adding to it,
+    -- never exact.
     SELECT COALESCE(sum(s0 + s4 + s5), 0)::bigint INTO backlog FROM counters;
     IF p_forward_total > 0 AND backlog + p_forward_total > p_max_backlog THEN
         RETURN NULL;

@@ -101,30 +101,20 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
     let now = now_ms();
     let mut tx = pool.begin().await.map_err(pg_error)?;
     let keys: Vec<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
-    let mut sorted_keys = keys.clone();
-    sorted_keys.sort_unstable();
-    sorted_keys.dedup();
-    // The keys' locks and the fencing in one round trip: only leases that
-    // still carry this instance's token count. The lock orders this settle
-    // against ingest and other settles of the same keys for the statements
-    // after it (a lease row itself is only ever removed under its row lock,
-    // so the fence needs no key lock).
+    // The keys' locks order this settle against ingest and other settles of
+    // the same keys for the statements after them; the fence (the same one
+    // as an all-delivered settle's) keeps only the outcomes whose lease
+    // still carries this instance's token.
+    lock_keys(&mut tx, &keys).await?;
     let ids: Vec<i64> = items.iter().map(|s| s.id).collect();
     let tokens: Vec<i64> = items.iter().map(|s| s.lease).collect();
-    let held: Vec<i64> = sqlx::query_scalar(
-        "WITH locked AS (INSERT INTO order_keys (order_key) \
-             SELECT k FROM unnest($4::text[]) AS t(k) ORDER BY k \
-             ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false) \
-         DELETE FROM leases l USING unnest($1::int8[], $2::int8[]) AS t(id, tok) \
-         WHERE l.event_id = t.id AND l.token = t.tok AND l.owner = $3 RETURNING l.event_id",
-    )
-    .bind(&ids)
-    .bind(&tokens)
-    .bind(me)
-    .bind(&sorted_keys)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(pg_error)?;
+    let held: Vec<i64> = sqlx::query_scalar("SELECT fence_leases($1, $2, $3)")
+        .bind(me)
+        .bind(&ids)
+        .bind(&tokens)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(pg_error)?;
     let held: HashSet<i64> = held.into_iter().collect();
     let ignored = items.len() - held.len();
     if ignored > 0 {

@@ -633,13 +633,10 @@ async fn lock_keys(conn: &mut sqlx::PgConnection, keys: &[&str]) -> Result<(), S
     let mut sorted: Vec<&str> = keys.to_vec();
     sorted.sort_unstable();
     sorted.dedup();
-    sqlx::query(
-        "INSERT INTO order_keys (order_key) SELECT k FROM unnest($1::text[]) AS t(k) ORDER BY k \
-         ON CONFLICT (order_key) DO UPDATE SET order_key = excluded.order_key WHERE false",
-    )
-    .bind(&sorted)
-    .execute(&mut *conn)
-    .await
-    .map_err(pg_error)?;
+    sqlx::query("SELECT lock_order_keys($1)")
+        .bind(&sorted)
+        .execute(&mut *conn)
+        .await
+        .map_err(pg_error)?;
     Ok(())
 }

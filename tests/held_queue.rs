@@ -7,8 +7,7 @@
 mod common;
 
 use churnzero_forwarder::outbox::{
-    ClaimedEvent, IdentityUpdate, NewEvent, Outbox, OutboxStatus, SettleOutcome, Settlement,
-    WriterConfig,
+    ClaimedEvent, IdentityUpdate, NewEvent, Outbox, OutboxStatus, SettleOutcome, WriterConfig,
 };
 use std::time::{Duration, Instant};
 
@@ -45,20 +44,18 @@ async fn hold(outbox: &Outbox, held_user: &str) -> Vec<ClaimedEvent> {
     let claimed = outbox.claim(100, Duration::from_secs(60)).await.unwrap();
     let settlements = claimed
         .iter()
-        .map(|e| Settlement {
-            id: e.id,
-            lease: e.lease,
-            order_key: e.order_key.clone(),
-            first_attempt_at: e.first_attempt_at,
-            outcome: if e.order_key == held_user {
-                SettleOutcome::Held {
-                    error: "unresolved identity".into(),
-                    map_as_of: e.claimed_at,
-                }
-            } else {
-                SettleOutcome::Release
-            },
-            actions: None,
+        .map(|e| {
+            common::settlement(
+                e,
+                if e.order_key == held_user {
+                    SettleOutcome::Held {
+                        error: "unresolved identity".into(),
+                        map_as_of: e.claimed_at,
+                    }
+                } else {
+                    SettleOutcome::Release
+                },
+            )
         })
         .collect();
     outbox.settle(settlements).await.unwrap();
@@ -249,14 +246,7 @@ where
         }
         let settlements = claimed
             .iter()
-            .map(|e| Settlement {
-                id: e.id,
-                lease: e.lease,
-                order_key: e.order_key.clone(),
-                first_attempt_at: e.first_attempt_at,
-                outcome: SettleOutcome::Delivered,
-                actions: None,
-            })
+            .map(|e| common::settlement(e, SettleOutcome::Delivered))
             .collect();
         outbox.settle(settlements).await.unwrap();
     }

@@ -30,14 +30,7 @@ fn settle_all(
 ) -> Vec<Settlement> {
     claimed
         .iter()
-        .map(|e| Settlement {
-            id: e.id,
-            lease: e.lease,
-            order_key: e.order_key.clone(),
-            first_attempt_at: e.first_attempt_at,
-            outcome: outcome.clone(),
-            actions: None,
-        })
+        .map(|e| common::settlement(e, outcome.clone()))
         .collect()
 }
 
@@ -286,12 +279,10 @@ async fn events_queued_behind_a_held_head_are_held_and_do_not_age_the_pending(db
     assert_eq!(claimed.len(), 3);
     let settlements = claimed
         .iter()
-        .map(|e| Settlement {
-            id: e.id,
-            lease: e.lease,
-            order_key: e.order_key.clone(),
-            first_attempt_at: e.first_attempt_at,
-            outcome: if e.order_key == "h" {
+        .map(|e| {
+            common::settlement(
+                e,
+                if e.order_key == "h" {
                 SettleOutcome::Held {
                     error: "unresolved identity".into(),
                     map_as_of: e.claimed_at,
@@ -299,7 +290,7 @@ async fn events_queued_behind_a_held_head_are_held_and_do_not_age_the_pending(db
             } else {
                 SettleOutcome::Release
             },
-            actions: None,
+            )
         })
         .collect();
     outbox.settle(settlements).await.unwrap();

@@ -60,16 +60,7 @@ fn msg_of(c: &ClaimedEvent) -> String {
     v["messageId"].as_str().expect("messageId").to_string()
 }
 
-fn outcome(c: &ClaimedEvent, outcome: SettleOutcome) -> Settlement {
-    Settlement {
-        id: c.id,
-        lease: c.lease,
-        order_key: c.order_key.clone(),
-        first_attempt_at: c.first_attempt_at,
-        outcome,
-        actions: None,
-    }
-}
+use common::settlement as outcome;
 
 fn delivered(c: &ClaimedEvent) -> Settlement {
     outcome(c, SettleOutcome::Delivered)

@@ -935,3 +935,18 @@ macro_rules! on_both_backends {
         }
     )*};
 }
+
+/// The outcome a worker would report for a claimed event, under its lease.
+pub fn settlement(
+    c: &churnzero_forwarder::outbox::ClaimedEvent,
+    outcome: churnzero_forwarder::outbox::SettleOutcome,
+) -> churnzero_forwarder::outbox::Settlement {
+    churnzero_forwarder::outbox::Settlement {
+        id: c.id,
+        lease: c.lease,
+        order_key: c.order_key.clone(),
+        first_attempt_at: c.first_attempt_at,
+        outcome,
+        actions: None,
+    }
+}

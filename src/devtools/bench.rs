@@ -178,7 +178,7 @@ const SQLITE_FULL_SCHEMA: &str =
      next_attempt_at INTEGER NOT NULL, first_attempt_at INTEGER, lease_until INTEGER, \
      finished_at INTEGER, last_error TEXT, reason TEXT, history TEXT);
      CREATE INDEX events_due ON events (next_attempt_at, id) WHERE state = 0;
-     CREATE INDEX events_key ON events (order_key, id) WHERE state IN (0, 1, 4, 5);
+     CREATE INDEX events_key ON events (order_key, id) WHERE state NOT IN (2, 3);
      CREATE INDEX events_heads ON events (id) WHERE state = 0;
      CREATE INDEX events_dead ON events (id) WHERE state = 3;
      CREATE INDEX events_held ON events (id) WHERE state = 4;

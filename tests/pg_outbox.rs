@@ -436,6 +436,162 @@ async fn per_key_order_holds_across_instances_through_retries_and_holds() {
     );
 }
 
+/// A TCP proxy in front of the test server that, once armed, lets a claim
+/// run and commit on the server and then breaks the connection instead of
+/// passing on the server's ReadyForQuery: the forwarder never learns that
+/// its claim committed, as when the server or the network goes away at
+/// that moment.
+struct LosingProxy {
+    addr: std::net::SocketAddr,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    lost: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl LosingProxy {
+    async fn start() -> LosingProxy {
+        use std::sync::atomic::{AtomicBool, AtomicUsize};
+        let server = common::pg_server();
+        let upstream = server
+            .rsplit('@')
+            .next()
+            .unwrap()
+            .trim_start_matches("postgres://")
+            .to_string();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let armed = Arc::new(AtomicBool::new(false));
+        let lost = Arc::new(AtomicUsize::new(0));
+        let (a, l) = (armed.clone(), lost.clone());
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let (armed, lost) = (a.clone(), l.clone());
+                tokio::spawn(async move {
+                    let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                    proxy_one(client, server, armed, lost).await;
+                });
+            }
+        });
+        LosingProxy { addr, armed, lost }
+    }
+
+    /// The URL of `db` through this proxy (plain text, so that the proxy
+    /// can read the server's messages).
+    fn url(&self, db: &TestDb) -> String {
+        let direct = db.url();
+        let name = direct.rsplit('/').next().unwrap();
+        let user = common::pg_server()
+            .trim_start_matches("postgres://")
+            .split('@')
+            .next()
+            .unwrap()
+            .to_string();
+        format!("postgres://{user}@{}/{name}?sslmode=disable", self.addr)
+    }
+}
+
+/// Copies both ways. On a connection whose client has sent a claim while
+/// the proxy is armed, the server's answer is passed on up to its
+/// CommandComplete; at the ReadyForQuery after it (the claim has committed
+/// by then) both sides are closed instead.
+async fn proxy_one(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    armed: Arc<std::sync::atomic::AtomicBool>,
+    lost: Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let claiming = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = claiming.clone();
+    let up = tokio::spawn(async move {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = cr.read(&mut buf).await {
+            if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+            if armed.load(Ordering::SeqCst) && buf[..n].windows(12).any(|w| w == b"claim_events") {
+                armed.store(false, Ordering::SeqCst);
+                seen.store(true, Ordering::SeqCst);
+            }
+        }
+    });
+    // Server messages are framed: a type byte and a length that counts
+    // itself (the connection has no TLS, so none is unframed).
+    let mut pending: Vec<u8> = Vec::new();
+    let mut completed = false;
+    let mut buf = vec![0u8; 65536];
+    'read: while let Ok(n) = sr.read(&mut buf).await {
+        if n == 0 {
+            break;
+        }
+        pending.extend_from_slice(&buf[..n]);
+        let mut at = 0;
+        while pending.len() >= at + 5 {
+            let kind = pending[at];
+            let len = u32::from_be_bytes(pending[at + 1..at + 5].try_into().unwrap()) as usize;
+            if pending.len() < at + 1 + len {
+                break;
+            }
+            if claiming.load(Ordering::SeqCst) {
+                if kind == b'C' {
+                    completed = true;
+                } else if kind == b'Z' && completed {
+                    let _ = cw.write_all(&pending[..at]).await;
+                    lost.fetch_add(1, Ordering::SeqCst);
+                    break 'read;
+                }
+            }
+            at += 1 + len;
+        }
+        if cw.write_all(&pending[..at]).await.is_err() {
+            break;
+        }
+        pending.drain(..at);
+    }
+    up.abort();
+}
+
+/// A claim that committed on the server while its answer was lost (the
+/// connection broke before the server's ReadyForQuery reached the
+/// forwarder) holds leases no worker knows of: they come back within a
+/// heartbeat or two once the database answers, not when the lease runs
+/// out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_claim_whose_answer_was_lost_gives_its_leases_back() {
+    let db = test_db!();
+    let proxy = LosingProxy::start().await;
+    let a = PgOutbox::connect(&proxy.url(&db), config())
+        .await
+        .expect("connect through the proxy");
+    a.ingest(vec![ev("u1", "m-1"), ev("u2", "m-2")])
+        .await
+        .unwrap();
+    proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = a.claim(10, Duration::from_secs(600)).await;
+    assert!(
+        matches!(&lost, Err(e) if e.is_transient()),
+        "the claim's answer never arrived: {lost:?}"
+    );
+    assert_eq!(proxy.lost.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // It committed all the same: both events are leased, to nobody's worker.
+    let mut conn = db.conn().await;
+    assert_eq!(scalar(&mut conn, "SELECT count(*) FROM leases").await, 2);
+    // Given back long before the ten-minute lease, and claimable again.
+    wait_for("the lost claim's leases to come back", || {
+        let url = db.url();
+        async move {
+            let mut c = PgConnection::connect(&url).await.unwrap();
+            scalar(&mut c, "SELECT count(*) FROM leases").await == 0
+        }
+    })
+    .await;
+    let again = a.claim(10, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(again.len(), 2);
+}
+
 /// A claim passes over keys another claim (of this instance or another)
 /// holds at that moment and goes on to the next due heads, so claims that
 /// run at once each come back full instead of racing for the same oldest

@@ -57,6 +57,13 @@ pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migratio
 /// at a time run maintenance.
 pub const MAINTENANCE_LOCK: i64 = 0x6366_775f_6d61_696e;
 
+/// Unanswered claims remembered at most. While the database is down every
+/// claim fails, about two a second, but only those under way when the
+/// connection broke can have committed, and they are among the first
+/// remembered: past this many (over an hour of outage) remembering more
+/// would only grow memory with the outage.
+const MAX_UNANSWERED: usize = 10_000;
+
 /// Settings of a PostgreSQL outbox.
 #[derive(Debug, Clone)]
 pub struct PgConfig {
@@ -358,12 +365,12 @@ impl PgOutbox {
                 "claim"
             ),
             // The claim may have committed without its answer arriving.
-            Err(e) if e.is_transient() => self
-                .inner
-                .unanswered
-                .lock()
-                .expect("unanswered lock")
-                .push(token),
+            Err(e) if e.is_transient() => {
+                let mut unanswered = self.inner.unanswered.lock().expect("unanswered lock");
+                if unanswered.len() < MAX_UNANSWERED {
+                    unanswered.push(token);
+                }
+            }
             Err(_) => {}
         }
         claimed

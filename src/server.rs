@@ -59,6 +59,8 @@ pub enum StartError {
     /// Transparent: the TLS error names the file and its flag.
     #[error(transparent)]
     Tls(#[from] crate::ingest::tls::TlsError),
+    #[error("installing the SIGTERM and SIGINT handlers: {0}")]
+    Signals(#[source] std::io::Error),
     #[error("listening on {addr}: {source}")]
     Listen {
         addr: SocketAddr,
@@ -608,25 +610,56 @@ async fn method_not_allowed(
     (axum::http::StatusCode::METHOD_NOT_ALLOWED, axum::Json(body))
 }
 
-/// Resolves on SIGTERM or SIGINT.
-pub async fn termination_signal() {
+/// SIGTERM and SIGINT, caught from before the listener binds.
+///
+/// A handler installed only when the main task first awaits it leaves a
+/// window after `/readyz` first answers 200 in which a SIGTERM takes the
+/// default action: the process dies by the signal instead of draining.
+/// Installing first closes that window.
+pub struct TerminationSignals {
     #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl TerminationSignals {
+    /// Replaces the default actions of SIGTERM and SIGINT from now on.
+    pub fn install() -> std::io::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate())?,
+                int: signal(SignalKind::interrupt())?,
+            })
+        }
+        #[cfg(not(unix))]
+        {
+            Ok(Self {})
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
+
+    /// Resolves on the next SIGTERM or SIGINT (or one that arrived since the
+    /// last call).
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            tokio::select! {
+                _ = self.term.recv() => {}
+                _ = self.int.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+        }
     }
 }
 
 /// The `serve` subcommand: bind, run until a signal, shut down gracefully.
 pub async fn run(settings: Settings) -> Result<(), StartError> {
+    let mut signals = TerminationSignals::install().map_err(StartError::Signals)?;
     let listener =
         TcpListener::bind(settings.listen)
             .await
@@ -636,7 +669,7 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
             })?;
     let delay = settings.listener.shutdown_delay;
     let server = Server::start(settings, listener).await?;
-    termination_signal().await;
+    signals.recv().await;
     if !delay.is_zero() {
         server.begin_draining();
         tracing::info!(
@@ -645,7 +678,7 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
         );
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
-            _ = termination_signal() => tracing::info!("second signal: the shutdown delay is cut short"),
+            _ = signals.recv() => tracing::info!("second signal: the shutdown delay is cut short"),
         }
     }
     tracing::info!("shutdown requested: draining");

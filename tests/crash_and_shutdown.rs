@@ -240,10 +240,27 @@ async fn a_clean_start_does_not_claim_disk_space_came_back() {
     let mut server = Binary::serve(&db, &mock.url(), &[]).await;
     server.sigterm();
     let code = wait_exit(&mut server).await;
-    assert!(code.success());
     let logs = server.logs();
+    assert!(code.success(), "exit 0: {code}; logs: {logs}");
     assert!(logs.contains("churnzero-forwarder serving"), "{logs}");
     assert!(!logs.contains("disk space is back"), "{logs}");
+}
+
+/// A SIGTERM that arrives while the forwarder is still starting (the port
+/// already listens, `/readyz` not yet 200) is a clean shutdown, not death
+/// by the signal: a supervisor that stops a replica during a rollout gets
+/// exit 0 and a drained outbox, however early it asks.
+#[tokio::test]
+async fn a_sigterm_while_starting_is_a_clean_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("o.db");
+    let mock = mock().await;
+    let mut server = Binary::serve_listening(&db, &mock.url()).await;
+    server.sigterm();
+    let code = wait_exit(&mut server).await;
+    let logs = server.logs();
+    assert!(code.success(), "exit 0: {code}; logs: {logs}");
+    assert!(logs.contains("shutdown requested"), "{logs}");
 }
 
 /// Each cause is printed once at the binary's edge, however the error

@@ -342,6 +342,14 @@ impl Binary {
         extra: &[&str],
         env: &[(&str, &str)],
     ) -> Binary {
+        let mut b = Binary::serve_spawn(db, churnzero_url, extra, env);
+        b.wait_listening().await;
+        b.wait_ready().await;
+        b
+    }
+
+    /// Starts `serve` without waiting for anything.
+    fn serve_spawn(db: &Path, churnzero_url: &str, extra: &[&str], env: &[(&str, &str)]) -> Binary {
         use std::sync::atomic::{AtomicU32, Ordering};
         static STARTED: AtomicU32 = AtomicU32::new(0);
         let n = STARTED.fetch_add(1, Ordering::Relaxed);
@@ -376,13 +384,18 @@ impl Binary {
             .stdout(Stdio::null())
             .stderr(logfile);
         let child = cmd.spawn().expect("binary starts");
-        let mut b = Binary {
+        Binary {
             child,
             base: String::new(),
             log,
-        };
+        }
+    }
+
+    /// Like `serve`, but returns as soon as the port listens, before
+    /// `/readyz` answers: for what a signal or a request does that early.
+    pub async fn serve_listening(db: &Path, churnzero_url: &str) -> Binary {
+        let mut b = Binary::serve_spawn(db, churnzero_url, &[], &[]);
         b.wait_listening().await;
-        b.wait_ready().await;
         b
     }
 

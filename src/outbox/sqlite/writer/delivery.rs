@@ -131,6 +131,7 @@ fn ids_by_lease(items: &[Settlement]) -> HashMap<i64, Vec<i64>> {
 
 pub(super) async fn settle(
     conn: &mut SqliteConnection,
+    statements: &mut StatementCache,
     items: &[Settlement],
     now: i64,
 ) -> Result<(), StoreError> {
@@ -279,17 +280,15 @@ pub(super) async fn settle(
             }
         }
     }
-    let mut delivered = 0i64;
-    for chunk in delivered_ids.chunks(5000) {
-        let json = serde_json::to_string(chunk).expect("pairs serialise");
-        let r = sqlx::query(MARK_DELIVERED)
-            .bind(now)
-            .bind(json)
-            .execute(&mut *conn)
-            .await
-            .map_err(db)?;
-        delivered += r.rows_affected() as i64;
-    }
+    let delivered = if delivered_ids.is_empty() {
+        0
+    } else {
+        let mut handle = conn.lock_handle().await.map_err(db)?;
+        // SAFETY: the handle stays locked until `handle` drops at the end of
+        // this block, and `d` does not outlive it.
+        let d = unsafe { Db::new(handle.as_raw_handle()) };
+        mark_delivered(&d, statements, &delivered_ids, now)?
+    };
     let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
     promote(conn, keys.into_iter(), now).await?;
     bump_total(conn, "retries", retries).await?;
@@ -348,16 +347,7 @@ pub(super) async fn settle_delivered(
         .filter(|s| held_lease.contains(&s.id))
         .collect();
     let pairs: Vec<(i64, i64)> = items.iter().map(|s| (s.id, s.first_attempt_at)).collect();
-    let mut delivered = 0i64;
-    for chunk in pairs.chunks(5000) {
-        let json = serde_json::to_string(chunk).expect("pairs serialise");
-        let mut q = d.statement(statements, MARK_DELIVERED)?;
-        q.int(1, now)?;
-        q.text(2, &json)?;
-        q.run()?;
-        drop(q);
-        delivered += d.changes();
-    }
+    let delivered = mark_delivered(&d, statements, &pairs, now)?;
     let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
     let keys: Vec<&str> = keys.into_iter().collect();
     for chunk in keys.chunks(2000) {
@@ -404,11 +394,88 @@ pub(super) fn note_error(
 }
 
 /// Marks events delivered: ?1 the time, ?2 a JSON array of
-/// `[id, first_attempt_at]` pairs.
+/// `[id, first_attempt_at]` pairs. The only statement that sets state 2;
+/// the update triggers leave that transition to [`mark_delivered`]
+/// (migration 0009).
 const MARK_DELIVERED: &str = "UPDATE events SET state = 2, finished_at = ?1, attempts = attempts + 1, \
      first_attempt_at = t.first \
      FROM (SELECT value ->> 0 AS id, value ->> 1 AS first FROM json_each(?2)) AS t \
-     WHERE events.id = t.id";
+     WHERE events.id = t.id AND events.state <> 2";
+
+/// The states the rows of MARK_DELIVERED leave, read just before it with
+/// the same ?2: one rowid probe per event.
+const DELIVERED_FROM: &str = "SELECT e.state, e.order_key FROM events e \
+     WHERE e.id IN (SELECT value ->> 0 FROM json_each(?1)) AND e.state <> 2";
+
+/// Marks `[id, first_attempt_at]` pairs delivered and moves the counters
+/// by what left which state, in the caller's transaction: the events'
+/// states in `state_counts`, `totals.delivered`, and `held_keys.queued`
+/// for queued events of a key whose head is held. The per-row triggers
+/// did this at three statements an event (migration 0009 says why they
+/// no longer do). Returns the events marked.
+fn mark_delivered(
+    d: &Db,
+    statements: &mut StatementCache,
+    pairs: &[(i64, i64)],
+    now: i64,
+) -> Result<i64, StoreError> {
+    let mut left: HashMap<i64, i64> = HashMap::new();
+    let mut queued_keys: HashMap<String, i64> = HashMap::new();
+    let mut delivered = 0i64;
+    for chunk in pairs.chunks(5000) {
+        let json = serde_json::to_string(chunk).expect("pairs serialise");
+        {
+            let mut q = d.statement(statements, DELIVERED_FROM)?;
+            q.text(1, &json)?;
+            while q.step()? == Step::Row {
+                let state = q.column_int(0);
+                *left.entry(state).or_default() += 1;
+                if state == EventState::Queued.code() {
+                    *queued_keys.entry(q.column_text(1)).or_default() += 1;
+                }
+            }
+        }
+        let mut q = d.statement(statements, MARK_DELIVERED)?;
+        q.int(1, now)?;
+        q.text(2, &json)?;
+        q.run()?;
+        drop(q);
+        delivered += d.changes();
+    }
+    debug_assert_eq!(delivered, left.values().sum::<i64>());
+    let mut moves: Vec<(i64, i64)> = left.into_iter().map(|(state, n)| (state, -n)).collect();
+    moves.push((EventState::Delivered.code(), delivered));
+    for (state, by) in moves {
+        if by != 0 {
+            let mut q = d.statement(
+                statements,
+                "UPDATE state_counts SET n = n + ?1 WHERE state = ?2",
+            )?;
+            q.int(1, by)?;
+            q.int(2, state)?;
+            q.run()?;
+        }
+    }
+    if delivered != 0 {
+        let mut q = d.statement(
+            statements,
+            "UPDATE totals SET value = value + ?1 WHERE name = 'delivered'",
+        )?;
+        q.int(1, delivered)?;
+        q.run()?;
+    }
+    // A key without a held head has no row here: the update changes nothing.
+    for (key, n) in &queued_keys {
+        let mut q = d.statement(
+            statements,
+            "UPDATE held_keys SET queued = queued - ?1 WHERE order_key = ?2",
+        )?;
+        q.int(1, *n)?;
+        q.text(2, key)?;
+        q.run()?;
+    }
+    Ok(delivered)
+}
 
 /// The promotion of `promote`: ?1 the time, ?2 a JSON array of keys. Both
 /// probes go through the partial index events_key: O(keys), whatever the

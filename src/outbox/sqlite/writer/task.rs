@@ -247,7 +247,7 @@ impl WriterTask {
                     {
                         settle_delivered(&mut self.conn, &mut self.statements, items, now).await?;
                     } else {
-                        settle(&mut self.conn, items, now).await?;
+                        settle(&mut self.conn, &mut self.statements, items, now).await?;
                     }
                     tracing::trace!(
                         us = t.elapsed().as_micros() as u64,

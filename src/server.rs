@@ -615,7 +615,8 @@ async fn method_not_allowed(
 /// A handler installed only when the main task first awaits it leaves a
 /// window after `/readyz` first answers 200 in which a SIGTERM takes the
 /// default action: the process dies by the signal instead of draining.
-/// Installing first closes that window.
+/// Installing first closes that window; a signal during the start itself
+/// ends the start (see [`run`]).
 pub struct TerminationSignals {
     #[cfg(unix)]
     term: tokio::signal::unix::Signal,
@@ -668,7 +669,17 @@ pub async fn run(settings: Settings) -> Result<(), StartError> {
                 source,
             })?;
     let delay = settings.listener.shutdown_delay;
-    let server = Server::start(settings, listener).await?;
+    // A signal while starting (a long migration, a database that is slow
+    // to answer) stops the start instead of waiting for it: nothing has
+    // been acknowledged that is not already committed, and a supervisor's
+    // stop should not hang behind a start.
+    let server = tokio::select! {
+        started = Server::start(settings, listener) => started?,
+        _ = signals.recv() => {
+            tracing::info!("shutdown requested while starting: stopped before serving");
+            return Ok(());
+        }
+    };
     signals.recv().await;
     if !delay.is_zero() {
         server.begin_draining();

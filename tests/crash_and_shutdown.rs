@@ -247,9 +247,9 @@ async fn a_clean_start_does_not_claim_disk_space_came_back() {
 }
 
 /// A SIGTERM that arrives while the forwarder is still starting (the port
-/// already listens, `/readyz` not yet 200) is a clean shutdown, not death
-/// by the signal: a supervisor that stops a replica during a rollout gets
-/// exit 0 and a drained outbox, however early it asks.
+/// already listens, `/readyz` not yet 200) stops it cleanly, not by death
+/// from the signal: a supervisor that stops a replica during a rollout gets
+/// exit 0 however early it asks, and the outbox opens again as before.
 #[tokio::test]
 async fn a_sigterm_while_starting_is_a_clean_shutdown() {
     let dir = tempfile::tempdir().unwrap();
@@ -261,6 +261,11 @@ async fn a_sigterm_while_starting_is_a_clean_shutdown() {
     let logs = server.logs();
     assert!(code.success(), "exit 0: {code}; logs: {logs}");
     assert!(logs.contains("shutdown requested"), "{logs}");
+    let mut next = Binary::serve(&db, &mock.url(), &[]).await;
+    let (code, body) = post(&next.base, "/v1/track", &event("after-early-stop", 1)).await;
+    assert_eq!(code, 200, "{body}");
+    next.sigterm();
+    assert!(wait_exit(&mut next).await.success());
 }
 
 /// Each cause is printed once at the binary's edge, however the error

@@ -357,16 +357,8 @@ pub(super) async fn settle_delivered(
         q.text(2, &json)?;
         q.run()?;
     }
+    add_to_minute(&d, statements, MinuteColumn::Delivered, now, delivered)?;
     if delivered > 0 {
-        let mut q = d.statement(
-            statements,
-            "INSERT INTO minute_stats (minute, delivered) VALUES (?1, ?2) \
-             ON CONFLICT (minute) DO UPDATE SET delivered = delivered + excluded.delivered",
-        )?;
-        q.int(1, minute_of(now))?;
-        q.int(2, delivered)?;
-        q.run()?;
-        drop(q);
         let mut q = d.statement(
             statements,
             "INSERT INTO meta (name, value) VALUES ('last_delivery_at', ?1) \
@@ -443,27 +435,11 @@ fn mark_delivered(
         delivered += d.changes();
     }
     debug_assert_eq!(delivered, left.values().sum::<i64>());
-    let mut moves: Vec<(i64, i64)> = left.into_iter().map(|(state, n)| (state, -n)).collect();
-    moves.push((EventState::Delivered.code(), delivered));
-    for (state, by) in moves {
-        if by != 0 {
-            let mut q = d.statement(
-                statements,
-                "UPDATE state_counts SET n = n + ?1 WHERE state = ?2",
-            )?;
-            q.int(1, by)?;
-            q.int(2, state)?;
-            q.run()?;
-        }
+    for (state, n) in left {
+        add_to_state_count(d, statements, state, -n)?;
     }
-    if delivered != 0 {
-        let mut q = d.statement(
-            statements,
-            "UPDATE totals SET value = value + ?1 WHERE name = 'delivered'",
-        )?;
-        q.int(1, delivered)?;
-        q.run()?;
-    }
+    add_to_state_count(d, statements, EventState::Delivered.code(), delivered)?;
+    add_to_total(d, statements, "delivered", delivered)?;
     // A key without a held head has no row here: the update changes nothing.
     for (key, n) in &queued_keys {
         let mut q = d.statement(

@@ -149,45 +149,12 @@ pub(super) fn insert_locked(
         filtered += receipt.filtered as i64;
         receipts.push(receipt);
     }
-    for (state, by) in [
-        (EventState::Pending, new_pending),
-        (EventState::Queued, new_queued),
-    ] {
-        if by != 0 {
-            let mut q = d.statement(
-                statements,
-                "UPDATE state_counts SET n = n + ?1 WHERE state = ?2",
-            )?;
-            q.int(1, by)?;
-            q.int(2, state.code())?;
-            q.run()?;
-        }
-    }
-    for (name, by) in [
-        ("accepted", accepted),
-        ("duplicates", duplicates),
-        ("filtered", filtered),
-    ] {
-        if by != 0 {
-            let mut q = d.statement(
-                statements,
-                "UPDATE totals SET value = value + ?1 WHERE name = ?2",
-            )?;
-            q.int(1, by)?;
-            q.text(2, name)?;
-            q.run()?;
-        }
-    }
-    if accepted != 0 {
-        let mut q = d.statement(
-            statements,
-            "INSERT INTO minute_stats (minute, accepted) VALUES (?1, ?2) \
-             ON CONFLICT (minute) DO UPDATE SET accepted = accepted + excluded.accepted",
-        )?;
-        q.int(1, minute_of(now))?;
-        q.int(2, accepted)?;
-        q.run()?;
-    }
+    add_to_state_count(d, statements, EventState::Pending.code(), new_pending)?;
+    add_to_state_count(d, statements, EventState::Queued.code(), new_queued)?;
+    add_to_total(d, statements, "accepted", accepted)?;
+    add_to_total(d, statements, "duplicates", duplicates)?;
+    add_to_total(d, statements, "filtered", filtered)?;
+    add_to_minute(d, statements, MinuteColumn::Accepted, now, accepted)?;
     if !identities.is_empty() {
         // Ingest never holds an event, so what is held now is all that this
         // group's identities can release.

@@ -268,11 +268,50 @@ where
     check().await;
 }
 
+/// One settle holds a head and delivers the event queued behind it (a
+/// worker may settle a batch so): the delivered event leaves the held
+/// queue's count as it leaves the queue. Runs after `mixed_ingest_counts`
+/// on the same outbox, whose 12 events are delivered by then.
+async fn a_delivered_follower_leaves_the_held_queue<F, Fut>(outbox: &Outbox, check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    outbox
+        .ingest(vec![event(1, "h"), event(2, "h"), event(3, "h")])
+        .await
+        .unwrap();
+    let mut claimed = outbox.claim(100, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(claimed.len(), 3, "the head with its queue: {claimed:?}");
+    claimed.sort_by_key(|e| e.id);
+    let settlements = claimed
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            // The head and the last are held; the one between is delivered.
+            let outcome = if i == 1 {
+                SettleOutcome::Delivered
+            } else {
+                SettleOutcome::Held {
+                    error: "unresolved identity".into(),
+                    map_as_of: e.claimed_at,
+                }
+            };
+            common::settlement(e, outcome)
+        })
+        .collect();
+    outbox.settle(settlements).await.unwrap();
+    let s = outbox.status().await.unwrap();
+    assert_eq!((counts(&s), s.delivered), ((0, 2, 1, 0), 13), "{s:?}");
+    check().await;
+}
+
 on_both_backends! {
 #[tokio::test]
 async fn ingest_counts_what_it_stores(db: &Path) {
     let outbox = Outbox::open(db, WriterConfig::default()).await.unwrap();
     mixed_ingest_counts(&outbox, || async {}).await;
+    a_delivered_follower_leaves_the_held_queue(&outbox, || async {}).await;
 }
 }
 
@@ -315,4 +354,5 @@ async fn sqlite_counters_match_the_rows_after_ingest_and_delivery() {
         }
     };
     mixed_ingest_counts(&outbox, check).await;
+    a_delivered_follower_leaves_the_held_queue(&outbox, check).await;
 }

@@ -10,19 +10,18 @@ use sqlx::Connection;
 use sqlx::migrate::Migrator;
 use std::path::Path;
 
-/// Builds a database at schema version 3 with events as the previous version
-/// left them when it was killed: user u1 with two events in flight and one
-/// queued, user u2 with one in flight, user u3 with one pending.
-async fn previous_version_database(db: &Path) {
+/// A database at schema version `last`, made by the released migrations
+/// 1 to `last` (as an older build would have made it), and a connection.
+async fn database_at_version(db: &Path, last: u32) -> sqlx::SqliteConnection {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite");
     let migrations = tempfile::tempdir().unwrap();
-    for name in ["0001_outbox.sql", "0002_sync_lane.sql", "0003_aliases.sql"] {
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("migrations/sqlite")
-                .join(name),
-            migrations.path().join(name),
-        )
-        .unwrap();
+    for n in 1..=last {
+        let name = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .find(|f| f.starts_with(&format!("{n:04}_")))
+            .unwrap();
+        std::fs::copy(dir.join(&name), migrations.path().join(&name)).unwrap();
     }
     let url = format!("sqlite://{}?mode=rwc", db.display());
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
@@ -32,6 +31,14 @@ async fn previous_version_database(db: &Path) {
         .run(&mut conn)
         .await
         .unwrap();
+    conn
+}
+
+/// Builds a database at schema version 3 with events as the previous version
+/// left them when it was killed: user u1 with two events in flight and one
+/// queued, user u2 with one in flight, user u3 with one pending.
+async fn previous_version_database(db: &Path) {
+    let mut conn = database_at_version(db, 3).await;
     let now = chrono::Utc::now().timestamp_millis();
     for (n, user, state) in [
         (1, "u1", 1),
@@ -189,7 +196,7 @@ async fn serve_starts_on_a_database_of_the_current_schema_made_elsewhere() {
 }
 
 /// The insert triggers kept SQLite's counters up to schema version 6;
-/// from 0007 on ingest keeps them itself. A database of version 6 with
+/// from 0007 on ingest keeps them itself, and from 0009 on delivery does. A database of version 6 with
 /// pending, queued, held (with a queue behind it) and dead events keeps
 /// its counts through the upgrade, and ingest after it counts right, held
 /// queues included.
@@ -198,30 +205,8 @@ async fn counters_stay_right_across_the_upgrade_from_insert_triggers() {
     use churnzero_forwarder::outbox::{IdentityUpdate, NewEvent, Outbox, WriterConfig};
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("v6.db");
-    let migrations = tempfile::tempdir().unwrap();
-    for n in 1..=6 {
-        let name =
-            std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/sqlite"))
-                .unwrap()
-                .map(|e| e.unwrap().file_name().into_string().unwrap())
-                .find(|f| f.starts_with(&format!("000{n}_")))
-                .unwrap();
-        std::fs::copy(
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("migrations/sqlite")
-                .join(&name),
-            migrations.path().join(&name),
-        )
-        .unwrap();
-    }
     let url = format!("sqlite://{}?mode=rwc", db.display());
-    let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();
-    Migrator::new(migrations.path())
-        .await
-        .unwrap()
-        .run(&mut conn)
-        .await
-        .unwrap();
+    let mut conn = database_at_version(&db, 6).await;
     // u1: a held head and one event queued behind it; u2: a head and one
     // queued; u3: a dead letter. Version 6's triggers count them.
     for (n, user, state) in [
@@ -230,6 +215,7 @@ async fn counters_stay_right_across_the_upgrade_from_insert_triggers() {
         (3, "u2", 0),
         (4, "u2", 5),
         (5, "u3", 3),
+        (6, "u5", 2),
     ] {
         sqlx::query(
             "INSERT INTO events (source, message_id, kind, order_key, payload, state, \
@@ -280,6 +266,25 @@ async fn counters_stay_right_across_the_upgrade_from_insert_triggers() {
         .await
         .unwrap();
     assert_eq!(figures(&outbox.status().await.unwrap()), (8, 0, 0, 1));
+
+    // Delivery keeps its counts itself from 0009 on: everything pending is
+    // delivered, and the delivered row of version 6 still counts.
+    loop {
+        let claimed = outbox
+            .claim(100, std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
+        if claimed.is_empty() {
+            break;
+        }
+        let settlements = claimed
+            .iter()
+            .map(|e| settlement(e, churnzero_forwarder::outbox::SettleOutcome::Delivered))
+            .collect();
+        outbox.settle(settlements).await.unwrap();
+    }
+    let s = outbox.status().await.unwrap();
+    assert_eq!((figures(&s), s.delivered), ((0, 0, 0, 1), 8), "{s:?}");
 
     // And the counters equal a count of the rows.
     let mut conn = sqlx::SqliteConnection::connect(&url).await.unwrap();

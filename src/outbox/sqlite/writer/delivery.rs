@@ -129,27 +129,53 @@ fn ids_by_lease(items: &[Settlement]) -> HashMap<i64, Vec<i64>> {
     by_lease
 }
 
+/// Gives back the leases these outcomes were claimed under and returns
+/// the ids whose lease was still held: only their outcomes count. A worker
+/// whose lease expired (and whose events may have been claimed again) is
+/// ignored. One set-based statement per lease: a statement per event would
+/// pay SQLite's per-statement journal setup for each.
+fn fence(
+    d: &Db,
+    statements: &mut StatementCache,
+    items: &[Settlement],
+) -> Result<HashSet<i64>, StoreError> {
+    let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
+    for (lease, ids) in &ids_by_lease(items) {
+        let json = serde_json::to_string(ids).expect("ids serialise");
+        let mut q = d.statement(
+            statements,
+            "DELETE FROM leases WHERE lease_until = ?1 AND id IN (SELECT value FROM json_each(?2)) \
+             RETURNING id",
+        )?;
+        q.int(1, *lease)?;
+        q.text(2, &json)?;
+        while q.step()? == Step::Row {
+            held_lease.insert(q.column_int(0));
+        }
+    }
+    Ok(held_lease)
+}
+
+/// Runs `f` as direct calls under one lock of the writer's connection (see
+/// direct.rs): a few statements between sqlx calls.
+async fn with_locked<T>(
+    conn: &mut SqliteConnection,
+    f: impl FnOnce(&Db) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    let mut handle = conn.lock_handle().await.map_err(db)?;
+    // SAFETY: the handle stays locked until `handle` drops at the end of
+    // this function, and `d` does not outlive it.
+    let d = unsafe { Db::new(handle.as_raw_handle()) };
+    f(&d)
+}
+
 pub(super) async fn settle(
     conn: &mut SqliteConnection,
     statements: &mut StatementCache,
     items: &[Settlement],
     now: i64,
 ) -> Result<(), StoreError> {
-    // Only outcomes whose lease is still held count: a worker whose lease
-    // expired (and whose events may have been claimed again) is ignored.
-    let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
-    for (lease, ids) in &ids_by_lease(items) {
-        let json = serde_json::to_string(ids).expect("ids serialise");
-        let released: Vec<i64> = sqlx::query_scalar(
-            "DELETE FROM leases WHERE lease_until = ? AND id IN (SELECT value FROM json_each(?)) RETURNING id",
-        )
-        .bind(lease)
-        .bind(json)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(db)?;
-        held_lease.extend(released);
-    }
+    let held_lease = with_locked(conn, |d| fence(d, statements, items)).await?;
     let items: Vec<&Settlement> = items
         .iter()
         .filter(|s| held_lease.contains(&s.id))
@@ -280,17 +306,14 @@ pub(super) async fn settle(
             }
         }
     }
-    let delivered = if delivered_ids.is_empty() {
-        0
-    } else {
-        let mut handle = conn.lock_handle().await.map_err(db)?;
-        // SAFETY: the handle stays locked until `handle` drops at the end of
-        // this block, and `d` does not outlive it.
-        let d = unsafe { Db::new(handle.as_raw_handle()) };
-        mark_delivered(&d, statements, &delivered_ids, now)?
-    };
     let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
-    promote(conn, keys.into_iter(), now).await?;
+    let keys: Vec<&str> = keys.into_iter().collect();
+    let delivered = with_locked(conn, |d| {
+        let delivered = mark_delivered(d, statements, &delivered_ids, now)?;
+        promote_locked(d, statements, &keys, now)?;
+        Ok(delivered)
+    })
+    .await?;
     bump_total(conn, "retries", retries).await?;
     bump_minute(conn, "delivered", now, delivered).await?;
     bump_minute(conn, "failed", now, failed).await?;
@@ -324,24 +347,7 @@ pub(super) async fn settle_delivered(
     // SAFETY: the handle stays locked until `handle` drops at the end of
     // this function, and `d` does not outlive it.
     let d = unsafe { Db::new(handle.as_raw_handle()) };
-    // Only outcomes whose lease is still held count: a worker whose lease
-    // expired (and whose events may have been claimed again) is ignored.
-    // Set-based statements, as in `settle`: a statement per event would pay
-    // SQLite's per-statement journal and trigger setup for each.
-    let mut held_lease: HashSet<i64> = HashSet::with_capacity(items.len());
-    for (lease, ids) in &ids_by_lease(items) {
-        let json = serde_json::to_string(ids).expect("ids serialise");
-        let mut q = d.statement(
-            statements,
-            "DELETE FROM leases WHERE lease_until = ?1 AND id IN (SELECT value FROM json_each(?2)) \
-             RETURNING id",
-        )?;
-        q.int(1, *lease)?;
-        q.text(2, &json)?;
-        while q.step()? == Step::Row {
-            held_lease.insert(q.column_int(0));
-        }
-    }
+    let held_lease = fence(&d, statements, items)?;
     let items: Vec<&Settlement> = items
         .iter()
         .filter(|s| held_lease.contains(&s.id))
@@ -350,13 +356,7 @@ pub(super) async fn settle_delivered(
     let delivered = mark_delivered(&d, statements, &pairs, now)?;
     let keys: HashSet<&str> = items.iter().map(|s| s.order_key.as_str()).collect();
     let keys: Vec<&str> = keys.into_iter().collect();
-    for chunk in keys.chunks(2000) {
-        let json = serde_json::to_string(chunk).expect("strings serialise");
-        let mut q = d.statement(statements, PROMOTE)?;
-        q.int(1, now)?;
-        q.text(2, &json)?;
-        q.run()?;
-    }
+    promote_locked(&d, statements, &keys, now)?;
     add_to_minute(&d, statements, MinuteColumn::Delivered, now, delivered)?;
     if delivered > 0 {
         let mut q = d.statement(
@@ -462,6 +462,24 @@ const PROMOTE: &str = "UPDATE events SET state = 0, next_attempt_at = ?1 WHERE i
      FROM json_each(?2) j \
      WHERE NOT EXISTS (SELECT 1 FROM events x INDEXED BY events_key \
        WHERE x.order_key = j.value AND x.state NOT IN (2, 3) AND x.state <> 5))";
+
+/// `promote` as direct calls, for the settles that hold the connection's
+/// lock (see direct.rs).
+fn promote_locked(
+    d: &Db,
+    statements: &mut StatementCache,
+    keys: &[&str],
+    now: i64,
+) -> Result<(), StoreError> {
+    for chunk in keys.chunks(2000) {
+        let json = serde_json::to_string(chunk).expect("strings serialise");
+        let mut q = d.statement(statements, PROMOTE)?;
+        q.int(1, now)?;
+        q.text(2, &json)?;
+        q.run()?;
+    }
+    Ok(())
+}
 
 /// Makes the earliest queued event of each key the head when the key has
 /// no head left (its events were delivered or died).

@@ -40,6 +40,12 @@ const COMMITTERS: usize = 4;
 /// per-event cost needs.
 const PARALLEL_MIN_EVENTS: usize = 32;
 
+/// Longest a small group waits for the one in flight. A commit normally
+/// takes milliseconds; one stuck on a server that stopped answering can
+/// take `COMMIT_TIMEOUT`, and the requests queued behind it must not wait
+/// for that twice.
+const SMALL_GROUP_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
+
 /// The queue of ingest requests that the committers share, and how many of
 /// them are committing a group right now.
 struct Intake {
@@ -84,7 +90,8 @@ pub(super) async fn run(
 
 /// Takes what is queued (after waiting for the first request) as one group:
 /// everything at once when no other group is in flight, otherwise until it
-/// holds `PARALLEL_MIN_EVENTS` events or the other group finishes. The
+/// holds `PARALLEL_MIN_EVENTS` events or the other group finishes (or
+/// `SMALL_GROUP_MAX_WAIT` has passed). The
 /// group counts as in flight while the returned guard lives; `None` once
 /// the queue has closed and is empty.
 async fn take_group<'a>(intake: &'a Intake, group: &mut Vec<Request>) -> Option<InFlight<'a>> {
@@ -104,6 +111,7 @@ async fn take_group<'a>(intake: &'a Intake, group: &mut Vec<Request>) -> Option<
     let mut events = first.events.len();
     group.push(first);
     drain(&mut rx, group, &mut events);
+    let give_up = tokio::time::Instant::now() + SMALL_GROUP_MAX_WAIT;
     while group.len() < GROUP_CAP && events < PARALLEL_MIN_EVENTS {
         let finished = intake.finished.notified();
         tokio::pin!(finished);
@@ -113,6 +121,7 @@ async fn take_group<'a>(intake: &'a Intake, group: &mut Vec<Request>) -> Option<
         }
         tokio::select! {
             _ = &mut finished => {}
+            _ = tokio::time::sleep_until(give_up) => break,
             next = rx.recv() => match next {
                 Some(r) => {
                     events += r.events.len();
@@ -656,6 +665,20 @@ mod tests {
         let mut batch = Vec::new();
         let _second = take_group(&intake, &mut batch).await.expect("a group");
         assert_eq!(batch.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_small_group_waits_no_longer_than_the_cap_behind_a_stuck_commit() {
+        let (tx, intake) = intake();
+        let _stuck = InFlight::start(&intake);
+        tx.send(request(1)).await.unwrap();
+        let started = tokio::time::Instant::now();
+        let mut group = Vec::new();
+        let guard = take_group(&intake, &mut group).await.expect("a group");
+        assert_eq!(started.elapsed(), SMALL_GROUP_MAX_WAIT);
+        assert_eq!(group.len(), 1);
+        assert_eq!(intake.in_flight.load(Ordering::Acquire), 2);
+        drop(guard);
     }
 
     #[tokio::test]

@@ -1164,7 +1164,12 @@ async fn an_unreachable_server_is_a_transient_error() {
 
 /// Without autovacuum every delivered, pruned or counted row leaves a dead
 /// version behind for good: maintenance then vacuums the outbox's tables
-/// itself. With autovacuum on it leaves that to the server.
+/// itself, one interval after the start and every interval after. Not at
+/// the first pass: analysed while still empty, a new outbox's `events` was
+/// planned as empty until the next analysis, and an admin replay of 30,000
+/// dead letters right after a start took over 30 s (half the runs of
+/// `dead_chunks`) instead of about 2. With autovacuum on it leaves all of
+/// that to the server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn maintenance_vacuums_the_tables_when_the_server_does_not() {
     let Some(db) = TestDb::create().await else {
@@ -1175,16 +1180,30 @@ async fn maintenance_vacuums_the_tables_when_the_server_does_not() {
         .fetch_one(&mut conn)
         .await
         .unwrap();
-    let a = instance(&db).await;
+    let every = Duration::from_millis(300);
+    let a = PgOutbox::connect(
+        &db.url(),
+        PgConfig {
+            own_vacuum_every: every,
+            ..config()
+        },
+    )
+    .await
+    .expect("connect outbox");
+    let started = std::time::Instant::now();
     a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
     let claimed = a.claim(10, Duration::from_secs(30)).await.unwrap();
     a.settle(claimed.iter().map(delivered).collect())
         .await
         .unwrap();
-    a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
-        .await
-        .unwrap()
-        .expect("the only instance holds the maintenance lock");
+    let maintain = || async {
+        a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .expect("the only instance holds the maintenance lock");
+    };
+    maintain().await;
+    let first_pass_was_early = started.elapsed() < every;
     let vacuumed = || {
         let url = db.url();
         async move {
@@ -1199,7 +1218,13 @@ async fn maintenance_vacuums_the_tables_when_the_server_does_not() {
         }
     };
     if autovacuum.eq_ignore_ascii_case("off") {
+        if first_pass_was_early {
+            // Statistics reach the view within a second.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(vacuumed().await, 0, "no vacuum at the first pass");
+        }
         wait_for("the events table vacuumed by maintenance", || async {
+            maintain().await;
             vacuumed().await > 0
         })
         .await;

@@ -19,15 +19,11 @@ const KEY_PAGE: i64 = 5_000;
 /// Held heads looked at per pass.
 const HELD_PAGE: i64 = 500;
 
-/// How often maintenance vacuums the outbox's tables when the server has
-/// autovacuum off.
-const OWN_VACUUM_EVERY: Duration = Duration::from_secs(30);
-
 /// A session advisory lock: one instance vacuums at a time.
 const VACUUM_LOCK: i64 = 0x6366_775f_7661_6375;
 
 /// Vacuums the outbox's tables when the server has autovacuum off and the
-/// last vacuum is older than [`OWN_VACUUM_EVERY`]: every delivery, prune
+/// last vacuum (or the start) is older than `PgConfig::own_vacuum_every`: every delivery, prune
 /// and counter update leaves a dead row version, and without a vacuum the
 /// tables, their indexes and every status read grow without limit. VACUUM
 /// cannot run in a transaction, so it takes a session lock on a pooled
@@ -36,10 +32,10 @@ const VACUUM_LOCK: i64 = 0x6366_775f_7661_6375;
 pub(super) async fn vacuum_if_due(inner: &Inner) {
     {
         let mut last = inner.last_vacuum.lock().expect("vacuum clock");
-        if last.is_some_and(|t| t.elapsed() < OWN_VACUUM_EVERY) {
+        if last.elapsed() < inner.config.own_vacuum_every {
             return;
         }
-        *last = Some(std::time::Instant::now());
+        *last = std::time::Instant::now();
     }
     let result = vacuum_tables(&inner.pool).await;
     match result {

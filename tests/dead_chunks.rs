@@ -189,14 +189,7 @@ async fn ingest_is_answered_while_an_admin_replay_of_everything_runs(db: &Path) 
 
     let url = format!("{base}/admin/dead/replay");
     let replay = tokio::spawn(async move {
-        // The replay's own speed is not what this test is about: 30,000 dead
-        // letters on PostgreSQL took over 30 s (the common client's timeout)
-        // on a CI machine whose cores were shared with the other tests.
-        let patient = reqwest::Client::builder()
-            .timeout(Duration::from_secs(300))
-            .build()
-            .unwrap();
-        let r = patient
+        let r = client()
             .post(url)
             .bearer_auth(ADMIN_TOKEN)
             .json(&serde_json::json!({ "all": true }))

@@ -608,14 +608,10 @@ async fn a_claim_passes_over_keys_another_claim_holds() {
     // Another claim under way holds the four oldest keys' locks.
     let mut other = db.conn().await;
     sqlx::query("BEGIN").execute(&mut other).await.unwrap();
-    let held: Vec<String> = sqlx::query_scalar(
-        "SELECT order_key FROM order_keys WHERE order_key IN ('u0', 'u1', 'u2', 'u3') \
-         ORDER BY order_key FOR UPDATE",
-    )
-    .fetch_all(&mut other)
-    .await
-    .unwrap();
-    assert_eq!(held.len(), 4);
+    sqlx::query("SELECT lock_order_keys(ARRAY['u0', 'u1', 'u2', 'u3'])")
+        .execute(&mut other)
+        .await
+        .unwrap();
     let claimed = b.claim(4, Duration::from_secs(30)).await.unwrap();
     let keys: Vec<&str> = claimed.iter().map(|c| c.order_key.as_str()).collect();
     assert_eq!(
@@ -942,9 +938,84 @@ async fn maintenance_runs_on_one_instance_at_a_time() {
         .unwrap();
     assert_eq!(report.map(|r| r.pruned_events), Some(1));
     assert_eq!(scalar(&mut other, "SELECT count(*) FROM events").await, 0);
+}
+
+/// A key's lock is one advisory lock: another transaction changing the same
+/// key waits for it, one changing another key does not, and a claim passes
+/// the key over. A transaction changing more than 512 keys holds the whole
+/// key space instead of a lock per key (the server's lock table is
+/// bounded): every other change waits for it, and claims find nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn key_locks_exclude_one_key_or_the_whole_key_space() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1"), ev("u2", "m-2")])
+        .await
+        .unwrap();
+    let mut watch = db.conn().await;
+    let advisory_locks = "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity s ON s.pid = l.pid \
+         WHERE l.locktype = 'advisory' AND l.granted AND s.datname = current_database()";
+
+    let mut other = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT lock_order_keys(ARRAY['u1', 'u1'])")
+        .execute(&mut other)
+        .await
+        .unwrap();
     assert_eq!(
-        scalar(&mut other, "SELECT count(*) FROM order_keys").await,
-        0
+        scalar(&mut watch, advisory_locks).await,
+        2,
+        "the key space (shared) and one key"
+    );
+    a.ingest(vec![ev("u2", "m-3")])
+        .await
+        .expect("another key does not wait");
+    let claimed = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    let keys: HashSet<&str> = claimed.iter().map(|c| c.order_key.as_str()).collect();
+    assert_eq!(keys, HashSet::from(["u2"]), "u1 is passed over");
+    let waiting = tokio::spawn({
+        let a = a.clone();
+        async move { a.ingest(vec![ev("u1", "m-4")]).await }
+    });
+    wait_for_lock_waiters(&mut watch, 1).await;
+    assert!(!waiting.is_finished());
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    waiting.await.unwrap().expect("stored once the key is free");
+
+    let many: Vec<String> = (0..513).map(|i| format!("k{i}")).collect();
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT lock_order_keys($1)")
+        .bind(&many)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(
+        scalar(&mut watch, advisory_locks).await,
+        1,
+        "513 keys take one lock, of the whole key space"
+    );
+    assert!(
+        a.claim(10, Duration::from_secs(30))
+            .await
+            .unwrap()
+            .is_empty(),
+        "a claim finds nothing while the key space is held"
+    );
+    let waiting = tokio::spawn({
+        let a = a.clone();
+        async move { a.ingest(vec![ev("u9", "m-5")]).await }
+    });
+    wait_for_lock_waiters(&mut watch, 1).await;
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    waiting
+        .await
+        .unwrap()
+        .expect("stored once the key space is free");
+    let claimed = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    let msgs: HashSet<String> = claimed.iter().map(msg_of).collect();
+    assert_eq!(
+        msgs,
+        HashSet::from(["m-1".into(), "m-4".into(), "m-5".into()])
     );
 }
 

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 /// Failed attempts remembered per event for dead-letter inspection.
 const HISTORY_KEEP: i32 = 20;
-/// Keys whose leases one recovery pass brings back at most.
-const RECOVER_PAGE: i64 = 1000;
+/// Keys whose leases one recovery pass brings back at most: under the 512
+/// keys past which a transaction locks the whole key space (see
+/// `lock_order_keys`), so a recovery never stops ingest on every instance.
+const RECOVER_PAGE: i64 = 500;
 
 /// Claims up to `max` events under the lease `until` (its expiry in ms,
 /// and the token that names this claim).

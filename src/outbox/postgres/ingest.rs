@@ -18,9 +18,54 @@ const COMMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How many queued requests one transaction takes at most.
 const GROUP_CAP: usize = 256;
 
+/// Keys one group locks at most, unless a single request has more. Key
+/// locks are advisory locks, and the server's lock table is bounded
+/// (`max_locks_per_transaction` times the connections, about 10,000 with
+/// the defaults): four committers per instance, several instances, must
+/// stay well inside it. Past 512 keys a transaction locks the whole key
+/// space instead (see `lock_order_keys`), which every other committer and
+/// claim then waits for, so a group stops growing here first.
+const GROUP_KEYS: usize = 256;
+
 pub(super) struct Request {
     pub events: Vec<NewEvent>,
     pub reply: oneshot::Sender<Result<IngestReceipt, StoreError>>,
+    /// How many keys the request's events lock (see `GROUP_KEYS`).
+    keys: usize,
+}
+
+impl Request {
+    pub fn new(
+        events: Vec<NewEvent>,
+        reply: oneshot::Sender<Result<IngestReceipt, StoreError>>,
+    ) -> Self {
+        let keys = keys_to_lock(events.iter()).len();
+        Request {
+            events,
+            reply,
+            keys,
+        }
+    }
+}
+
+/// Every key whose queue or held events these events may change, sorted
+/// and distinct.
+fn keys_to_lock<'a>(events: impl Iterator<Item = &'a NewEvent>) -> Vec<&'a str> {
+    let mut keys: Vec<&str> = Vec::new();
+    for e in events {
+        if e.forward {
+            keys.push(&e.order_key);
+        }
+        if let Some(id) = &e.identity {
+            keys.push(&id.user_id);
+            if let Some(p) = &id.previous_id {
+                keys.push(p);
+            }
+        }
+    }
+    keys.sort_unstable();
+    keys.dedup();
+    keys
 }
 
 /// Groups in flight at once. A group's commit waits for its WAL flush;
@@ -46,10 +91,17 @@ const PARALLEL_MIN_EVENTS: usize = 32;
 /// for that twice.
 const SMALL_GROUP_MAX_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
+/// The queue of ingest requests, and the one request that did not fit in
+/// the last group taken (it starts the next).
+struct Queue {
+    rx: mpsc::Receiver<Request>,
+    carry: Option<Request>,
+}
+
 /// The queue of ingest requests that the committers share, and how many of
 /// them are committing a group right now.
 struct Intake {
-    rx: tokio::sync::Mutex<mpsc::Receiver<Request>>,
+    queue: tokio::sync::Mutex<Queue>,
     in_flight: AtomicUsize,
     finished: Notify,
 }
@@ -80,7 +132,7 @@ pub(super) async fn run(
     rx: mpsc::Receiver<Request>,
 ) {
     let intake = Intake {
-        rx: tokio::sync::Mutex::new(rx),
+        queue: tokio::sync::Mutex::new(Queue { rx, carry: None }),
         in_flight: AtomicUsize::new(0),
         finished: Notify::new(),
     };
@@ -91,28 +143,54 @@ pub(super) async fn run(
 /// Takes what is queued (after waiting for the first request) as one group:
 /// everything at once when no other group is in flight, otherwise until it
 /// holds `PARALLEL_MIN_EVENTS` events or the other group finishes (or
-/// `SMALL_GROUP_MAX_WAIT` has passed). The
-/// group counts as in flight while the returned guard lives; `None` once
-/// the queue has closed and is empty.
+/// `SMALL_GROUP_MAX_WAIT` has passed). A request that would take the group
+/// past `GROUP_KEYS` keys waits for the next group. The group counts as in
+/// flight while the returned guard lives; `None` once the queue has closed
+/// and is empty.
 async fn take_group<'a>(intake: &'a Intake, group: &mut Vec<Request>) -> Option<InFlight<'a>> {
-    fn drain(rx: &mut mpsc::Receiver<Request>, group: &mut Vec<Request>, events: &mut usize) {
+    /// Adds `r` unless it would take the group past `GROUP_KEYS` keys;
+    /// then it is kept for the next group and `false` returned.
+    fn admit(
+        q: &mut Queue,
+        group: &mut Vec<Request>,
+        size: &mut (usize, usize),
+        r: Request,
+    ) -> bool {
+        if !group.is_empty() && size.1 + r.keys > GROUP_KEYS {
+            q.carry = Some(r);
+            return false;
+        }
+        size.0 += r.events.len();
+        size.1 += r.keys;
+        group.push(r);
+        true
+    }
+    fn drain(q: &mut Queue, group: &mut Vec<Request>, size: &mut (usize, usize)) {
         while group.len() < GROUP_CAP {
-            match rx.try_recv() {
-                Ok(r) => {
-                    *events += r.events.len();
-                    group.push(r);
-                }
-                Err(_) => break,
+            let next = match q.carry.take() {
+                Some(r) => r,
+                None => match q.rx.try_recv() {
+                    Ok(r) => r,
+                    Err(_) => break,
+                },
+            };
+            if !admit(q, group, size, next) {
+                break;
             }
         }
     }
-    let mut rx = intake.rx.lock().await;
-    let first = rx.recv().await?;
-    let mut events = first.events.len();
-    group.push(first);
-    drain(&mut rx, group, &mut events);
+    let mut guard = intake.queue.lock().await;
+    let q = &mut *guard;
+    let first = match q.carry.take() {
+        Some(r) => r,
+        None => q.rx.recv().await?,
+    };
+    // (events, keys) of the group so far.
+    let mut size = (0, 0);
+    admit(q, group, &mut size, first);
+    drain(q, group, &mut size);
     let give_up = tokio::time::Instant::now() + SMALL_GROUP_MAX_WAIT;
-    while group.len() < GROUP_CAP && events < PARALLEL_MIN_EVENTS {
+    while group.len() < GROUP_CAP && size.0 < PARALLEL_MIN_EVENTS && q.carry.is_none() {
         let finished = intake.finished.notified();
         tokio::pin!(finished);
         finished.as_mut().enable();
@@ -122,11 +200,11 @@ async fn take_group<'a>(intake: &'a Intake, group: &mut Vec<Request>) -> Option<
         tokio::select! {
             _ = &mut finished => {}
             _ = tokio::time::sleep_until(give_up) => break,
-            next = rx.recv() => match next {
+            next = q.rx.recv() => match next {
                 Some(r) => {
-                    events += r.events.len();
-                    group.push(r);
-                    drain(&mut rx, group, &mut events);
+                    if admit(q, group, &mut size, r) {
+                        drain(q, group, &mut size);
+                    }
                 }
                 None => break,
             },
@@ -226,21 +304,7 @@ async fn commit_group(
     let now = now_ms();
     let all = || requests.iter().flat_map(|r| r.iter());
 
-    // Every key whose queue or held events this group may change.
-    let mut lock_keys: Vec<&str> = Vec::new();
-    for e in all() {
-        if e.forward {
-            lock_keys.push(&e.order_key);
-        }
-        if let Some(id) = &e.identity {
-            lock_keys.push(&id.user_id);
-            if let Some(p) = &id.previous_id {
-                lock_keys.push(p);
-            }
-        }
-    }
-    lock_keys.sort_unstable();
-    lock_keys.dedup();
+    let lock_keys = keys_to_lock(all());
     let forward_total = all().filter(|e| e.forward).count() as i64;
     let total = all().count() as i64;
 
@@ -578,16 +642,23 @@ mod tests {
             audience: Vec::new(),
         };
         let (reply, _) = oneshot::channel();
-        Request {
-            events: vec![event; events],
-            reply,
+        Request::new(vec![event; events], reply)
+    }
+
+    /// A batch of `users` events, each of its own user.
+    fn users_request(users: usize) -> Request {
+        let (reply, _) = oneshot::channel();
+        let mut events = request(users).events;
+        for (i, e) in events.iter_mut().enumerate() {
+            e.order_key = format!("u{i}");
         }
+        Request::new(events, reply)
     }
 
     fn intake() -> (mpsc::Sender<Request>, Intake) {
         let (tx, rx) = mpsc::channel(1024);
         let intake = Intake {
-            rx: tokio::sync::Mutex::new(rx),
+            queue: tokio::sync::Mutex::new(Queue { rx, carry: None }),
             in_flight: AtomicUsize::new(0),
             finished: Notify::new(),
         };
@@ -694,5 +765,61 @@ mod tests {
         drop((guard, running));
         let mut rest = Vec::new();
         assert!(take_group(&intake, &mut rest).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_group_stops_before_it_locks_more_than_its_key_budget() {
+        let (tx, intake) = intake();
+        for _ in 0..3 {
+            tx.send(users_request(100)).await.unwrap();
+        }
+        // One request alone may lock more than the budget: it goes alone.
+        tx.send(users_request(GROUP_KEYS + 1)).await.unwrap();
+        tx.send(users_request(10)).await.unwrap();
+        let sizes = |g: &[Request]| g.iter().map(|r| r.keys).collect::<Vec<_>>();
+        let mut group = Vec::new();
+        let guard = take_group(&intake, &mut group).await.expect("a group");
+        assert_eq!(
+            sizes(&group),
+            [100, 100],
+            "a third batch of 100 users would pass 256 keys"
+        );
+        drop(guard);
+        let mut next = Vec::new();
+        let guard = take_group(&intake, &mut next).await.expect("a group");
+        assert_eq!(
+            sizes(&next),
+            [100],
+            "the request kept back starts the next group"
+        );
+        drop(guard);
+        let mut big = Vec::new();
+        let guard = take_group(&intake, &mut big).await.expect("a group");
+        assert_eq!(sizes(&big), [GROUP_KEYS + 1]);
+        drop(guard);
+        drop(tx);
+        let mut last = Vec::new();
+        let guard = take_group(&intake, &mut last).await;
+        assert!(
+            guard.is_some(),
+            "the request kept back is committed after the queue closed"
+        );
+        assert_eq!(sizes(&last), [10]);
+        drop(guard);
+        assert!(take_group(&intake, &mut Vec::new()).await.is_none());
+    }
+
+    #[test]
+    fn a_request_counts_each_key_it_locks_once() {
+        let mut r = users_request(3);
+        r.events.push(r.events[0].clone());
+        r.events[1].identity = Some(IdentityUpdate {
+            user_id: "u1".into(),
+            account: None,
+            contact: None,
+            previous_id: Some("anon".into()),
+        });
+        let (reply, _) = oneshot::channel();
+        assert_eq!(Request::new(r.events, reply).keys, 4, "u0, u1, u2 and anon");
     }
 }

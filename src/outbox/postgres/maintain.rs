@@ -14,8 +14,6 @@ const PRUNE_BATCH: i64 = 10_000;
 /// How long the row of an instance that stopped stays (its recent errors
 /// remain readable in status meanwhile).
 const INSTANCE_RETENTION_MS: i64 = 24 * 3600 * 1000;
-/// Key rows looked at per pass.
-const KEY_PAGE: i64 = 5_000;
 /// Held heads looked at per pass.
 const HELD_PAGE: i64 = 500;
 
@@ -55,7 +53,7 @@ async fn vacuum_tables(pool: &PgPool) -> Result<bool, sqlx::Error> {
         return Ok(false);
     }
     let vacuumed = sqlx::query(
-        "VACUUM (ANALYZE) counters, order_keys, instances, leaders, leases, minute_stats, meta, \
+        "VACUUM (ANALYZE) counters, instances, leaders, leases, minute_stats, meta, \
              message_ids, events",
     )
     .execute(&mut *conn)
@@ -120,9 +118,11 @@ pub(super) async fn maintain(
     }
 
     // Held past the budget: dead, and the key's next event becomes its head.
+    // A page of 500 stays under the 512 keys past which the key locks
+    // become one lock of the whole key space.
     let expired: Vec<(i64, String)> = sqlx::query_as(
         "SELECT id, order_key FROM events WHERE state = 4 \
-         AND COALESCE(first_attempt_at, accepted_at) < $1 ORDER BY id LIMIT 1000",
+         AND COALESCE(first_attempt_at, accepted_at) < $1 ORDER BY id LIMIT 500",
     )
     .bind(now - held_budget.as_millis() as i64)
     .fetch_all(&mut *tx)
@@ -184,41 +184,6 @@ pub(super) async fn maintain(
     .execute(&mut *tx)
     .await
     .map_err(pg_error)?;
-    // Key rows of idle keys, a page of the key table per pass (resuming
-    // where the last pass stopped): locked first (skipping keys in use),
-    // then deleted only if still idle in a snapshot taken under the lock.
-    let key_cursor = inner.key_cursor.lock().expect("cursor lock").clone();
-    let page: Vec<String> = sqlx::query_scalar(
-        "SELECT order_key FROM order_keys WHERE order_key > $1 ORDER BY order_key LIMIT $2",
-    )
-    .bind(&key_cursor)
-    .bind(KEY_PAGE)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(pg_error)?;
-    let next_key_cursor = match page.last() {
-        Some(last) if page.len() as i64 == KEY_PAGE => last.clone(),
-        _ => String::new(),
-    };
-    let idle: Vec<String> = sqlx::query_scalar(
-        "SELECT order_key FROM order_keys k WHERE order_key = ANY($1) AND NOT EXISTS \
-         (SELECT 1 FROM events e WHERE e.order_key = k.order_key AND e.state IN (0, 4, 5)) \
-         FOR UPDATE SKIP LOCKED",
-    )
-    .bind(&page)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(pg_error)?;
-    if !idle.is_empty() {
-        sqlx::query(
-            "DELETE FROM order_keys k WHERE k.order_key = ANY($1) AND NOT EXISTS \
-             (SELECT 1 FROM events e WHERE e.order_key = k.order_key AND e.state IN (0, 4, 5))",
-        )
-        .bind(&idle)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-    }
     sqlx::query("DELETE FROM minute_stats WHERE minute < $1")
         .bind(now.div_euclid(60_000) - 180)
         .execute(&mut *tx)
@@ -226,7 +191,6 @@ pub(super) async fn maintain(
         .map_err(pg_error)?;
     tx.commit().await.map_err(pg_error)?;
     *inner.held_cursor.lock().expect("cursor lock") = next_cursor;
-    *inner.key_cursor.lock().expect("cursor lock") = next_key_cursor;
     Ok(Some(report))
 }
 

@@ -1,22 +1,24 @@
 //! The PostgreSQL outbox: the same operations as the SQLite writer and
 //! reader, for any number of forwarder instances sharing one database.
 //!
-//! Per-key ordering across instances. Every ordering key has a row in
-//! `order_keys`, and every change to a key's queue (ingest appending to it,
-//! a settle, a lease recovery, a replay or a held event dying) first locks
-//! that row, all keys of a transaction at once in sorted order, with an
-//! `INSERT ... ON CONFLICT DO UPDATE ... WHERE false` that locks an existing
-//! row without writing it. Ingest allocates its event ids (an identity
+//! Per-key ordering across instances. Every change to a key's queue
+//! (ingest appending to it, a settle, a lease recovery, a replay or a held
+//! event dying) first takes the key's lock, all keys of a transaction at
+//! once and in one global order (`lock_order_keys`): an advisory
+//! transaction lock per key (on the key's 32-bit hash), under a shared lock
+//! of the whole key space; a transaction changing more than 512 keys takes
+//! the key space exclusively instead, so no transaction fills the server's
+//! bounded lock table. Ingest allocates its event ids (an identity
 //! column) only after it holds the key's lock and commits before releasing
 //! it, so within a key the id order is the commit order whichever instance
 //! accepted the event. A key's lowest active id is its head (state 0, or 4
 //! while held), the rest are queued (5); after a change the key is
 //! normalised under its lock (the lowest active id becomes the head, any
 //! other head is queued again), except while any of its events is leased.
-//! Claims never wait: they pick due, unleased heads, lock their keys with
-//! `FOR UPDATE SKIP LOCKED` (a key another instance is changing is skipped
-//! this round), re-read the heads under the lock and lease each head together
-//! with the queued events behind it, in id order, under one lease token. So
+//! Claims never wait: they pick due, unleased heads and try their keys'
+//! locks (a key another instance is changing is skipped this round),
+//! re-read the heads under the lock and lease each head together with the
+//! queued events behind it, in id order, under one lease token. So
 //! a key is in flight under at most one lease anywhere, its events go out in
 //! commit order, and a retried, released or held head stays the head, with
 //! everything behind it waiting. A lease is a row of `leases` (event, key,
@@ -127,7 +129,6 @@ struct Inner {
     ingest: mpsc::Sender<ingest::Request>,
     stored: Arc<Notify>,
     held_cursor: Mutex<i64>,
-    key_cursor: Mutex<String>,
     /// The last lease token handed out: every claim gets a larger one, so
     /// that a token names one claim.
     last_token: Mutex<i64>,
@@ -294,7 +295,6 @@ impl PgOutbox {
                 ingest: tx,
                 stored,
                 held_cursor: Mutex::new(0),
-                key_cursor: Mutex::new(String::new()),
                 last_token: Mutex::new(0),
                 unanswered,
                 tasks: vec![writer, beat],
@@ -339,7 +339,7 @@ impl PgOutbox {
         let (reply, rx) = tokio::sync::oneshot::channel();
         self.inner
             .ingest
-            .send(ingest::Request { events, reply })
+            .send(ingest::Request::new(events, reply))
             .await
             .map_err(|_| StoreError::WriterGone)?;
         rx.await.map_err(|_| StoreError::WriterGone)?
@@ -637,9 +637,9 @@ async fn heartbeat_loop(
     }
 }
 
-/// Locks the rows of these ordering keys (creating missing ones) until the
-/// transaction ends, in sorted order so that two transactions never wait on
-/// each other in a cycle. See the module doc.
+/// Locks these ordering keys until the transaction ends, in the one order
+/// every transaction takes key locks in, so that two never wait on each
+/// other in a cycle. See the module doc.
 async fn lock_keys(conn: &mut sqlx::PgConnection, keys: &[&str]) -> Result<(), StoreError> {
     if keys.is_empty() {
         return Ok(());

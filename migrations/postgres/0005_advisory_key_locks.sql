@@ -45,7 +45,10 @@ END $$;
 -- keys runs), then each candidate's key in due order until `p_max` are
 -- held. The volatile lock call stays above the candidates' own LIMIT (it
 -- is never pushed into it), so candidates are tried in due order and the
--- outer LIMIT stops at `p_max` locks held.
+-- outer LIMIT stops at `p_max` keys held. Each head it takes is also
+-- locked `FOR UPDATE SKIP LOCKED`, the queue's usual claim, where 0004
+-- locked the key's row: a head that another session is writing right now
+-- is passed over for this round like a key another claim holds.
 CREATE OR REPLACE FUNCTION claim_events(p_owner bigint, p_max integer, p_until bigint, p_now bigint)
 RETURNS TABLE (id bigint, order_key text, kind text, payload text, attempts integer,
                accepted_at bigint, first_attempt_at bigint, actions text)
@@ -64,8 +67,10 @@ BEGIN
                       WHERE e.state = 0 AND e.next_attempt_at <= p_now
                       AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.event_id = e.id)
                       ORDER BY e.next_attempt_at, e.id LIMIT 2 * p_max) c
+                  JOIN events h ON h.id = c.id
                   WHERE pg_try_advisory_xact_lock(1667659522, hashtext(c.order_key))
-                  LIMIT p_max);
+                  LIMIT p_max
+                  FOR UPDATE OF h SKIP LOCKED);
     IF cardinality(locked) = 0 THEN
         RETURN;
     END IF;

@@ -1019,6 +1019,30 @@ async fn key_locks_exclude_one_key_or_the_whole_key_space() {
     );
 }
 
+/// A claim locks 512 keys at most, however many events it may take: its
+/// advisory locks must stay few in the server's bounded lock table even
+/// with a large `--batch-size`. The next claim takes the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_locks_at_most_512_keys() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    let events: Vec<NewEvent> = (0..700)
+        .map(|i| ev(&format!("u{i}"), &format!("m-{i}")))
+        .chain((0..5).map(|i| ev("u0", &format!("m-u0-{i}"))))
+        .collect();
+    a.ingest(events).await.unwrap();
+    let first = a.claim(2_000, Duration::from_secs(30)).await.unwrap();
+    let keys: HashSet<&str> = first.iter().map(|c| c.order_key.as_str()).collect();
+    assert_eq!(keys.len(), 512);
+    assert_eq!(
+        first.len(),
+        512 + 5,
+        "u0's queued events come with its head"
+    );
+    let rest = a.claim(2_000, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(rest.len(), 700 - 512);
+}
+
 fn identify(user: &str, msg: &str, account: Option<&str>, previous: Option<&str>) -> NewEvent {
     let mut e = ev(user, msg);
     e.kind = "identify";

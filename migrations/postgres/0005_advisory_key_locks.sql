@@ -43,9 +43,9 @@ END $$;
 -- The claim, as in 0004, with the keys' locks tried as advisory locks: the
 -- key space shared (a claim finds nothing while a change of more than 512
 -- keys runs), then each candidate's key in due order until `p_max` are
--- held. The volatile lock call stays above the candidates' own LIMIT (it
--- is never pushed into it), so candidates are tried in due order and the
--- outer LIMIT stops at `p_max` keys held. Each head it takes is also
+-- held (512 at most). The volatile lock call stays above the candidates'
+-- own LIMIT (it is never pushed into it), so candidates are tried in due
+-- order and the outer LIMIT stops at that many keys held. Each head it takes is also
 -- locked `FOR UPDATE SKIP LOCKED`, the queue's usual claim, where 0004
 -- locked the key's row: a head that another session is writing right now
 -- is passed over for this round like a key another claim holds.
@@ -58,6 +58,11 @@ SET enable_material = off AS $$
 #variable_conflict use_column
 DECLARE
     locked text[];
+    -- Keys one claim locks at most: its locks must stay few in the bounded
+    -- lock table however large `--batch-size` is (a claim is four
+    -- requests' worth); a claim that comes back short is topped up by the
+    -- next one.
+    max_keys integer := least(p_max, 512);
 BEGIN
     IF NOT pg_try_advisory_xact_lock_shared(1667659521, 0) THEN
         RETURN;
@@ -66,10 +71,10 @@ BEGIN
                       SELECT e.id, e.order_key, e.next_attempt_at FROM events e
                       WHERE e.state = 0 AND e.next_attempt_at <= p_now
                       AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.event_id = e.id)
-                      ORDER BY e.next_attempt_at, e.id LIMIT 2 * p_max) c
+                      ORDER BY e.next_attempt_at, e.id LIMIT 2 * max_keys) c
                   JOIN events h ON h.id = c.id
                   WHERE pg_try_advisory_xact_lock(1667659522, hashtext(c.order_key))
-                  LIMIT p_max
+                  LIMIT max_keys
                   FOR UPDATE OF h SKIP LOCKED);
     IF cardinality(locked) = 0 THEN
         RETURN;

@@ -141,11 +141,15 @@ async fn half_open_connections_from_one_address_leave_room_for_another() {
     let held = half_open(attacker, addr, 2000).await;
     // The attacker keeps re-opening while the other client tries.
     let reopen = tokio::spawn(async move { half_open(attacker, addr, 1000).await });
+    // Answered well inside the 15 s that a half-open connection may hold
+    // its slot (the header read timeout), so no answer waited for one of
+    // the attacker's slots to time out. One second was too tight on a
+    // loaded 2-core CI machine, with the attacker re-opening meanwhile.
     for n in 0..5 {
         track_from(
             &server.base,
             [127, 0, 0, 1].into(),
-            Duration::from_secs(1),
+            Duration::from_secs(5),
             n,
         )
         .await;
@@ -181,11 +185,15 @@ async fn idle_and_slow_header_connections_give_way_near_the_budget() {
     // Sixteen slow-header connections fill the budget.
     let mut held = half_open([127, 0, 0, 3].into(), addr, 16).await;
     assert_eq!(held.len(), 16);
+    // Answered well inside the 15 s that a half-open connection may hold
+    // its slot (the header read timeout), so no answer waited for one of
+    // the attacker's slots to time out. One second was too tight on a
+    // loaded 2-core CI machine, with the attacker re-opening meanwhile.
     for n in 0..5 {
         track_from(
             &server.base,
             [127, 0, 0, 1].into(),
-            Duration::from_secs(1),
+            Duration::from_secs(5),
             n,
         )
         .await;

@@ -1019,28 +1019,79 @@ async fn key_locks_exclude_one_key_or_the_whole_key_space() {
     );
 }
 
-/// A claim locks 512 keys at most, however many events it may take: its
+/// A claim locks 256 keys at most, however many events it may take: its
 /// advisory locks must stay few in the server's bounded lock table even
 /// with a large `--batch-size`. The next claim takes the rest.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_claim_locks_at_most_512_keys() {
+async fn a_claim_locks_at_most_256_keys() {
     let db = test_db!();
     let a = instance(&db).await;
-    let events: Vec<NewEvent> = (0..700)
+    let events: Vec<NewEvent> = (0..300)
         .map(|i| ev(&format!("u{i}"), &format!("m-{i}")))
         .chain((0..5).map(|i| ev("u0", &format!("m-u0-{i}"))))
         .collect();
     a.ingest(events).await.unwrap();
     let first = a.claim(2_000, Duration::from_secs(30)).await.unwrap();
     let keys: HashSet<&str> = first.iter().map(|c| c.order_key.as_str()).collect();
-    assert_eq!(keys.len(), 512);
+    assert_eq!(keys.len(), 256);
     assert_eq!(
         first.len(),
-        512 + 5,
+        256 + 5,
         "u0's queued events come with its head"
     );
     let rest = a.claim(2_000, Duration::from_secs(30)).await.unwrap();
-    assert_eq!(rest.len(), 700 - 512);
+    assert_eq!(rest.len(), 300 - 256);
+}
+
+/// A second key lock call in one transaction (the users an alias teaches,
+/// after the group's own) with more than 512 keys keeps a lock per key:
+/// asking for the key space exclusively while holding it shared would wait
+/// for every other holder, some of whom may wait for this transaction's
+/// keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_large_key_lock_call_does_not_take_the_key_space() {
+    let db = test_db!();
+    let _a = instance(&db).await;
+    let mut other = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT lock_order_keys(ARRAY['elsewhere'])")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let mut conn = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    // Fails instead of waiting for `other` if it asks for the key space.
+    sqlx::query("SET LOCAL lock_timeout = '5s'")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("SELECT lock_order_keys(ARRAY['u1'])")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let many: Vec<String> = (0..600).map(|i| format!("k{i}")).collect();
+    sqlx::query("SELECT lock_order_keys($1)")
+        .bind(&many)
+        .execute(&mut conn)
+        .await
+        .expect("a lock per key, beside the other holder of the key space");
+    let modes: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT mode, count(*) FROM pg_locks WHERE locktype = 'advisory' \
+         AND pid = pg_backend_pid() GROUP BY mode ORDER BY mode",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        modes,
+        [
+            ("ExclusiveLock".to_string(), 601),
+            ("ShareLock".to_string(), 1)
+        ],
+        "the key space shared, u1 and the 600 keys each exclusive"
+    );
+    sqlx::query("ROLLBACK").execute(&mut conn).await.unwrap();
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
 }
 
 fn identify(user: &str, msg: &str, account: Option<&str>, previous: Option<&str>) -> NewEvent {

@@ -14,7 +14,8 @@
 --   * the key space, (1667659521, 0): every transaction that changes keys
 --     holds it shared, or exclusive when it changes more than 512 keys at
 --     once (then it takes no lock per key: holding the key space alone
---     excludes everyone else's change to any key);
+--     excludes everyone else's change to any key), unless it holds it
+--     shared already: then it goes on with a lock per key;
 --   * one key, (1667659522, hashtext(key)): exclusive, taken under the
 --     shared key space lock, in ascending hash order.
 -- Two keys with the same 32-bit hash share a lock: that only makes them
@@ -27,14 +28,29 @@
 CREATE OR REPLACE FUNCTION lock_order_keys(p_keys text[]) RETURNS void LANGUAGE plpgsql AS $$
 DECLARE
     hashes integer[];
+    held text;
 BEGIN
     hashes := ARRAY(SELECT DISTINCT hashtext(k) FROM unnest(p_keys) AS t(k) ORDER BY 1);
     IF cardinality(hashes) = 0 THEN
         RETURN;
     END IF;
     IF cardinality(hashes) > 512 THEN
-        PERFORM pg_advisory_xact_lock(1667659521, 0);
-        RETURN;
+        -- What this transaction holds of the key space already, if anything:
+        -- a second call (the users an alias teaches, after the group's own)
+        -- must not ask for the key space exclusively while it holds it
+        -- shared, which would wait for every other holder, some of them
+        -- waiting for its keys. Reading pg_locks is slow, but only calls
+        -- with this many keys pay it.
+        SELECT l.mode INTO held FROM pg_locks l
+            WHERE l.locktype = 'advisory' AND l.pid = pg_backend_pid() AND l.granted
+            AND l.classid = 1667659521 AND l.objid = 0 AND l.objsubid = 2
+            ORDER BY l.mode LIMIT 1;
+        IF held = 'ExclusiveLock' THEN
+            RETURN;
+        ELSIF held IS NULL THEN
+            PERFORM pg_advisory_xact_lock(1667659521, 0);
+            RETURN;
+        END IF;
     END IF;
     PERFORM pg_advisory_xact_lock_shared(1667659521, 0);
     PERFORM count(pg_advisory_xact_lock(1667659522, h)) FROM unnest(hashes) AS t(h);
@@ -43,7 +59,7 @@ END $$;
 -- The claim, as in 0004, with the keys' locks tried as advisory locks: the
 -- key space shared (a claim finds nothing while a change of more than 512
 -- keys runs), then each candidate's key in due order until `p_max` are
--- held (512 at most). The volatile lock call stays above the candidates'
+-- held (256 at most). The volatile lock call stays above the candidates'
 -- own LIMIT (it is never pushed into it), so candidates are tried in due
 -- order and the outer LIMIT stops at that many keys held. Each head it takes is also
 -- locked `FOR UPDATE SKIP LOCKED`, the queue's usual claim, where 0004
@@ -62,7 +78,7 @@ DECLARE
     -- lock table however large `--batch-size` is (a claim is four
     -- requests' worth); a claim that comes back short is topped up by the
     -- next one.
-    max_keys integer := least(p_max, 512);
+    max_keys integer := least(p_max, 256);
 BEGIN
     IF NOT pg_try_advisory_xact_lock_shared(1667659521, 0) THEN
         RETURN;

@@ -3,7 +3,7 @@
 //! Every statement covers the whole group (arrays through `unnest`), so a
 //! group costs the same few round trips however many events it holds.
 
-use super::{PgConfig, lock_keys, pg_error, retryable};
+use super::{PgConfig, lock_keys, pg_error, retry_pause, retryable};
 use crate::outbox::{IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
@@ -20,7 +20,7 @@ const GROUP_CAP: usize = 256;
 
 /// Keys one group locks at most, unless a single request has more. Key
 /// locks are advisory locks, and the server's lock table is bounded
-/// (`max_locks_per_transaction` times the connections, about 10,000 with
+/// (`max_locks_per_transaction` times the sessions, about 7,700 with
 /// the defaults): four committers per instance, several instances, must
 /// stay well inside it. Past 512 keys a transaction locks the whole key
 /// space instead (see `lock_order_keys`), which every other committer and
@@ -290,7 +290,10 @@ async fn commit_with_retry(
                     )))
                 });
         match attempt_result {
-            Err(e) if retryable(&e) && attempt < 5 => attempt += 1,
+            Err(e) if retryable(&e) && attempt < 5 => {
+                attempt += 1;
+                tokio::time::sleep(retry_pause(attempt)).await;
+            }
             r => return r,
         }
     }

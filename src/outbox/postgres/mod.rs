@@ -168,6 +168,13 @@ pub(crate) fn pg_error(e: sqlx::Error) -> StoreError {
             // restarting; 25006: a standby that is read-only (mid-failover).
             if code.starts_with("08") || code.starts_with("57P") || code == "25006" {
                 StoreError::Busy(format!("PostgreSQL is unavailable: {}", db.message()))
+            } else if code == "53200" {
+                // The shared lock table (key locks are advisory locks in
+                // it) full for the moment: transient, and retried.
+                StoreError::Busy(format!(
+                    "{LOCK_TABLE_FULL}: {} (raise max_locks_per_transaction)",
+                    db.message()
+                ))
             } else if code.starts_with("53") {
                 StoreError::Full(db.message().to_string())
             } else {
@@ -178,14 +185,25 @@ pub(crate) fn pg_error(e: sqlx::Error) -> StoreError {
     }
 }
 
-/// Deadlocks and serialization failures: the transaction is run again.
+/// How an error from a full lock table starts (see `pg_error`).
+const LOCK_TABLE_FULL: &str = "PostgreSQL's lock table is full";
+
+/// Deadlocks, serialization failures and a momentarily full lock table:
+/// the transaction is run again.
 fn retryable(e: &StoreError) -> bool {
     match e {
         StoreError::Database(sqlx::Error::Database(db)) => {
             matches!(db.code().as_deref(), Some("40P01") | Some("40001"))
         }
+        StoreError::Busy(m) => m.starts_with(LOCK_TABLE_FULL),
         _ => false,
     }
+}
+
+/// The pause before retry `attempt` (from 1): a full lock table empties as
+/// the transactions holding it commit, within milliseconds.
+fn retry_pause(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(20 * u64::from(attempt))
 }
 
 /// Runs a transaction again after a deadlock or serialization failure (a
@@ -201,6 +219,7 @@ where
             Err(e) if retryable(&e) && attempt < 5 => {
                 attempt += 1;
                 tracing::debug!(error = %e, attempt, "outbox transaction retried");
+                tokio::time::sleep(retry_pause(attempt)).await;
             }
             r => return r,
         }

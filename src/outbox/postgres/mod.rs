@@ -656,18 +656,19 @@ async fn heartbeat_loop(
     }
 }
 
-/// Locks these ordering keys until the transaction ends, in the one order
-/// every transaction takes key locks in, so that two never wait on each
-/// other in a cycle. See the module doc.
+/// Locks these ordering keys until the transaction ends. The server
+/// function takes them in the one order every transaction uses (by hash,
+/// see the module doc), so that two never wait on each other in a cycle;
+/// here they are only made distinct, to send each once.
 async fn lock_keys(conn: &mut sqlx::PgConnection, keys: &[&str]) -> Result<(), StoreError> {
     if keys.is_empty() {
         return Ok(());
     }
-    let mut sorted: Vec<&str> = keys.to_vec();
-    sorted.sort_unstable();
-    sorted.dedup();
+    let mut distinct: Vec<&str> = keys.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
     sqlx::query("SELECT lock_order_keys($1)")
-        .bind(&sorted)
+        .bind(&distinct)
         .execute(&mut *conn)
         .await
         .map_err(pg_error)?;

@@ -184,9 +184,10 @@ async fn full_database_answers_503_keeps_draining_and_recovers() {
     let db = dir.path().join("o.db");
     let mock = mock().await;
     set_fail_rate(&mock, 1.0);
-    // 400 pages of 4 KiB: room for a few hundred padded events. Delivered
-    // events are pruned one second after delivery, which is how room
-    // comes back.
+    // 400 pages of 4 KiB: room for a few hundred padded events. The last
+    // eighth is the reserve that delivery gets once ingest has filled the
+    // rest (on a real disk, the reserve file). Delivered events are pruned
+    // one second after delivery, which is how room comes back.
     let mut bin = Binary::serve_with_env(
         &db,
         &mock.url(),
@@ -244,6 +245,11 @@ async fn full_database_answers_503_keeps_draining_and_recovers() {
     .await;
     let logs = bin.logs();
     assert!(!logs.contains("panicked"), "{logs}");
+    assert!(
+        logs.contains("database full: released the reserve"),
+        "{logs}"
+    );
+    assert!(logs.contains("database space is back"), "{logs}");
 }
 
 /// A small tmpfs mounted for one test and unmounted when dropped.

@@ -120,7 +120,7 @@ impl SqliteOutbox {
         sqlx::query("PRAGMA wal_autocheckpoint = 10000")
             .execute(&mut conn)
             .await?;
-        let reserve = reserve::Reserve::beside(path).await;
+        let reserve = reserve::Reserve::beside(path, &mut conn, max_page_count()).await?;
         let writer = Writer::start(conn, config, reserve).await?;
         let reader = Reader::open(path).await?;
         let checkpointer = connect_options(path, false)?.connect().await?;

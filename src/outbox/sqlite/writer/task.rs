@@ -76,13 +76,13 @@ impl WriterTask {
                 }
             }
             Err(e) if ops.len() == 1 => {
-                self.release_reserve_if_full(&e);
+                self.release_reserve_if_full(&e).await;
                 if let Some(op) = ops.into_iter().next() {
                     reply(op, Err(e));
                 }
             }
             Err(e) => {
-                self.release_reserve_if_full(&e);
+                self.release_reserve_if_full(&e).await;
                 // One request's failure must not fail its neighbours: commit
                 // each alone so only the culprit gets the error.
                 for op in self.refuse_ingest_while_full(ops).await {
@@ -103,7 +103,9 @@ impl WriterTask {
     /// answered `Full` without touching the database, so that the room left
     /// goes to delivery; everything else goes ahead.
     async fn refuse_ingest_while_full(&mut self, ops: Vec<Op>) -> Vec<Op> {
-        if !ops.iter().any(|o| matches!(o, Op::Ingest { .. })) || self.reserve.ready().await {
+        if !ops.iter().any(|o| matches!(o, Op::Ingest { .. }))
+            || self.reserve.ready(&mut self.conn).await
+        {
             return ops;
         }
         let mut rest = Vec::with_capacity(ops.len());
@@ -118,9 +120,9 @@ impl WriterTask {
         rest
     }
 
-    fn release_reserve_if_full(&mut self, e: &StoreError) {
+    async fn release_reserve_if_full(&mut self, e: &StoreError) {
         if matches!(e, StoreError::Full(_)) {
-            self.reserve.release();
+            self.reserve.release(&mut self.conn).await;
         }
     }
 

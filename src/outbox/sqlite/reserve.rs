@@ -152,32 +152,35 @@ impl Reserve {
 
     /// Frees the reserve after SQLite reported the disk full.
     pub(super) async fn release(&mut self, conn: &mut SqliteConnection) {
-        if let (true, Some(pages)) = (self.held, self.pages) {
-            match set_max_page_count(conn, pages.cap).await {
-                Ok(()) => tracing::warn!(
-                    "database full: released the reserve so that delivery can go on; \
-                     ingest answers 503 until space returns"
-                ),
-                Err(e) => tracing::warn!(error = %e, "database full: releasing the reserve failed"),
-            }
-            self.held = false;
-            self.short_of_space = true;
-            self.last_try = Some(Instant::now());
+        if !self.held {
             return;
         }
-        if let (true, Some(path)) = (self.held, &self.path) {
-            match std::fs::remove_file(path) {
-                Ok(()) => tracing::warn!(
-                    reserve = %path.display(),
-                    "disk full: released the reserve so that delivery can go on; \
-                     ingest answers 503 until space returns"
-                ),
-                Err(e) => tracing::warn!(error = %e, "disk full: releasing the reserve failed"),
-            }
-            self.held = false;
-            self.short_of_space = true;
-            self.last_try = Some(Instant::now());
+        let (what, reserve, released) = match (self.pages, &self.path) {
+            (Some(pages), _) => (
+                "database",
+                format!("{} pages", pages.reserve),
+                set_max_page_count(conn, pages.cap)
+                    .await
+                    .map_err(|e| e.to_string()),
+            ),
+            (None, Some(path)) => (
+                "disk",
+                path.display().to_string(),
+                std::fs::remove_file(path).map_err(|e| e.to_string()),
+            ),
+            (None, None) => return,
+        };
+        match released {
+            Ok(()) => tracing::warn!(
+                %reserve,
+                "{what} full: released the reserve so that delivery can go on; \
+                 ingest answers 503 until space returns"
+            ),
+            Err(e) => tracing::warn!(error = %e, "{what} full: releasing the reserve failed"),
         }
+        self.held = false;
+        self.short_of_space = true;
+        self.last_try = Some(Instant::now());
     }
 
     /// Writes `proof` bytes (at least the reserve) and keeps the reserve.

@@ -445,6 +445,11 @@ struct LosingProxy {
     addr: std::net::SocketAddr,
     armed: Arc<std::sync::atomic::AtomicBool>,
     lost: Arc<std::sync::atomic::AtomicUsize>,
+    /// Signalled when a claim's answer is withheld: the claim has
+    /// committed and the forwarder is still waiting for its answer.
+    withheld: Arc<tokio::sync::Notify>,
+    /// The test's go-ahead to break the connection.
+    go_on: Arc<tokio::sync::Notify>,
 }
 
 impl LosingProxy {
@@ -461,18 +466,26 @@ impl LosingProxy {
         let addr = listener.local_addr().unwrap();
         let armed = Arc::new(AtomicBool::new(false));
         let lost = Arc::new(AtomicUsize::new(0));
-        let (a, l) = (armed.clone(), lost.clone());
+        let withheld = Arc::new(tokio::sync::Notify::new());
+        let go_on = Arc::new(tokio::sync::Notify::new());
+        let (a, l, w, g) = (armed.clone(), lost.clone(), withheld.clone(), go_on.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
-                let (armed, lost) = (a.clone(), l.clone());
+                let (armed, lost, withheld, go_on) = (a.clone(), l.clone(), w.clone(), g.clone());
                 tokio::spawn(async move {
                     let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
-                    proxy_one(client, server, armed, lost).await;
+                    proxy_one(client, server, armed, lost, withheld, go_on).await;
                 });
             }
         });
-        LosingProxy { addr, armed, lost }
+        LosingProxy {
+            addr,
+            armed,
+            lost,
+            withheld,
+            go_on,
+        }
     }
 
     /// The URL of `db` through this proxy (plain text, so that the proxy
@@ -493,12 +506,15 @@ impl LosingProxy {
 /// Copies both ways. On a connection whose client has sent a claim while
 /// the proxy is armed, the server's answer is passed on up to its
 /// CommandComplete; at the ReadyForQuery after it (the claim has committed
-/// by then) both sides are closed instead.
+/// by then) the proxy signals `withheld`, waits for `go_on`, and closes both
+/// sides instead of passing it on.
 async fn proxy_one(
     client: tokio::net::TcpStream,
     server: tokio::net::TcpStream,
     armed: Arc<std::sync::atomic::AtomicBool>,
     lost: Arc<std::sync::atomic::AtomicUsize>,
+    withheld: Arc<tokio::sync::Notify>,
+    go_on: Arc<tokio::sync::Notify>,
 ) {
     use std::sync::atomic::Ordering;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -541,6 +557,8 @@ async fn proxy_one(
                 } else if kind == b'Z' && completed {
                     let _ = cw.write_all(&pending[..at]).await;
                     lost.fetch_add(1, Ordering::SeqCst);
+                    withheld.notify_one();
+                    go_on.notified().await;
                     break 'read;
                 }
             }
@@ -569,16 +587,24 @@ async fn a_claim_whose_answer_was_lost_gives_its_leases_back() {
     a.ingest(vec![ev("u1", "m-1"), ev("u2", "m-2")])
         .await
         .unwrap();
+    let mut conn = db.conn().await;
     proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
-    let lost = a.claim(10, Duration::from_secs(600)).await;
+    let claim = tokio::spawn({
+        let a = a.clone();
+        async move { a.claim(10, Duration::from_secs(600)).await }
+    });
+    // The claim committed, and its answer is held back: both events are
+    // leased, to nobody's worker. Counted before the connection breaks, as
+    // the heartbeat gives such leases back once the claim has failed.
+    proxy.withheld.notified().await;
+    assert_eq!(scalar(&mut conn, "SELECT count(*) FROM leases").await, 2);
+    proxy.go_on.notify_one();
+    let lost = claim.await.unwrap();
     assert!(
         matches!(&lost, Err(e) if e.is_transient()),
         "the claim's answer never arrived: {lost:?}"
     );
     assert_eq!(proxy.lost.load(std::sync::atomic::Ordering::SeqCst), 1);
-    // It committed all the same: both events are leased, to nobody's worker.
-    let mut conn = db.conn().await;
-    assert_eq!(scalar(&mut conn, "SELECT count(*) FROM leases").await, 2);
     // Given back long before the ten-minute lease, and claimable again.
     wait_for("the lost claim's leases to come back", || {
         let url = db.url();

@@ -3,7 +3,7 @@
 //! Every statement covers the whole group (arrays through `unnest`), so a
 //! group costs the same few round trips however many events it holds.
 
-use super::{PgConfig, lock_keys, pg_error, retry_pause, retryable};
+use super::{PgConfig, lock_keys, pg_error, with_retry};
 use crate::outbox::{IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
 use sqlx::PgPool;
 use std::collections::{HashMap, HashSet};
@@ -274,29 +274,21 @@ async fn commit_with_retry(
     config: &PgConfig,
     requests: &[&[NewEvent]],
 ) -> Result<Vec<IngestReceipt>, StoreError> {
-    let mut attempt = 0;
-    loop {
+    with_retry(|| async {
         // A server that stopped answering without closing the connection
         // (a network partition) must not hold ingest up: the outcome is
         // then unknown, the clients get 503 and retry, and the dedup by
         // message id makes the retry safe whichever way it went.
-        let attempt_result =
-            tokio::time::timeout(COMMIT_TIMEOUT, commit_group(pool, config, requests))
-                .await
-                .unwrap_or_else(|_| {
-                    Err(StoreError::Busy(format!(
-                        "PostgreSQL did not complete a commit within {}s",
-                        COMMIT_TIMEOUT.as_secs()
-                    )))
-                });
-        match attempt_result {
-            Err(e) if retryable(&e) && attempt < 5 => {
-                attempt += 1;
-                tokio::time::sleep(retry_pause(attempt)).await;
-            }
-            r => return r,
-        }
-    }
+        tokio::time::timeout(COMMIT_TIMEOUT, commit_group(pool, config, requests))
+            .await
+            .unwrap_or_else(|_| {
+                Err(StoreError::Busy(format!(
+                    "PostgreSQL did not complete a commit within {}s",
+                    COMMIT_TIMEOUT.as_secs()
+                )))
+            })
+    })
+    .await
 }
 
 async fn commit_group(

@@ -207,7 +207,9 @@ fn retry_pause(attempt: u32) -> std::time::Duration {
 }
 
 /// Runs a transaction again after a deadlock or serialization failure (a
-/// few times; PostgreSQL picked it as the victim, the other side went on).
+/// few times; PostgreSQL picked it as the victim, the other side went on)
+/// or a momentarily full lock table, pausing a little longer each time.
+/// Ingest's group commit and every other transaction share it.
 async fn with_retry<T, F, Fut>(mut f: F) -> Result<T, StoreError>
 where
     F: FnMut() -> Fut,

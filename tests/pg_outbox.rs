@@ -258,6 +258,102 @@ async fn concurrent_requests_share_commits() {
     );
 }
 
+/// The index entries of `events_key` read so far, once every session's
+/// statistics have reached the server's view: `inserted` is how many events
+/// the test has stored, and the inserts are reported in the same flush as
+/// the reads of their transaction.
+async fn key_index_reads_after(watch: &mut PgConnection, inserted: i64) -> i64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        sqlx::query("SELECT pg_stat_clear_snapshot()")
+            .execute(&mut *watch)
+            .await
+            .unwrap();
+        let seen = scalar(
+            watch,
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'events'",
+        )
+        .await;
+        if seen >= inserted {
+            return scalar(
+                watch,
+                "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'events_key'",
+            )
+            .await;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the statistics never showed {inserted} inserted events ({seen})"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether a new event is its key's head is one probe of the key's index
+/// per event, whatever the backlog, and whatever the outbox looked like when
+/// a session first planned its groups. A plan made while `events` was empty
+/// (a fresh install, before the first analysis) read every active event
+/// into a hash table instead, once per group: a group of tracks took 15 ms
+/// at 50,000 pending events, and ingest slowed with the backlog it built.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_probes_its_own_keys_not_the_whole_backlog() {
+    let db = test_db!();
+    let mut watch = db.conn().await;
+    let a = PgOutbox::connect(
+        &db.url(),
+        PgConfig {
+            max_connections: 2,
+            own_vacuum_every: Duration::from_secs(3600),
+            ..config()
+        },
+    )
+    .await
+    .expect("connect outbox");
+    // No analysis during the test: the sessions keep the plans they made
+    // on the empty table, as they do until the first analysis.
+    sqlx::query("ALTER TABLE events SET (autovacuum_enabled = false)")
+        .execute(&mut watch)
+        .await
+        .unwrap();
+    // Enough small groups on the empty outbox for each session to settle
+    // on the plan it keeps (a cached generic plan after five executions).
+    let mut inserted = 0;
+    for i in 0..30 {
+        a.ingest(vec![ev(&format!("first-{i}"), &format!("first-{i}"))])
+            .await
+            .unwrap();
+        inserted += 1;
+    }
+    // A backlog of 20,000 pending events, each its own key.
+    for chunk in 0..20 {
+        let group = (0..1000)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                ev(&format!("backlog-{n}"), &format!("backlog-{n}"))
+            })
+            .collect();
+        assert_eq!(a.ingest(group).await.unwrap().stored, 1000);
+        inserted += 1000;
+    }
+    let before = key_index_reads_after(&mut watch, inserted).await;
+    for g in 0..4 {
+        let group = (0..20)
+            .map(|i| ev(&format!("new-{g}-{i}"), &format!("new-{g}-{i}")))
+            .collect();
+        assert_eq!(a.ingest(group).await.unwrap().stored, 20);
+        inserted += 20;
+    }
+    let read = key_index_reads_after(&mut watch, inserted).await - before;
+    assert!(
+        read < 1000,
+        "four groups of 20 new keys read {read} entries of the key index at a backlog of 20,000"
+    );
+    assert_eq!(
+        scalar(&mut watch, "SELECT count(*) FROM events WHERE state = 0").await,
+        inserted
+    );
+}
+
 /// Keys whose events are in flight, and under which lease: a claim that
 /// returns an event of a key held under another lease is a violation.
 #[derive(Default)]

@@ -354,6 +354,116 @@ async fn a_group_probes_its_own_keys_not_the_whole_backlog() {
     );
 }
 
+/// Rows of `events` and `message_ids` read by sequential scans so far.
+async fn seq_reads(watch: &mut PgConnection) -> (i64, i64) {
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *watch)
+        .await
+        .unwrap();
+    let events = scalar(
+        watch,
+        "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'events'",
+    )
+    .await;
+    let ids = scalar(
+        watch,
+        "SELECT seq_tup_read FROM pg_stat_user_tables WHERE relname = 'message_ids'",
+    )
+    .await;
+    (events, ids)
+}
+
+/// A maintenance pass finds what it prunes through the indexes, whatever
+/// the tables looked like when the session first planned its statements.
+/// Planned on empty tables, the pass read all of `events` and all of
+/// `message_ids` every time (every 5 s, and every 200 ms while pruning a
+/// backlog of delivered events), even with nothing to prune.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_reads_what_it_prunes_not_the_whole_tables() {
+    let db = test_db!();
+    let mut watch = db.conn().await;
+    let a = PgOutbox::connect(
+        &db.url(),
+        PgConfig {
+            max_connections: 2,
+            own_vacuum_every: Duration::from_secs(3600),
+            ..config()
+        },
+    )
+    .await
+    .expect("connect outbox");
+    // No analysis during the test: the sessions keep the plans they made
+    // on the empty tables, as they do until the first analysis.
+    for table in ["events", "message_ids"] {
+        sqlx::query(&format!(
+            "ALTER TABLE {table} SET (autovacuum_enabled = false)"
+        ))
+        .execute(&mut watch)
+        .await
+        .unwrap();
+    }
+    for _ in 0..12 {
+        a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+            .await
+            .unwrap();
+    }
+    let mut inserted = 0;
+    for chunk in 0..20 {
+        let group = (0..1000)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                ev(&format!("u-{n}"), &format!("m-{n}"))
+            })
+            .collect();
+        assert_eq!(a.ingest(group).await.unwrap().stored, 1000);
+        inserted += 1000;
+    }
+    let before = seq_reads(&mut watch).await;
+    for _ in 0..3 {
+        let report = a
+            .maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .expect("the only maintaining instance holds the lock");
+        assert_eq!((report.pruned_events, report.pruned_message_ids), (0, 0));
+    }
+    // A session reports what it read when it ends, at the latest.
+    a.close().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while scalar(
+        &mut watch,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND pid <> pg_backend_pid()",
+    )
+    .await
+        > 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the outbox's sessions did not end"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        scalar(
+            &mut watch,
+            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'events'"
+        )
+        .await
+            >= inserted,
+        "the sessions' statistics were not reported"
+    );
+    let after = seq_reads(&mut watch).await;
+    let read = (after.0 - before.0, after.1 - before.1);
+    assert!(
+        read.0 < 1000 && read.1 < 1000,
+        "three passes with nothing to prune read {} rows of events and {} of message_ids \
+         sequentially, at 20,000 rows each",
+        read.0,
+        read.1
+    );
+}
+
 /// Keys whose events are in flight, and under which lease: a claim that
 /// returns an event of a key held under another lease is a violation.
 #[derive(Default)]

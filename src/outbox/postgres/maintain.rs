@@ -150,12 +150,19 @@ pub(super) async fn maintain(
         delivery::normalize(&mut tx, &keys).await?;
     }
 
+    // Both prunes are planned afresh on every pass (not prepared once per
+    // session): a pass runs every few seconds, and a plan kept from when
+    // the tables were empty (a fresh install, before their first analysis)
+    // read the whole of `events` and of `message_ids` on every pass to find
+    // the batch's rows, instead of looking them up by id. Planned for the
+    // tables as they are, the lookups take the primary key and the TIDs.
     report.pruned_events = sqlx::query(
         // ARRAY(...): the batch's ids are looked up one by one, never a
         // join against the whole table.
         "DELETE FROM events WHERE id = ANY(ARRAY(SELECT id FROM events WHERE state = 2 \
          AND finished_at < $1 ORDER BY finished_at LIMIT $2))",
     )
+    .persistent(false)
     .bind(now - retention.as_millis() as i64)
     .bind(PRUNE_BATCH)
     .execute(&mut *tx)
@@ -166,6 +173,7 @@ pub(super) async fn maintain(
         "DELETE FROM message_ids WHERE ctid = ANY(ARRAY(SELECT ctid FROM message_ids \
          WHERE seen_at < $1 ORDER BY seen_at LIMIT $2))",
     )
+    .persistent(false)
     .bind(now - inner.config.dedup_window.as_millis() as i64)
     .bind(PRUNE_BATCH)
     .execute(&mut *tx)

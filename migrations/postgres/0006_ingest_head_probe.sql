@@ -19,13 +19,14 @@
 -- it, sequential and bitmap scans are ruled out for the function, as the
 -- claim does, so that no estimate of an empty table turns the probe into a
 -- read of the table. The other statements here read by primary key or from
--- the arguments, which those settings do not change.
+-- the arguments, which those settings do not change. JIT compilation is off
+-- for the function (migration 0007 says why).
 
 CREATE OR REPLACE FUNCTION ingest_store(p_fresh boolean[], p_sources text[], p_ids text[],
                              p_forward boolean[], p_kinds text[], p_keys text[],
                              p_payloads text[], p_total bigint, p_now bigint)
 RETURNS void LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off AS $$
+SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
 DECLARE
     fresh_n bigint;
     stored bigint;

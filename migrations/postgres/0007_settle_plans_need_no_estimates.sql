@@ -12,8 +12,13 @@
 --     every lease.
 -- They now run, as the claim does, with nested loops over index probes
 -- only (no sequential, bitmap, hash or merge plan, nothing materialised),
--- and the test of a key's lease is a scalar subquery with LIMIT 1, which
--- cannot become a hash. Same statements, same results.
+-- the test of a key's lease is a scalar subquery with LIMIT 1, which
+-- cannot become a hash, and each of the keys' events is found by its own
+-- probe: the key's stray heads through the key's index, the new head by
+-- its id (`OFFSET 0` keeps each probe a subquery of its own, which the
+-- planner cannot fold into a join it might run the other way round: as a
+-- kept plan, normalize_keys walked every active event's entry in
+-- `events_key` to find one head by its id). Same results.
 --
 -- A trigger runs under the settings of the statement that fired it. The
 -- counters trigger pairs an update's old and new rows by id; inside the
@@ -50,9 +55,11 @@ BEGIN
     h AS (SELECT k.key, (SELECT e.id FROM events e WHERE e.order_key = k.key
               AND e.state IN (0, 4, 5) ORDER BY e.id LIMIT 1) AS head
           FROM k WHERE (SELECT true FROM leases l WHERE l.order_key = k.key LIMIT 1) IS NULL),
-    t AS (SELECT e.id, 5::int2 AS st FROM h JOIN events e ON e.order_key = h.key
-              AND e.state IN (0, 4) AND e.id > h.head
-          UNION ALL SELECT e.id, 0::int2 FROM h JOIN events e ON e.id = h.head AND e.state = 5)
+    t AS (SELECT s.id, 5::int2 AS st FROM h CROSS JOIN LATERAL
+              (SELECT e.id FROM events e WHERE e.order_key = h.key
+               AND e.state IN (0, 4) AND e.id > h.head OFFSET 0) s
+          UNION ALL SELECT q.id, 0::int2 FROM h CROSS JOIN LATERAL
+              (SELECT e.id FROM events e WHERE e.id = h.head AND e.state = 5 OFFSET 0) q)
     UPDATE events e SET state = t.st FROM t WHERE e.id = t.id;
 END $$;
 

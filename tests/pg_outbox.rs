@@ -259,35 +259,38 @@ async fn concurrent_requests_share_commits() {
     );
 }
 
-/// The index entries of `events_key` read so far, once every session's
-/// statistics have reached the server's view: `inserted` is how many events
-/// the test has stored, and the inserts are reported in the same flush as
-/// the reads of their transaction.
-async fn key_index_reads_after(watch: &mut PgConnection, inserted: i64) -> i64 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    loop {
-        sqlx::query("SELECT pg_stat_clear_snapshot()")
-            .execute(&mut *watch)
-            .await
-            .unwrap();
-        let seen = scalar(
-            watch,
-            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'events'",
-        )
-        .await;
-        if seen >= inserted {
-            return scalar(
-                watch,
-                "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'events_key'",
+/// Waits until every session's statistics up to now have reached the
+/// server's view: `inserted` is how many events the test has stored, and a
+/// session reports its inserts in the same flush as its transaction's
+/// reads. Each poll is a new session, so it sees no cached snapshot.
+async fn reported(db: &TestDb, inserted: i64) {
+    wait_for("the sessions' statistics", || {
+        let url = db.url();
+        async move {
+            let mut c = PgConnection::connect(&url).await.unwrap();
+            scalar(
+                &mut c,
+                "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'events'",
             )
-            .await;
+            .await
+                >= inserted
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the statistics never showed {inserted} inserted events ({seen})"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+}
+
+/// The index entries of `events_key` read so far, once reported.
+async fn key_index_reads_after(db: &TestDb, watch: &mut PgConnection, inserted: i64) -> i64 {
+    reported(db, inserted).await;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *watch)
+        .await
+        .unwrap();
+    scalar(
+        watch,
+        "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'events_key'",
+    )
+    .await
 }
 
 /// Whether a new event is its key's head is one probe of the key's index
@@ -300,22 +303,7 @@ async fn key_index_reads_after(watch: &mut PgConnection, inserted: i64) -> i64 {
 async fn a_group_probes_its_own_keys_not_the_whole_backlog() {
     let db = test_db!();
     let mut watch = db.conn().await;
-    let a = PgOutbox::connect(
-        &db.url(),
-        PgConfig {
-            max_connections: 2,
-            own_vacuum_every: Duration::from_secs(3600),
-            ..config()
-        },
-    )
-    .await
-    .expect("connect outbox");
-    // No analysis during the test: the sessions keep the plans they made
-    // on the empty table, as they do until the first analysis.
-    sqlx::query("ALTER TABLE events SET (autovacuum_enabled = false)")
-        .execute(&mut watch)
-        .await
-        .unwrap();
+    let a = outbox_planning_on_empty_tables(&db, &mut watch).await;
     // Enough small groups on the empty outbox for each session to settle
     // on the plan it keeps (a cached generic plan after five executions).
     let mut inserted = 0;
@@ -336,7 +324,7 @@ async fn a_group_probes_its_own_keys_not_the_whole_backlog() {
         assert_eq!(a.ingest(group).await.unwrap().stored, 1000);
         inserted += 1000;
     }
-    let before = key_index_reads_after(&mut watch, inserted).await;
+    let before = key_index_reads_after(&db, &mut watch, inserted).await;
     for g in 0..4 {
         let group = (0..20)
             .map(|i| ev(&format!("new-{g}-{i}"), &format!("new-{g}-{i}")))
@@ -344,7 +332,7 @@ async fn a_group_probes_its_own_keys_not_the_whole_backlog() {
         assert_eq!(a.ingest(group).await.unwrap().stored, 20);
         inserted += 20;
     }
-    let read = key_index_reads_after(&mut watch, inserted).await - before;
+    let read = key_index_reads_after(&db, &mut watch, inserted).await - before;
     assert!(
         read < 1000,
         "four groups of 20 new keys read {read} entries of the key index at a backlog of 20,000"
@@ -410,34 +398,32 @@ fn grown(before: &HashMap<String, i64>, after: &HashMap<String, i64>) -> Vec<(St
 /// report arrived.
 async fn seq_reads_after_close(
     a: PgOutbox,
+    db: &TestDb,
     watch: &mut PgConnection,
     inserted: i64,
 ) -> HashMap<String, i64> {
     a.close().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while scalar(
-        watch,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND pid <> pg_backend_pid()",
-    )
-    .await
-        > 0
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the outbox's sessions did not end"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        scalar(
-            watch,
-            "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'events'"
-        )
+    let watcher: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *watch)
         .await
-            >= inserted,
-        "the sessions' statistics were not reported"
-    );
+        .unwrap();
+    wait_for("the outbox's sessions to end", || {
+        let url = db.url();
+        async move {
+            let mut c = PgConnection::connect(&url).await.unwrap();
+            let others: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+                 AND pid <> pg_backend_pid() AND pid <> $1",
+            )
+            .bind(watcher)
+            .fetch_one(&mut c)
+            .await
+            .unwrap();
+            others == 0
+        }
+    })
+    .await;
+    reported(db, inserted).await;
     seq_reads(watch).await
 }
 
@@ -622,7 +608,7 @@ async fn no_call_reads_a_whole_table_whatever_the_plans_were_made_on() {
     for round in 0..3 {
         inserted += every_call_once(&a, &format!("full{round}")).await;
     }
-    let after = seq_reads_after_close(a, &mut watch, inserted).await;
+    let after = seq_reads_after_close(a, &db, &mut watch, inserted).await;
     let index_entries = scalar(&mut watch, EVENTS_INDEX_READS).await - index_before;
     let read = grown(&before, &after);
     assert!(
@@ -672,7 +658,7 @@ async fn maintenance_reads_what_it_prunes_not_the_whole_tables() {
             .expect("the only maintaining instance holds the lock");
         assert_eq!((report.pruned_events, report.pruned_message_ids), (0, 0));
     }
-    let after = seq_reads_after_close(a, &mut watch, inserted).await;
+    let after = seq_reads_after_close(a, &db, &mut watch, inserted).await;
     let read = grown(&before, &after);
     assert!(
         read.iter().all(|(_, n)| *n < SEQ_READ_BOUND),

@@ -226,16 +226,37 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
-    for (s, error, map_as_of) in &held_items {
+    // Held outcomes, all in one statement each (here and after the
+    // normalisation): a claim of 256 heads of unknown users is 256 holds.
+    let held_ids: Vec<i64> = held_items.iter().map(|(s, _, _)| s.id).collect();
+    let held_keys: Vec<&str> = held_items
+        .iter()
+        .map(|(s, _, _)| s.order_key.as_str())
+        .collect();
+    let held_as_of: Vec<i64> = held_items.iter().map(|(_, _, at)| *at).collect();
+    if !held_items.is_empty() {
+        let firsts: Vec<i64> = held_items
+            .iter()
+            .map(|(s, _, _)| s.first_attempt_at)
+            .collect();
+        let errors: Vec<&str> = held_items.iter().map(|(_, e, _)| *e).collect();
+        let actions: Vec<Option<&str>> = held_items
+            .iter()
+            .map(|(s, _, _)| s.actions.as_deref())
+            .collect();
         sqlx::query(
-            "UPDATE events SET state = 5, next_attempt_at = $2, attempts = attempts + 1, \
-             first_attempt_at = $3, last_error = $4, actions = COALESCE(actions, $5) WHERE id = $1",
+            "UPDATE events e SET state = 5, next_attempt_at = t.at, attempts = e.attempts + 1, \
+             first_attempt_at = t.first, last_error = t.err, \
+             actions = COALESCE(e.actions, t.actions) \
+             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[]) \
+                  AS t(id, at, first, err, actions) \
+             WHERE e.id = t.id",
         )
-        .bind(s.id)
-        .bind(*map_as_of)
-        .bind(s.first_attempt_at)
-        .bind(*error)
-        .bind(s.actions.as_deref())
+        .bind(&held_ids)
+        .bind(&held_as_of)
+        .bind(&firsts)
+        .bind(&errors)
+        .bind(&actions)
         .execute(&mut *tx)
         .await
         .map_err(pg_error)?;
@@ -265,17 +286,18 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
     // the identity map learned the user's ids after the worker read it (the
     // identify's release may have run before this hold: the key lock orders
     // the two, and this read sees the identify if it committed first).
-    for (s, _, map_as_of) in &held_items {
+    if !held_items.is_empty() {
         sqlx::query(
-            "UPDATE events SET state = CASE WHEN EXISTS (SELECT 1 FROM identities \
-                 WHERE user_id = $2 AND updated_at >= $3) THEN 0 ELSE 4 END, \
-             next_attempt_at = CASE WHEN EXISTS (SELECT 1 FROM identities \
-                 WHERE user_id = $2 AND updated_at >= $3) THEN $4 ELSE next_attempt_at END \
-             WHERE id = $1 AND state = 0",
+            "UPDATE events e SET state = CASE WHEN t.known THEN 0 ELSE 4 END, \
+             next_attempt_at = CASE WHEN t.known THEN $4 ELSE e.next_attempt_at END \
+             FROM (SELECT u.id, EXISTS (SELECT 1 FROM identities i \
+                       WHERE i.user_id = u.key AND i.updated_at >= u.as_of) AS known \
+                   FROM unnest($1::int8[], $2::text[], $3::int8[]) AS u(id, key, as_of)) t \
+             WHERE e.id = t.id AND e.state = 0",
         )
-        .bind(s.id)
-        .bind(&s.order_key)
-        .bind(*map_as_of)
+        .bind(&held_ids)
+        .bind(&held_keys)
+        .bind(&held_as_of)
         .bind(now)
         .execute(&mut *tx)
         .await

@@ -53,7 +53,7 @@ async fn vacuum_tables(pool: &PgPool) -> Result<bool, sqlx::Error> {
         return Ok(false);
     }
     let vacuumed = sqlx::query(
-        "VACUUM (ANALYZE) counters, instances, leaders, leases, minute_stats, meta, \
+        "VACUUM (ANALYZE) counters, instances, leaders, leases, held_keys, minute_stats, meta, \
              message_ids, events",
     )
     .execute(&mut *conn)

@@ -24,6 +24,7 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
         "filtered",
         "retries",
         "sync_contacts",
+        "held_queued",
     ];
     let sums: Vec<String> = names
         .iter()
@@ -38,8 +39,8 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     // Ids grow with commit order per key, and a key's head is its lowest
     // active id: the first head not held is the oldest event that can be
     // sent. Events queued behind a held head cannot be, and count with the
-    // held (as on SQLite). Their number is read per held key through the
-    // key index: the cost follows the held users' queues, not the backlog.
+    // held (as on SQLite); triggers keep their number in `held_queued`
+    // (migration 0009).
     let row = sqlx::query(&format!(
         "SELECT {sums}, \
             (SELECT json_object_agg(name, value) FROM meta WHERE value IS NOT NULL)::text, \
@@ -48,10 +49,6 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
             (SELECT array_agg(recent_errors) FROM instances WHERE recent_errors IS NOT NULL), \
             (SELECT accepted_at FROM events WHERE state = 0 ORDER BY id LIMIT 1), \
             (SELECT accepted_at FROM events WHERE state = 4 ORDER BY id LIMIT 1), \
-            (SELECT coalesce(sum(q.n), 0)::bigint FROM \
-                (SELECT DISTINCT order_key FROM events WHERE state = 4) h \
-              CROSS JOIN LATERAL (SELECT count(*) AS n FROM events e \
-                WHERE e.order_key = h.order_key AND e.state IN (0, 4, 5) AND e.state = 5) q), \
             (SELECT json_agg(json_build_array(minute, a, d, f))::text FROM \
                 (SELECT minute, sum(accepted)::bigint AS a, sum(delivered)::bigint AS d, \
                         sum(failed)::bigint AS f \
@@ -86,10 +83,9 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     let rings: Vec<String> = row
         .get::<Option<Vec<String>>, _>(at + 4)
         .unwrap_or_default();
-    let (oldest, oldest_held, held_queued): (Option<i64>, Option<i64>, i64) =
-        (row.get(at + 5), row.get(at + 6), row.get(at + 7));
+    let (oldest, oldest_held): (Option<i64>, Option<i64>) = (row.get(at + 5), row.get(at + 6));
     let minutes: Vec<(i64, i64, i64, i64)> = row
-        .get::<Option<String>, _>(at + 8)
+        .get::<Option<String>, _>(at + 7)
         .map(|j| {
             serde_json::from_str(&j)
                 .map_err(|e| StoreError::Database(sqlx::Error::Decode(Box::new(e))))
@@ -110,6 +106,7 @@ pub(super) async fn status(pool: &PgPool) -> Result<OutboxStatus, StoreError> {
     let per_minute = crate::outbox::status::per_minute_series(since, this_minute, &rows);
     let age = |t: Option<i64>| t.map(|o| ((now - o).max(0) as f64) / 1000.0).unwrap_or(0.0);
     let c = |n: &str| counts.get(n).copied().unwrap_or(0);
+    let held_queued = c("held_queued");
     let m = |n: &str| meta.get(n).and_then(|v| v.parse::<i64>().ok()).unwrap_or(0);
     let meta_time = |n: &str| meta.get(n).and_then(|v| v.parse::<i64>().ok()).map(rfc3339);
     Ok(OutboxStatus {

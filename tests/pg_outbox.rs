@@ -2066,6 +2066,61 @@ async fn an_upgrade_gives_back_the_leases_the_older_schema_held() {
     assert_eq!((s.pending, s.in_flight, s.delivered), (0, 0, 1), "{s:?}");
 }
 
+/// Users held before the upgrade that counts the held queues (migration
+/// 0009) are counted by it: their queued events stay with the held, not
+/// with the pending, and leave the count when their users are released.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_counts_the_queues_the_older_schema_held() {
+    let db = test_db!();
+    let old = tempfile::tempdir().expect("tempdir");
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
+    for entry in std::fs::read_dir(&dir).expect("migrations") {
+        let name = entry.expect("migration").file_name();
+        if name.to_string_lossy().as_ref() < "0009" {
+            std::fs::copy(dir.join(&name), old.path().join(&name)).expect("copy migration");
+        }
+    }
+    let mut conn = db.conn().await;
+    sqlx::migrate::Migrator::new(old.path())
+        .await
+        .expect("older migrations")
+        .run(&mut conn)
+        .await
+        .expect("older schema");
+    // u1 held with two events queued behind it, u2 held alone, u3 pending.
+    sqlx::raw_sql(
+        "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, \
+             next_attempt_at) VALUES \
+         ('src', 'm1', 'track', 'u1', '{\"messageId\":\"m1\"}', 4, 1, 1), \
+         ('src', 'm2', 'track', 'u1', '{\"messageId\":\"m2\"}', 5, 1, 1), \
+         ('src', 'm3', 'track', 'u1', '{\"messageId\":\"m3\"}', 5, 1, 1), \
+         ('src', 'm4', 'track', 'u2', '{\"messageId\":\"m4\"}', 4, 1, 1), \
+         ('src', 'm5', 'track', 'u3', '{\"messageId\":\"m5\"}', 0, 1, 1)",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("held events, as the older version wrote them");
+
+    let a = instance(&db).await;
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.pending, s.held, s.held_queued),
+        (1, 4, 2),
+        "after the upgrade: {s:?}"
+    );
+    // u1's ids arrive: its head and its queue are pending again, the
+    // identify queued behind them.
+    a.ingest(vec![identify("u1", "id-u1", Some("acct-1"), None)])
+        .await
+        .unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.pending, s.held, s.held_queued),
+        (5, 1, 0),
+        "after u1's identify: {s:?}"
+    );
+}
+
 /// The read-only queries that docs/operator.md gives for PostgreSQL name
 /// the schema's tables and columns: each runs on an outbox with events in
 /// every state but dead, and one in flight, so a schema change that

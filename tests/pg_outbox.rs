@@ -632,6 +632,21 @@ async fn no_call_reads_a_whole_table_whatever_the_plans_were_made_on() {
     );
 }
 
+/// Stores `n` events (a multiple of 1,000), each of a user of its own
+/// (`u-<i>`, message `m-<i>`), 1,000 a group; returns how many.
+async fn ingest_distinct_users(a: &PgOutbox, n: i64) -> i64 {
+    for chunk in 0..n / 1000 {
+        let group = (0..1000)
+            .map(|i| {
+                let n = chunk * 1000 + i;
+                ev(&format!("u-{n}"), &format!("m-{n}"))
+            })
+            .collect();
+        assert_eq!(a.ingest(group).await.unwrap().stored, 1000);
+    }
+    n
+}
+
 /// A maintenance pass finds what it prunes through the indexes, whatever
 /// the tables looked like when the session first planned its statements.
 /// Planned on empty tables, the pass read all of `events` and all of
@@ -647,17 +662,7 @@ async fn maintenance_reads_what_it_prunes_not_the_whole_tables() {
             .await
             .unwrap();
     }
-    let mut inserted = 0;
-    for chunk in 0..20 {
-        let group = (0..1000)
-            .map(|i| {
-                let n = chunk * 1000 + i;
-                ev(&format!("u-{n}"), &format!("m-{n}"))
-            })
-            .collect();
-        assert_eq!(a.ingest(group).await.unwrap().stored, 1000);
-        inserted += 1000;
-    }
+    let inserted = ingest_distinct_users(&a, 20_000).await;
     let before = seq_reads(&mut watch).await;
     for _ in 0..3 {
         let report = a
@@ -719,17 +724,7 @@ async fn a_settle_probes_its_own_leases_not_every_lease_held() {
         .await
         .unwrap();
     // Then 2,000 leases held at once, given back 200 at a time.
-    let mut inserted = 10;
-    for chunk in 0..2 {
-        let group = (0..1000)
-            .map(|i| {
-                let n = chunk * 1000 + i;
-                ev(&format!("u-{n}"), &format!("m-{n}"))
-            })
-            .collect();
-        assert_eq!(a.ingest(group).await.unwrap().stored, 1000);
-        inserted += 1000;
-    }
+    let inserted = 10 + ingest_distinct_users(&a, 2000).await;
     let mut held = Vec::new();
     while held.len() < 2000 {
         let batch = a.claim(256, Duration::from_secs(300)).await.unwrap();

@@ -57,28 +57,16 @@ BEGIN
     END IF;
 END $$;
 
-CREATE FUNCTION events_held_inserted() RETURNS trigger LANGUAGE plpgsql
+-- Rows inserted or deleted: the triggers name either transition table
+-- `changed_rows`.
+CREATE FUNCTION events_held_changed() RETURNS trigger LANGUAGE plpgsql
 SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
 DECLARE
     keys text[];
 BEGIN
-    keys := ARRAY(SELECT n.order_key FROM new_rows n
-                  WHERE n.state = 4 OR (n.state = 5 AND (SELECT true FROM held_keys h
-                                        WHERE h.order_key = n.order_key)));
-    IF cardinality(keys) > 0 THEN
-        PERFORM held_keys_recount(keys);
-    END IF;
-    RETURN NULL;
-END $$;
-
-CREATE FUNCTION events_held_deleted() RETURNS trigger LANGUAGE plpgsql
-SET enable_seqscan = off SET enable_bitmapscan = off SET jit = off AS $$
-DECLARE
-    keys text[];
-BEGIN
-    keys := ARRAY(SELECT o.order_key FROM old_rows o
-                  WHERE o.state = 4 OR (o.state = 5 AND (SELECT true FROM held_keys h
-                                        WHERE h.order_key = o.order_key)));
+    keys := ARRAY(SELECT c.order_key FROM changed_rows c
+                  WHERE c.state = 4 OR (c.state = 5 AND (SELECT true FROM held_keys h
+                                        WHERE h.order_key = c.order_key)));
     IF cardinality(keys) > 0 THEN
         PERFORM held_keys_recount(keys);
     END IF;
@@ -104,9 +92,9 @@ BEGIN
 END $$;
 
 CREATE TRIGGER events_held_insert AFTER INSERT ON events
-    REFERENCING NEW TABLE AS new_rows FOR EACH STATEMENT EXECUTE FUNCTION events_held_inserted();
+    REFERENCING NEW TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION events_held_changed();
 CREATE TRIGGER events_held_delete AFTER DELETE ON events
-    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION events_held_deleted();
+    REFERENCING OLD TABLE AS changed_rows FOR EACH STATEMENT EXECUTE FUNCTION events_held_changed();
 CREATE TRIGGER events_held_update AFTER UPDATE ON events
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION events_held_updated();

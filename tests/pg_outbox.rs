@@ -1760,6 +1760,71 @@ async fn a_hold_after_the_identify_committed_is_due_at_once() {
     );
 }
 
+/// Maintenance's safety net (a held head whose user has both ids now is
+/// due again) changes a key's queue like every other writer: under the
+/// key's lock. Without it, an ingest behind that head could count its
+/// event as held while the head was being released, and the count of
+/// events queued behind held heads (`held_queued`) would drift for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn maintenance_releases_a_held_head_under_its_keys_lock() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1"), ev("u1", "m-2")])
+        .await
+        .unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(c.len(), 2);
+    a.settle(vec![
+        outcome(
+            &c[0],
+            SettleOutcome::Held {
+                error: "ids unknown".into(),
+                map_as_of: c[0].claimed_at,
+            },
+        ),
+        outcome(&c[1], SettleOutcome::Release),
+    ])
+    .await
+    .unwrap();
+    let s = a.status().await.unwrap();
+    assert_eq!((s.pending, s.held, s.held_queued), (0, 2, 1), "{s:?}");
+    // The user's ids reach the map without the identify's own release.
+    let mut watch = db.conn().await;
+    sqlx::query("INSERT INTO identities VALUES ('u1', 'acct', 'contact', 1)")
+        .execute(&mut watch)
+        .await
+        .unwrap();
+
+    let mut other = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT lock_order_keys(ARRAY['u1'])")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let pass = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+                .await
+        }
+    });
+    wait_for_lock_waiters(&mut watch, 1).await;
+    assert_eq!(
+        scalar(&mut watch, "SELECT count(*) FROM events WHERE state = 4").await,
+        1,
+        "the head stays held while another transaction holds its key"
+    );
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    let report = pass
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the only maintaining instance holds the lock");
+    assert_eq!(report.held_released, 1);
+    let s = a.status().await.unwrap();
+    assert_eq!((s.pending, s.held, s.held_queued), (2, 0, 0), "{s:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alias_then_identify_releases_the_anonymous_users_held_events() {
     let db = test_db!();

@@ -16,7 +16,8 @@
 -- table after the statement (two probes of the key's indexes), and the
 -- difference with its row goes to the counter. Every change to a key's
 -- events happens under the key's lock (ingest, settle, recovery, replay,
--- expiry), so two statements never count one key at once.
+-- maintenance's expiry and release of held heads), so two statements never
+-- count one key at once.
 --
 -- Each lookup is a probe (a scalar subquery, or `= ANY` on an array
 -- built first), so no plan made while the table was empty can turn one

@@ -89,7 +89,10 @@ pub(super) async fn maintain(
 
     // The safety net under the identify's release: held heads whose user
     // has both ids now are due again. A page per pass, resuming where the
-    // last pass stopped.
+    // last pass stopped. Their keys are locked first, as every change to a
+    // key's queue is (the count of events queued behind held heads is kept
+    // per key and relies on it); a page of 500 stays under the 512 keys
+    // past which the key locks become one lock of the whole key space.
     let cursor = *inner.held_cursor.lock().expect("cursor lock");
     let page: Vec<i64> = sqlx::query_scalar(
         "SELECT id FROM events WHERE state = 4 AND id > $1 ORDER BY id LIMIT $2",
@@ -103,13 +106,27 @@ pub(super) async fn maintain(
         Some(last) if page.len() as i64 == HELD_PAGE => *last,
         _ => 0,
     };
-    if !page.is_empty() {
-        let r = sqlx::query(
-            "UPDATE events e SET state = 0, next_attempt_at = $2 \
-             WHERE e.id = ANY($1) AND e.state = 4 AND EXISTS (SELECT 1 FROM identities i \
-             WHERE i.user_id = e.order_key AND i.account_id IS NOT NULL AND i.contact_id IS NOT NULL)",
-        )
+    let known_ids = "e.id = ANY($1) AND e.state = 4 AND EXISTS (SELECT 1 FROM identities i \
+         WHERE i.user_id = e.order_key AND i.account_id IS NOT NULL AND i.contact_id IS NOT NULL)";
+    let known: Vec<(i64, String)> = if page.is_empty() {
+        Vec::new()
+    } else {
+        sqlx::query_as(&format!(
+            "SELECT e.id, e.order_key FROM events e WHERE {known_ids}"
+        ))
         .bind(&page)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(pg_error)?
+    };
+    if !known.is_empty() {
+        let keys: Vec<&str> = known.iter().map(|(_, k)| k.as_str()).collect();
+        let ids: Vec<i64> = known.iter().map(|(id, _)| *id).collect();
+        lock_keys(&mut tx, &keys).await?;
+        let r = sqlx::query(&format!(
+            "UPDATE events e SET state = 0, next_attempt_at = $2 WHERE {known_ids}"
+        ))
+        .bind(&ids)
         .bind(now)
         .execute(&mut *tx)
         .await

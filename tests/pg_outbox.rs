@@ -264,16 +264,17 @@ async fn concurrent_requests_share_commits() {
 /// session reports its inserts in the same flush as its transaction's
 /// reads. Each poll is a new session, so it sees no cached snapshot.
 async fn reported(db: &TestDb, inserted: i64) {
+    inserts_reported(db, "events", inserted).await;
+}
+
+/// `reported`, for the rows inserted into `table`.
+async fn inserts_reported(db: &TestDb, table: &str, inserted: i64) {
+    let sql = format!("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = '{table}'");
     wait_for("the sessions' statistics", || {
-        let url = db.url();
+        let (url, sql) = (db.url(), sql.clone());
         async move {
             let mut c = PgConnection::connect(&url).await.unwrap();
-            scalar(
-                &mut c,
-                "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'events'",
-            )
-            .await
-                >= inserted
+            scalar(&mut c, &sql).await >= inserted
         }
     })
     .await;
@@ -731,19 +732,8 @@ async fn a_settle_probes_its_own_leases_not_every_lease_held() {
         assert!(!batch.is_empty(), "claimed {} of 2,000", held.len());
         held.extend(batch);
     }
-    wait_for("the claims' statistics", || {
-        let url = db.url();
-        async move {
-            let mut c = PgConnection::connect(&url).await.unwrap();
-            scalar(
-                &mut c,
-                "SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'leases'",
-            )
-            .await
-                >= 2010
-        }
-    })
-    .await;
+    // The claims' reads are reported with their lease rows.
+    inserts_reported(&db, "leases", 2010).await;
     sqlx::query("SELECT pg_stat_clear_snapshot()")
         .execute(&mut watch)
         .await

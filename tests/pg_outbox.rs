@@ -1823,6 +1823,102 @@ async fn maintenance_releases_a_held_head_under_its_keys_lock() {
     assert_eq!((s.pending, s.held, s.held_queued), (2, 0, 0), "{s:?}");
 }
 
+/// Maintenance commits each step's keys before it asks for the next
+/// step's. As one transaction, a pass held the key of a lease it had
+/// recovered while it waited for a held head's key; an ingest group that
+/// held the head's key and then asked for the lease's closed a cycle, which
+/// the server broke a second later by aborting the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_keeps_no_key_while_it_waits_for_the_next() {
+    let db = test_db!();
+    // Only the pass recovers leases: the heartbeat's recovery runs once, at
+    // the start.
+    let a = PgOutbox::connect(
+        &db.url(),
+        PgConfig {
+            heartbeat: Duration::from_secs(3600),
+            instance_expiry: Duration::from_secs(3600),
+            ..config()
+        },
+    )
+    .await
+    .expect("connect outbox");
+    a.ingest(vec![ev("lapsed", "m-l"), ev("u1", "m-1"), ev("u1", "m-2")])
+        .await
+        .unwrap();
+    let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(c.len(), 3);
+    let mine = |k: &str| c.iter().filter(|e| e.order_key == k).collect::<Vec<_>>();
+    let u1 = mine("u1");
+    a.settle(vec![
+        outcome(
+            u1[0],
+            SettleOutcome::Held {
+                error: "ids unknown".into(),
+                map_as_of: u1[0].claimed_at,
+            },
+        ),
+        outcome(u1[1], SettleOutcome::Release),
+    ])
+    .await
+    .unwrap();
+    // The other key's lease has run out (its holder stopped answering), and
+    // u1's ids reach the map without the identify's own release.
+    let mut watch = db.conn().await;
+    sqlx::query("UPDATE leases SET until = 1 WHERE order_key = 'lapsed'")
+        .execute(&mut watch)
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO identities VALUES ('u1', 'acct', 'contact', 1)")
+        .execute(&mut watch)
+        .await
+        .unwrap();
+
+    // An ingest group holds u1 and will ask for the lapsed key next.
+    let mut group = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut group).await.unwrap();
+    sqlx::query("SELECT lock_order_keys(ARRAY['u1'])")
+        .execute(&mut group)
+        .await
+        .unwrap();
+    let pass = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+                .await
+        }
+    });
+    wait_for_lock_waiters(&mut watch, 1).await;
+    sqlx::query("SELECT lock_order_keys(ARRAY['lapsed'])")
+        .execute(&mut group)
+        .await
+        .unwrap();
+    // The group got the key because the pass had committed the lease's
+    // recovery, not because the server aborted the pass to break a cycle.
+    assert_eq!(
+        scalar(
+            &mut watch,
+            "SELECT count(*) FROM leases WHERE order_key = 'lapsed'"
+        )
+        .await,
+        0,
+        "the lapsed key was free only once the pass that held it was aborted"
+    );
+    sqlx::query("COMMIT").execute(&mut group).await.unwrap();
+    let report = pass
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("the only maintaining instance holds the lock");
+    assert_eq!((report.leases_released, report.held_released), (1, 1));
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.pending, s.held, s.held_queued, s.in_flight),
+        (3, 0, 0, 0),
+        "{s:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_alias_then_identify_releases_the_anonymous_users_held_events() {
     let db = test_db!();

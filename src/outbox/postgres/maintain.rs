@@ -1,10 +1,10 @@
 //! Maintenance (one instance at a time, under an advisory lock) and the
 //! dead-letter actions.
 
-use super::{Inner, MAINTENANCE_LOCK, delivery, lock_keys, pg_error};
+use super::{Inner, MAINTENANCE_LOCK, delivery, lock_keys, pg_error, with_retry};
 use crate::outbox::MaintenanceReport;
 use crate::outbox::{StoreError, now_ms};
-use sqlx::PgPool;
+use sqlx::{PgConnection, PgPool};
 use std::time::Duration;
 
 /// Rows one pass deletes at most per table: a pass stays short however
@@ -65,12 +65,91 @@ async fn vacuum_tables(pool: &PgPool) -> Result<bool, sqlx::Error> {
     vacuumed.map(|_| true)
 }
 
+/// One maintenance pass, as four short transactions: expired leases back,
+/// held heads whose user is known released, held heads past their budget
+/// dead, then the prunes. Each takes the maintenance lock (one instance at a
+/// time) and the keys it changes in one call, and commits before the next
+/// begins. As one transaction, the pass asked for keys in up to three calls:
+/// holding the first call's keys while it waited for the second's, it closed
+/// a cycle with an ingest group holding one of those and waiting for one of
+/// these, which the server broke after its deadlock timeout (a second) by
+/// aborting one side. And it kept every key it had locked through the
+/// prunes, which delete thousands of rows, while ingest of those keys
+/// waited. Each step is safe to run again, so a step the server aborts is
+/// simply retried. `None` when another instance holds the lock.
 pub(super) async fn maintain(
     inner: &Inner,
     retention: Duration,
     held_budget: Duration,
 ) -> Result<Option<MaintenanceReport>, StoreError> {
     let now = now_ms();
+    let expiry = inner.config.instance_expiry;
+    let leases = with_retry(|| async {
+        let Some(mut tx) = begin_exclusive(inner).await? else {
+            return Ok(None);
+        };
+        let n = delivery::recover_leases(&mut tx, now, expiry).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(n))
+    })
+    .await?;
+    let Some(leases_released) = leases else {
+        return Ok(None);
+    };
+    let mut report = MaintenanceReport {
+        leases_released,
+        ..Default::default()
+    };
+    let released = with_retry(|| async {
+        let Some(mut tx) = begin_exclusive(inner).await? else {
+            return Ok(None);
+        };
+        let r = release_known_held(inner, &mut tx, now).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(r))
+    })
+    .await?;
+    let Some((released, next_cursor)) = released else {
+        return Ok(Some(report));
+    };
+    report.held_released = released;
+    *inner.held_cursor.lock().expect("cursor lock") = next_cursor;
+    let expired = with_retry(|| async {
+        let Some(mut tx) = begin_exclusive(inner).await? else {
+            return Ok(None);
+        };
+        let n = expire_held(inner, &mut tx, now, held_budget).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(n))
+    })
+    .await?;
+    let Some(expired) = expired else {
+        return Ok(Some(report));
+    };
+    report.held_expired = expired;
+    let pruned = with_retry(|| async {
+        let Some(mut tx) = begin_exclusive(inner).await? else {
+            return Ok(None);
+        };
+        let r = prune(inner, &mut tx, now, retention).await?;
+        tx.commit().await.map_err(pg_error)?;
+        Ok(Some(r))
+    })
+    .await?;
+    if let Some((events, message_ids)) = pruned {
+        report.pruned_events = events;
+        report.pruned_message_ids = message_ids;
+        report.more_to_prune = events as i64 >= PRUNE_BATCH || message_ids as i64 >= PRUNE_BATCH;
+    }
+    Ok(Some(report))
+}
+
+/// A transaction under the maintenance lock, or `None` when another
+/// instance holds it. Each step runs in one (again after a deadlock or
+/// serialization failure, see `with_retry`).
+async fn begin_exclusive(
+    inner: &Inner,
+) -> Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, StoreError> {
     let mut tx = inner.pool.begin().await.map_err(pg_error)?;
     let ours: bool = sqlx::query_scalar("SELECT pg_try_advisory_xact_lock($1)")
         .bind(MAINTENANCE_LOCK)
@@ -81,18 +160,22 @@ pub(super) async fn maintain(
         tx.rollback().await.map_err(pg_error)?;
         return Ok(None);
     }
-    let mut report = MaintenanceReport {
-        leases_released: delivery::recover_leases(&mut tx, now, inner.config.instance_expiry)
-            .await?,
-        ..Default::default()
-    };
+    Ok(Some(tx))
+}
 
-    // The safety net under the identify's release: held heads whose user
-    // has both ids now are due again. A page per pass, resuming where the
-    // last pass stopped. Their keys are locked first, as every change to a
-    // key's queue is (the count of events queued behind held heads is kept
-    // per key and relies on it); a page of 500 stays under the 512 keys
-    // past which the key locks become one lock of the whole key space.
+/// The safety net under the identify's release: held heads whose user has
+/// both ids now are due again. A page per pass, resuming where the last
+/// pass stopped (the cursor moves once the page is committed: it comes
+/// back with the number released). Their keys
+/// are locked first, as every change to a key's queue is (the count of
+/// events queued behind held heads is kept per key and relies on it); a
+/// page of 500 stays under the 512 keys past which the key locks become
+/// one lock of the whole key space.
+async fn release_known_held(
+    inner: &Inner,
+    tx: &mut PgConnection,
+    now: i64,
+) -> Result<(u64, i64), StoreError> {
     let cursor = *inner.held_cursor.lock().expect("cursor lock");
     let page: Vec<i64> = sqlx::query_scalar(
         "SELECT id FROM events WHERE state = 4 AND id > $1 ORDER BY id LIMIT $2",
@@ -119,24 +202,33 @@ pub(super) async fn maintain(
         .await
         .map_err(pg_error)?
     };
+    let mut released = 0;
     if !known.is_empty() {
         let keys: Vec<&str> = known.iter().map(|(_, k)| k.as_str()).collect();
         let ids: Vec<i64> = known.iter().map(|(id, _)| *id).collect();
-        lock_keys(&mut tx, &keys).await?;
-        let r = sqlx::query(&format!(
+        lock_keys(&mut *tx, &keys).await?;
+        released = sqlx::query(&format!(
             "UPDATE events e SET state = 0, next_attempt_at = $2 WHERE {known_ids}"
         ))
         .bind(&ids)
         .bind(now)
         .execute(&mut *tx)
         .await
-        .map_err(pg_error)?;
-        report.held_released = r.rows_affected();
+        .map_err(pg_error)?
+        .rows_affected();
     }
+    Ok((released, next_cursor))
+}
 
-    // Held past the budget: dead, and the key's next event becomes its head.
-    // A page of 500 stays under the 512 keys past which the key locks
-    // become one lock of the whole key space.
+/// Held past the budget: dead, and the key's next event becomes its head.
+/// A page of 500 stays under the 512 keys past which the key locks become
+/// one lock of the whole key space.
+async fn expire_held(
+    inner: &Inner,
+    tx: &mut PgConnection,
+    now: i64,
+    held_budget: Duration,
+) -> Result<u64, StoreError> {
     let expired: Vec<(i64, String)> = sqlx::query_as(
         "SELECT id, order_key FROM events WHERE state = 4 \
          AND COALESCE(first_attempt_at, accepted_at) < $1 ORDER BY id LIMIT 500",
@@ -145,35 +237,48 @@ pub(super) async fn maintain(
     .fetch_all(&mut *tx)
     .await
     .map_err(pg_error)?;
-    if !expired.is_empty() {
-        let keys: Vec<&str> = expired.iter().map(|(_, k)| k.as_str()).collect();
-        let ids: Vec<i64> = expired.iter().map(|(id, _)| *id).collect();
-        lock_keys(&mut tx, &keys).await?;
-        let r = sqlx::query(
-            "UPDATE events SET state = 3, finished_at = $2, reason = 'unresolved identity', \
-             last_error = 'unresolved identity' WHERE id = ANY($1) AND state = 4",
-        )
-        .bind(&ids)
-        .bind(now)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-        report.held_expired = r.rows_affected();
-        if report.held_expired > 0 {
-            // Operators see why they died, as with any other dead event.
-            let reports = [("unresolved identity", "dead", report.held_expired as i64)];
-            delivery::record_errors(&mut tx, inner.instance, &reports, now).await?;
-        }
-        delivery::normalize(&mut tx, &keys).await?;
+    if expired.is_empty() {
+        return Ok(0);
     }
+    let keys: Vec<&str> = expired.iter().map(|(_, k)| k.as_str()).collect();
+    let ids: Vec<i64> = expired.iter().map(|(id, _)| *id).collect();
+    lock_keys(&mut *tx, &keys).await?;
+    let n = sqlx::query(
+        "UPDATE events SET state = 3, finished_at = $2, reason = 'unresolved identity', \
+         last_error = 'unresolved identity' WHERE id = ANY($1) AND state = 4",
+    )
+    .bind(&ids)
+    .bind(now)
+    .execute(&mut *tx)
+    .await
+    .map_err(pg_error)?
+    .rows_affected();
+    if n > 0 {
+        // Operators see why they died, as with any other dead event.
+        let reports = [("unresolved identity", "dead", n as i64)];
+        delivery::record_errors(&mut *tx, inner.instance, &reports, now).await?;
+    }
+    delivery::normalize(&mut *tx, &keys).await?;
+    Ok(n)
+}
 
+/// Delivered events past retention and message ids past the dedup window,
+/// in bounded batches; instances long gone; old per-minute figures. No key
+/// is locked: nothing here changes a key's queue. Returns the events and
+/// message ids deleted.
+async fn prune(
+    inner: &Inner,
+    tx: &mut PgConnection,
+    now: i64,
+    retention: Duration,
+) -> Result<(u64, u64), StoreError> {
     // Both prunes are planned afresh on every pass (not prepared once per
     // session): a pass runs every few seconds, and a plan kept from when
     // the tables were empty (a fresh install, before their first analysis)
     // read the whole of `events` and of `message_ids` on every pass to find
     // the batch's rows, instead of looking them up by id. Planned for the
     // tables as they are, the lookups take the primary key and the TIDs.
-    report.pruned_events = sqlx::query(
+    let events = sqlx::query(
         // ARRAY(...): the batch's ids are looked up one by one, never a
         // join against the whole table.
         "DELETE FROM events WHERE id = ANY(ARRAY(SELECT id FROM events WHERE state = 2 \
@@ -186,7 +291,7 @@ pub(super) async fn maintain(
     .await
     .map_err(pg_error)?
     .rows_affected();
-    report.pruned_message_ids = sqlx::query(
+    let message_ids = sqlx::query(
         "DELETE FROM message_ids WHERE ctid = ANY(ARRAY(SELECT ctid FROM message_ids \
          WHERE seen_at < $1 ORDER BY seen_at LIMIT $2))",
     )
@@ -197,8 +302,6 @@ pub(super) async fn maintain(
     .await
     .map_err(pg_error)?
     .rows_affected();
-    report.more_to_prune = report.pruned_events as i64 >= PRUNE_BATCH
-        || report.pruned_message_ids as i64 >= PRUNE_BATCH;
     // Instances gone for a day that hold no lease: every start registers
     // one, and status reads each one's recent errors.
     sqlx::query(
@@ -214,9 +317,7 @@ pub(super) async fn maintain(
         .execute(&mut *tx)
         .await
         .map_err(pg_error)?;
-    tx.commit().await.map_err(pg_error)?;
-    *inner.held_cursor.lock().expect("cursor lock") = next_cursor;
-    Ok(Some(report))
+    Ok((events, message_ids))
 }
 
 /// Dead events go back as queued with a fresh budget; the normalisation

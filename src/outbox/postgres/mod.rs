@@ -452,7 +452,7 @@ impl PgOutbox {
         held_budget: Duration,
     ) -> Result<Option<MaintenanceReport>, StoreError> {
         let inner = &self.inner;
-        let report = with_retry(|| maintain::maintain(inner, retention, held_budget)).await?;
+        let report = maintain::maintain(inner, retention, held_budget).await?;
         if report.is_some() && inner.autovacuum_off {
             maintain::vacuum_if_due(inner).await;
         }

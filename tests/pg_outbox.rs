@@ -6,7 +6,7 @@
 use churnzero_forwarder::outbox::postgres::{MAINTENANCE_LOCK, PgConfig, PgOutbox};
 use churnzero_forwarder::outbox::{
     AudienceOp, AudienceSettlement, ClaimedEvent, DeadListFilter, DeliveredValue, IdentityUpdate,
-    NewEvent, SettleOutcome, Settlement, now_ms,
+    MaintenanceReport, NewEvent, SettleOutcome, Settlement, StoreError, now_ms,
 };
 use sqlx::{Connection, PgConnection};
 use std::collections::{HashMap, HashSet};
@@ -1772,41 +1772,14 @@ async fn maintenance_releases_a_held_head_under_its_keys_lock() {
         .unwrap();
     let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
     assert_eq!(c.len(), 2);
-    a.settle(vec![
-        outcome(
-            &c[0],
-            SettleOutcome::Held {
-                error: "ids unknown".into(),
-                map_as_of: c[0].claimed_at,
-            },
-        ),
-        outcome(&c[1], SettleOutcome::Release),
-    ])
-    .await
-    .unwrap();
+    hold_first(&a, &c.iter().collect::<Vec<_>>()).await;
     let s = a.status().await.unwrap();
     assert_eq!((s.pending, s.held, s.held_queued), (0, 2, 1), "{s:?}");
-    // The user's ids reach the map without the identify's own release.
     let mut watch = db.conn().await;
-    sqlx::query("INSERT INTO identities VALUES ('u1', 'acct', 'contact', 1)")
-        .execute(&mut watch)
-        .await
-        .unwrap();
+    ids_known_without_release(&mut watch, "u1").await;
 
     let mut other = db.conn().await;
-    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
-    sqlx::query("SELECT lock_order_keys(ARRAY['u1'])")
-        .execute(&mut other)
-        .await
-        .unwrap();
-    let pass = tokio::spawn({
-        let a = a.clone();
-        async move {
-            a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
-                .await
-        }
-    });
-    wait_for_lock_waiters(&mut watch, 1).await;
+    let pass = maintain_behind_lock(&a, &mut other, &mut watch, "u1").await;
     assert_eq!(
         scalar(&mut watch, "SELECT count(*) FROM events WHERE state = 4").await,
         1,
@@ -1821,6 +1794,59 @@ async fn maintenance_releases_a_held_head_under_its_keys_lock() {
     assert_eq!(report.held_released, 1);
     let s = a.status().await.unwrap();
     assert_eq!((s.pending, s.held, s.held_queued), (2, 0, 0), "{s:?}");
+}
+
+/// Holds the first of a user's claimed events (its ids unknown) and gives
+/// the rest back, to queue behind it.
+async fn hold_first(a: &PgOutbox, claimed: &[&ClaimedEvent]) {
+    let mut settlements = vec![outcome(
+        claimed[0],
+        SettleOutcome::Held {
+            error: "ids unknown".into(),
+            map_as_of: claimed[0].claimed_at,
+        },
+    )];
+    settlements.extend(
+        claimed[1..]
+            .iter()
+            .map(|c| outcome(c, SettleOutcome::Release)),
+    );
+    a.settle(settlements).await.unwrap();
+}
+
+/// The user's ids reach the map without the identify's own release, which
+/// leaves its held head to maintenance's safety net.
+async fn ids_known_without_release(watch: &mut PgConnection, user: &str) {
+    sqlx::query("INSERT INTO identities VALUES ($1, 'acct', 'contact', 1)")
+        .bind(user)
+        .execute(&mut *watch)
+        .await
+        .unwrap();
+}
+
+/// Starts a maintenance pass while `other` holds `key`'s lock in a
+/// transaction it leaves open, and returns once the pass waits for it.
+async fn maintain_behind_lock(
+    a: &PgOutbox,
+    other: &mut PgConnection,
+    watch: &mut PgConnection,
+    key: &str,
+) -> tokio::task::JoinHandle<Result<Option<MaintenanceReport>, StoreError>> {
+    sqlx::query("BEGIN").execute(&mut *other).await.unwrap();
+    sqlx::query("SELECT lock_order_keys(ARRAY[$1])")
+        .bind(key)
+        .execute(&mut *other)
+        .await
+        .unwrap();
+    let pass = tokio::spawn({
+        let a = a.clone();
+        async move {
+            a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
+                .await
+        }
+    });
+    wait_for_lock_waiters(watch, 1).await;
+    pass
 }
 
 /// Maintenance commits each step's keys before it asks for the next
@@ -1848,47 +1874,22 @@ async fn maintenance_keeps_no_key_while_it_waits_for_the_next() {
         .unwrap();
     let c = a.claim(10, Duration::from_secs(30)).await.unwrap();
     assert_eq!(c.len(), 3);
-    let mine = |k: &str| c.iter().filter(|e| e.order_key == k).collect::<Vec<_>>();
-    let u1 = mine("u1");
-    a.settle(vec![
-        outcome(
-            u1[0],
-            SettleOutcome::Held {
-                error: "ids unknown".into(),
-                map_as_of: u1[0].claimed_at,
-            },
-        ),
-        outcome(u1[1], SettleOutcome::Release),
-    ])
-    .await
-    .unwrap();
-    // The other key's lease has run out (its holder stopped answering), and
-    // u1's ids reach the map without the identify's own release.
+    hold_first(
+        &a,
+        &c.iter().filter(|e| e.order_key == "u1").collect::<Vec<_>>(),
+    )
+    .await;
+    // The other key's lease has run out (its holder stopped answering).
     let mut watch = db.conn().await;
     sqlx::query("UPDATE leases SET until = 1 WHERE order_key = 'lapsed'")
         .execute(&mut watch)
         .await
         .unwrap();
-    sqlx::query("INSERT INTO identities VALUES ('u1', 'acct', 'contact', 1)")
-        .execute(&mut watch)
-        .await
-        .unwrap();
+    ids_known_without_release(&mut watch, "u1").await;
 
     // An ingest group holds u1 and will ask for the lapsed key next.
     let mut group = db.conn().await;
-    sqlx::query("BEGIN").execute(&mut group).await.unwrap();
-    sqlx::query("SELECT lock_order_keys(ARRAY['u1'])")
-        .execute(&mut group)
-        .await
-        .unwrap();
-    let pass = tokio::spawn({
-        let a = a.clone();
-        async move {
-            a.maintain(Duration::from_secs(3600), Duration::from_secs(3600))
-                .await
-        }
-    });
-    wait_for_lock_waiters(&mut watch, 1).await;
+    let pass = maintain_behind_lock(&a, &mut group, &mut watch, "u1").await;
     sqlx::query("SELECT lock_order_keys(ARRAY['lapsed'])")
         .execute(&mut group)
         .await

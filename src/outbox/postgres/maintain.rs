@@ -65,6 +65,25 @@ async fn vacuum_tables(pool: &PgPool) -> Result<bool, sqlx::Error> {
     vacuumed.map(|_| true)
 }
 
+/// One step of a pass: `$body` in a transaction of its own under the
+/// maintenance lock (`begin_exclusive`), committed, and run again after a
+/// deadlock or serialization failure; `None` when another instance holds
+/// the lock. A macro because the step borrows the transaction across its
+/// awaits, which a closure handed to `with_retry` cannot name.
+macro_rules! exclusively {
+    ($inner:expr, $tx:ident => $body:expr) => {
+        with_retry(|| async {
+            let Some(mut $tx) = begin_exclusive($inner).await? else {
+                return Ok(None);
+            };
+            let out = $body;
+            $tx.commit().await.map_err(pg_error)?;
+            Ok(Some(out))
+        })
+        .await?
+    };
+}
+
 /// One maintenance pass, as four short transactions: expired leases back,
 /// held heads whose user is known released, held heads past their budget
 /// dead, then the prunes. Each takes the maintenance lock (one instance at a
@@ -84,59 +103,31 @@ pub(super) async fn maintain(
 ) -> Result<Option<MaintenanceReport>, StoreError> {
     let now = now_ms();
     let expiry = inner.config.instance_expiry;
-    let leases = with_retry(|| async {
-        let Some(mut tx) = begin_exclusive(inner).await? else {
-            return Ok(None);
-        };
-        let n = delivery::recover_leases(&mut tx, now, expiry).await?;
-        tx.commit().await.map_err(pg_error)?;
-        Ok(Some(n))
-    })
-    .await?;
-    let Some(leases_released) = leases else {
+    let Some(leases_released) =
+        exclusively!(inner, tx => delivery::recover_leases(&mut tx, now, expiry).await?)
+    else {
         return Ok(None);
     };
     let mut report = MaintenanceReport {
         leases_released,
         ..Default::default()
     };
-    let released = with_retry(|| async {
-        let Some(mut tx) = begin_exclusive(inner).await? else {
-            return Ok(None);
-        };
-        let r = release_known_held(inner, &mut tx, now).await?;
-        tx.commit().await.map_err(pg_error)?;
-        Ok(Some(r))
-    })
-    .await?;
-    let Some((released, next_cursor)) = released else {
+    let Some((released, next_cursor)) =
+        exclusively!(inner, tx => release_known_held(inner, &mut tx, now).await?)
+    else {
         return Ok(Some(report));
     };
     report.held_released = released;
     *inner.held_cursor.lock().expect("cursor lock") = next_cursor;
-    let expired = with_retry(|| async {
-        let Some(mut tx) = begin_exclusive(inner).await? else {
-            return Ok(None);
-        };
-        let n = expire_held(inner, &mut tx, now, held_budget).await?;
-        tx.commit().await.map_err(pg_error)?;
-        Ok(Some(n))
-    })
-    .await?;
-    let Some(expired) = expired else {
+    let Some(expired) =
+        exclusively!(inner, tx => expire_held(inner, &mut tx, now, held_budget).await?)
+    else {
         return Ok(Some(report));
     };
     report.held_expired = expired;
-    let pruned = with_retry(|| async {
-        let Some(mut tx) = begin_exclusive(inner).await? else {
-            return Ok(None);
-        };
-        let r = prune(inner, &mut tx, now, retention).await?;
-        tx.commit().await.map_err(pg_error)?;
-        Ok(Some(r))
-    })
-    .await?;
-    if let Some((events, message_ids)) = pruned {
+    if let Some((events, message_ids)) =
+        exclusively!(inner, tx => prune(inner, &mut tx, now, retention).await?)
+    {
         report.pruned_events = events;
         report.pruned_message_ids = message_ids;
         report.more_to_prune = events as i64 >= PRUNE_BATCH || message_ids as i64 >= PRUNE_BATCH;

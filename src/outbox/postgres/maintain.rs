@@ -25,7 +25,7 @@ const VACUUM_LOCK: i64 = 0x6366_775f_7661_6375;
 /// and counter update leaves a dead row version, and without a vacuum the
 /// tables, their indexes and every status read grow without limit. VACUUM
 /// cannot run in a transaction, so it takes a session lock on a pooled
-/// connection instead of the maintenance transaction's lock. Failures are
+/// connection instead of the transaction lock each maintenance step takes. Failures are
 /// logged; the next pass tries again.
 pub(super) async fn vacuum_if_due(inner: &Inner) {
     {

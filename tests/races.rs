@@ -519,6 +519,50 @@ mod outbox_level {
 
     on_both_backends! {
     #[tokio::test]
+    async fn holds_settled_together_each_check_their_own_users_map_read(db: &Path) {
+        let outbox = Outbox::open(db, WriterConfig::default())
+            .await
+            .unwrap();
+        outbox
+            .ingest(vec![track("x", 1), track("y", 1), track("z", 1)])
+            .await
+            .unwrap();
+        let claimed = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
+        assert_eq!(claimed.len(), 3);
+        let of = |user: &str| claimed.iter().find(|e| e.order_key == user).unwrap();
+        // x's and z's identifies commit while their tracks are in flight.
+        outbox
+            .ingest(vec![
+                identify("x", Some("acc-x"), Some("x")),
+                identify("z", Some("acc-z"), Some("z")),
+            ])
+            .await
+            .unwrap();
+        // One settle of three holds. x's worker read the map before x's
+        // identify: due at once. y is unknown. z's worker read the map
+        // after z's identify (a hold that saw it anyway): held.
+        outbox
+            .settle(vec![
+                held(of("z"), i64::MAX),
+                held(of("x"), of("x").claimed_at),
+                held(of("y"), of("y").claimed_at),
+            ])
+            .await
+            .unwrap();
+        let s = outbox.status().await.unwrap();
+        // Held: y's track, z's track and z's identify queued behind it.
+        assert_eq!((s.held, s.held_queued, s.in_flight), (3, 1, 0));
+        let due = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
+        let due: Vec<(&str, &str)> = due
+            .iter()
+            .map(|e| (e.order_key.as_str(), e.kind.as_str()))
+            .collect();
+        assert_eq!(due, vec![("x", "track"), ("x", "identify")]);
+    }
+    }
+
+    on_both_backends! {
+    #[tokio::test]
     async fn maintenance_releases_held_heads_whose_ids_are_known_and_keeps_the_rest(db: &Path) {
         let outbox = Outbox::open(db, WriterConfig::default())
             .await

@@ -2176,17 +2176,16 @@ async fn maintenance_vacuums_the_tables_when_the_server_does_not() {
     }
 }
 
-/// A database of the schema before leases had a table of their own (their
-/// owner, token and expiry were columns of `events`), with an event in
-/// flight as that version left it: the upgrade gives the lease back, as a
-/// restart would, so the event is pending, counted so, and delivered once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_upgrade_gives_back_the_leases_the_older_schema_held() {
-    let db = test_db!();
+/// A connection to `db` migrated as an older version left it: every
+/// migration whose name sorts before `version` (such as `"0009"`).
+async fn schema_before(db: &TestDb, version: &str) -> PgConnection {
     let old = tempfile::tempdir().expect("tempdir");
     let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
-    for name in ["0001_outbox.sql", "0002_leaders.sql"] {
-        std::fs::copy(dir.join(name), old.path().join(name)).expect("copy migration");
+    for entry in std::fs::read_dir(&dir).expect("migrations") {
+        let name = entry.expect("migration").file_name();
+        if name.to_string_lossy().as_ref() < version {
+            std::fs::copy(dir.join(&name), old.path().join(&name)).expect("copy migration");
+        }
     }
     let mut conn = db.conn().await;
     sqlx::migrate::Migrator::new(old.path())
@@ -2195,6 +2194,17 @@ async fn an_upgrade_gives_back_the_leases_the_older_schema_held() {
         .run(&mut conn)
         .await
         .expect("older schema");
+    conn
+}
+
+/// A database of the schema before leases had a table of their own (their
+/// owner, token and expiry were columns of `events`), with an event in
+/// flight as that version left it: the upgrade gives the lease back, as a
+/// restart would, so the event is pending, counted so, and delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upgrade_gives_back_the_leases_the_older_schema_held() {
+    let db = test_db!();
+    let mut conn = schema_before(&db, "0003").await;
     sqlx::raw_sql(
         "INSERT INTO instances (started_at, heartbeat_at) VALUES (1, 1); \
          INSERT INTO order_keys VALUES ('u1'); \
@@ -2227,21 +2237,7 @@ async fn an_upgrade_gives_back_the_leases_the_older_schema_held() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upgrade_counts_the_queues_the_older_schema_held() {
     let db = test_db!();
-    let old = tempfile::tempdir().expect("tempdir");
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations/postgres");
-    for entry in std::fs::read_dir(&dir).expect("migrations") {
-        let name = entry.expect("migration").file_name();
-        if name.to_string_lossy().as_ref() < "0009" {
-            std::fs::copy(dir.join(&name), old.path().join(&name)).expect("copy migration");
-        }
-    }
-    let mut conn = db.conn().await;
-    sqlx::migrate::Migrator::new(old.path())
-        .await
-        .expect("older migrations")
-        .run(&mut conn)
-        .await
-        .expect("older schema");
+    let mut conn = schema_before(&db, "0009").await;
     // u1 held with two events queued behind it, u2 held alone, u3 pending.
     sqlx::raw_sql(
         "INSERT INTO events (source, message_id, kind, order_key, payload, state, accepted_at, \

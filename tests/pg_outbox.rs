@@ -1120,7 +1120,7 @@ async fn proxy_one(
             if n == 0 || sw.write_all(&buf[..n]).await.is_err() {
                 break;
             }
-            if armed.load(Ordering::SeqCst) && buf[..n].windows(12).any(|w| w == b"claim_events") {
+            if armed.load(Ordering::SeqCst) && buf[..n].windows(9).any(|w| w == b"claim_due") {
                 armed.store(false, Ordering::SeqCst);
                 seen.store(true, Ordering::SeqCst);
             }
@@ -1218,7 +1218,11 @@ async fn a_claim_whose_answer_was_lost_gives_its_leases_back() {
 async fn a_claim_passes_over_keys_another_claim_holds() {
     let db = test_db!();
     let a = instance(&db).await;
-    let b = instance(&db).await;
+    // b's second claim starts from the floor its first one left, never
+    // from the front: the keys it passed over must still be above it.
+    let b = PgOutbox::connect(&db.url(), from_the_floor_only())
+        .await
+        .unwrap();
     let events: Vec<NewEvent> = (0..10)
         .map(|i| ev(&format!("u{i}"), &format!("m-{i}")))
         .collect();
@@ -1239,9 +1243,160 @@ async fn a_claim_passes_over_keys_another_claim_holds() {
     );
     sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
     // Once let go, the passed-over keys are the oldest due again.
-    let rest = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    let rest = b.claim(10, Duration::from_secs(30)).await.unwrap();
     let keys: Vec<&str> = rest.iter().map(|c| c.order_key.as_str()).collect();
     assert_eq!(keys, ["u0", "u1", "u2", "u3", "u8", "u9"]);
+    drop(a);
+}
+
+/// An outbox whose claims read the due index from its front only once (the
+/// first claim), then always from the floor the last claim left.
+fn from_the_floor_only() -> PgConfig {
+    PgConfig {
+        claim_full_scan_every: Duration::from_secs(3600),
+        heartbeat: Duration::from_secs(3600),
+        instance_expiry: Duration::from_secs(3600),
+        own_vacuum_every: Duration::from_secs(3600),
+        ..config()
+    }
+}
+
+/// Pages of `events_due` read so far, once the claims' statistics (sent
+/// with their lease rows, `leased` so far) are reported.
+async fn due_index_pages(db: &TestDb, watch: &mut PgConnection, leased: i64) -> i64 {
+    inserts_reported(db, "leases", leased).await;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *watch)
+        .await
+        .unwrap();
+    scalar(
+        watch,
+        "SELECT (idx_blks_hit + idx_blks_read)::int8 FROM pg_statio_user_indexes \
+         WHERE indexrelname = 'events_due'",
+    )
+    .await
+}
+
+/// Every delivered event leaves a dead entry at the front of the due index
+/// until a vacuum, and a claim that read the index from its front stepped
+/// over all of them: 188,000 of them cost 6 ms of every claim, and with
+/// autovacuum's defaults a table of 5M rows keeps up to 1M. A claim starts
+/// at the floor the previous one left instead; a claim from the front (a
+/// new instance's first) is the comparison.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_starts_past_what_was_delivered() {
+    let db = test_db!();
+    let mut watch = db.conn().await;
+    let a = PgOutbox::connect(&db.url(), from_the_floor_only())
+        .await
+        .unwrap();
+    let mut leased = ingest_distinct_users(&a, 20_000).await;
+    // The floor keeps a margin before the claim's clock reading; these
+    // events are all older than it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    loop {
+        let batch = a.claim(256, Duration::from_secs(300)).await.unwrap();
+        if batch.is_empty() {
+            break;
+        }
+        a.settle(batch.iter().map(delivered).collect())
+            .await
+            .unwrap();
+    }
+    assert_eq!(
+        scalar(&mut watch, "SELECT count(*) FROM events WHERE state = 2").await,
+        20_000
+    );
+    let due = |i: i64| ev(&format!("late-{i}"), &format!("late-{i}"));
+    a.ingest((0..10).map(due).collect()).await.unwrap();
+    // Their insertions touch the index too: counted before, not after.
+    reported(&db, 20_010).await;
+    leased += 10;
+    let before = due_index_pages(&db, &mut watch, 20_000).await;
+    let claimed = a.claim(256, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(claimed.len(), 10);
+    let from_floor = due_index_pages(&db, &mut watch, leased).await - before;
+
+    // The same claim from the front, by an instance that has not claimed.
+    let b = PgOutbox::connect(&db.url(), from_the_floor_only())
+        .await
+        .unwrap();
+    a.ingest((10..20).map(due).collect()).await.unwrap();
+    reported(&db, 20_020).await;
+    leased += 10;
+    let before = due_index_pages(&db, &mut watch, leased - 10).await;
+    let claimed = b.claim(256, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(claimed.len(), 10);
+    let from_front = due_index_pages(&db, &mut watch, leased).await - before;
+    eprintln!(
+        "pages of the due index read: from the floor {from_floor}, from the front {from_front}"
+    );
+    // 20,000 dead entries fill about 80 pages.
+    assert!(
+        from_front >= 30,
+        "a claim from the front read {from_front} pages of the due index"
+    );
+    assert!(
+        from_floor * 5 <= from_front,
+        "a claim from its floor read {from_floor} pages of the due index, from the front \
+         {from_front}"
+    );
+}
+
+/// A queued event promoted to head after its key's head is delivered is due
+/// now, so the next claim, which starts from its floor, finds it. Keeping
+/// its accepted time as its due time put it before the floor, and only a
+/// claim from the front found it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_head_is_claimed_from_the_floor() {
+    let db = test_db!();
+    let a = PgOutbox::connect(&db.url(), from_the_floor_only())
+        .await
+        .unwrap();
+    a.ingest(vec![ev("u1", "m-1"), ev("u1", "m-2")])
+        .await
+        .unwrap();
+    // Both are older than the margin the floor keeps.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let first = a.claim(1, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(first.iter().map(msg_of).collect::<Vec<_>>(), ["m-1"]);
+    a.settle(first.iter().map(delivered).collect())
+        .await
+        .unwrap();
+    let next = a.claim(10, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(next.iter().map(msg_of).collect::<Vec<_>>(), ["m-2"]);
+}
+
+/// What the floor passes over (here a lease that expired: its event keeps
+/// its due time, older than the floor) is claimed by the next claim that
+/// reads from the front, at most `claim_full_scan_every` later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_floor_passes_over_the_next_full_read_claims() {
+    let db = test_db!();
+    let a = PgOutbox::connect(
+        &db.url(),
+        PgConfig {
+            claim_full_scan_every: Duration::from_millis(300),
+            ..from_the_floor_only()
+        },
+    )
+    .await
+    .unwrap();
+    a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let lapsed = a.claim(10, Duration::from_millis(1)).await.unwrap();
+    assert_eq!(lapsed.len(), 1);
+    wait_for("the lease to come back", || async {
+        a.recover_leases().await.unwrap() == 1
+    })
+    .await;
+    wait_for("a claim of the recovered event", || async {
+        !a.claim(10, Duration::from_secs(300))
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -174,7 +174,7 @@ impl Outbox {
     /// How many claims delivery may have under way at once. SQLite's claims
     /// are calls into its one writer, so a second one would only queue
     /// there. A PostgreSQL claim is a round trip whose locks pass over keys
-    /// another claim holds (see `claim_events` in its migrations), so a
+    /// another claim holds (see `claim_due` in its migrations), so a
     /// second claim runs beside the first on other keys while the first's
     /// answer travels, and a drain of many users is no longer paced by one
     /// claim at a time.

@@ -17,14 +17,19 @@ const RECOVER_PAGE: i64 = 500;
 
 /// Claims up to `max` events under the lease `until` (its expiry in ms,
 /// and the token that names this claim).
+/// Reads the due index from `floor` (`i64::MIN` for all of it) and returns,
+/// with the claimed events, the earliest due time among the candidates it
+/// read and did not take (`i64::MAX` if it took them all; `None` if it took
+/// nothing): where the next claim may start (see migration 0010).
 pub(super) async fn claim(
     pool: &PgPool,
     me: i64,
     max: usize,
     until: i64,
     now: i64,
-) -> Result<Vec<ClaimedEvent>, StoreError> {
-    // One statement, outside an explicit transaction (see `claim_events` in
+    floor: i64,
+) -> Result<(Vec<ClaimedEvent>, Option<i64>), StoreError> {
+    // One statement, outside an explicit transaction (see `claim_due` in
     // the migrations): the keys of the oldest due, unleased heads locked
     // without waiting (a key another instance or worker is changing right
     // now is skipped this round), then under the locks the heads read
@@ -32,13 +37,14 @@ pub(super) async fn claim(
     // leased and returned. The key is not leased, so none of its events is;
     // the events' own rows are not written.
     let rows = sqlx::query(
-        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions \
-         FROM claim_events($1, $2, $3, $4)",
+        "SELECT id, order_key, kind, payload, attempts, accepted_at, first_attempt_at, actions, \
+         scan_floor FROM claim_due($1, $2, $3, $4, $5)",
     )
     .bind(me)
     .bind(i32::try_from(max).unwrap_or(i32::MAX))
     .bind(until)
     .bind(now)
+    .bind(floor)
     .fetch_all(pool)
     .await
     .map_err(pg_error)?;
@@ -46,6 +52,11 @@ pub(super) async fn claim(
     // SQLite outbox: delivery reads it as the time its requests must end
     // by. With the owner it still fences: a later claim of the same event,
     // by anyone, ends later.
+    // NULL: the claim took every candidate it read, and read fewer than it
+    // could: nothing else was due from the floor.
+    let seen = rows
+        .first()
+        .map(|r| r.get::<Option<i64>, _>(8).unwrap_or(i64::MAX));
     let mut claimed: Vec<ClaimedEvent> = rows
         .into_iter()
         .map(|r| ClaimedEvent {
@@ -62,7 +73,7 @@ pub(super) async fn claim(
         })
         .collect();
     claimed.sort_by_key(|c| c.id);
-    Ok(claimed)
+    Ok((claimed, seen))
 }
 
 fn history_entry(now: i64, error: &str) -> String {
@@ -281,7 +292,7 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
-    normalize(&mut tx, &keys).await?;
+    normalize(&mut tx, &keys, now).await?;
     // A held outcome that left its event at the head holds the key, unless
     // the identity map learned the user's ids after the worker read it (the
     // identify's release may have run before this hold: the key lock orders
@@ -386,13 +397,19 @@ pub(super) async fn record_errors(
 /// Restores the per-key invariant for keys the caller has locked: the
 /// lowest active id is the head (state 0, or 4 if it was held), every other
 /// active event is queued. Keys with an event in flight are left alone:
-/// their settle normalises them.
-pub(super) async fn normalize(conn: &mut PgConnection, keys: &[&str]) -> Result<(), StoreError> {
+/// their settle normalises them. A queued event promoted to head is due at
+/// `now` at the earliest, so that no claim's floor passes it over.
+pub(super) async fn normalize(
+    conn: &mut PgConnection,
+    keys: &[&str],
+    now: i64,
+) -> Result<(), StoreError> {
     if keys.is_empty() {
         return Ok(());
     }
-    sqlx::query("SELECT normalize_keys($1)")
+    sqlx::query("SELECT normalize_keys($1, $2)")
         .bind(keys)
+        .bind(now)
         .execute(&mut *conn)
         .await
         .map_err(pg_error)?;
@@ -426,7 +443,7 @@ pub(super) async fn release_tokens(
         .execute(&mut *conn)
         .await
         .map_err(pg_error)?;
-    normalize(conn, &keys).await?;
+    normalize(conn, &keys, now_ms()).await?;
     Ok(r.rows_affected())
 }
 
@@ -463,6 +480,6 @@ pub(super) async fn recover_leases(
     .execute(&mut *conn)
     .await
     .map_err(pg_error)?;
-    normalize(conn, &keys).await?;
+    normalize(conn, &keys, now).await?;
     Ok(r.rows_affected())
 }

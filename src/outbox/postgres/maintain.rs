@@ -249,7 +249,7 @@ async fn expire_held(
         let reports = [("unresolved identity", "dead", n as i64)];
         delivery::record_errors(&mut *tx, inner.instance, &reports, now).await?;
     }
-    delivery::normalize(&mut *tx, &keys).await?;
+    delivery::normalize(&mut *tx, &keys, now).await?;
     Ok(n)
 }
 
@@ -348,7 +348,7 @@ pub(super) async fn replay(pool: &PgPool, ids: Option<&[i64]>) -> Result<u64, St
     .execute(&mut *tx)
     .await
     .map_err(pg_error)?;
-    delivery::normalize(&mut tx, &keys).await?;
+    delivery::normalize(&mut tx, &keys, now).await?;
     tx.commit().await.map_err(pg_error)?;
     Ok(r.rows_affected())
 }

@@ -87,6 +87,10 @@ pub struct PgConfig {
     /// treat `events` as empty until the next analysis, and a replay or a
     /// burst in that window ran at a fraction of its speed.
     pub own_vacuum_every: Duration,
+    /// How often a claim reads the due index from its beginning instead of
+    /// from the floor the previous claim left (see [`ClaimFloor`]): the
+    /// longest an event the floor passed over waits.
+    pub claim_full_scan_every: Duration,
 }
 
 impl Default for PgConfig {
@@ -99,6 +103,7 @@ impl Default for PgConfig {
             max_connections: 16,
             acquire_timeout: Duration::from_secs(3),
             own_vacuum_every: Duration::from_secs(30),
+            claim_full_scan_every: Duration::from_secs(1),
         }
     }
 }
@@ -142,6 +147,71 @@ struct Inner {
     /// tables itself (see [`maintain::vacuum_if_due`]).
     autovacuum_off: bool,
     last_vacuum: Mutex<std::time::Instant>,
+    claim_floor: Mutex<ClaimFloor>,
+}
+
+/// How far before a claim's clock reading the next claim starts at the
+/// latest: an event written due "now" by an ingest, a settle or a promotion
+/// whose clock read came before the claim but whose commit came after it,
+/// or by an instance whose clock is a little behind, still falls inside.
+/// A claim steps over every entry in the margin that is leased (an index
+/// probe each) or delivered (about 30 ns each), so it stays short.
+const CLAIM_FLOOR_MARGIN_MS: i64 = 250;
+
+/// Where this instance's next claim starts reading the due index. Every
+/// delivery leaves a dead entry at the index's front until a vacuum, and a
+/// claim from the front stepped over all of them (migration 0010); from the
+/// floor it steps over those of the last `CLAIM_FLOOR_MARGIN_MS` only. A
+/// full read at least every `PgConfig::claim_full_scan_every` takes what the
+/// floor passed over.
+struct ClaimFloor {
+    floor: Option<i64>,
+    full_scan_at: std::time::Instant,
+    /// Counts full reads, so that the result of a claim from an older floor
+    /// does not replace what a full read found since.
+    generation: u64,
+}
+
+impl ClaimFloor {
+    fn new() -> Self {
+        ClaimFloor {
+            floor: None,
+            full_scan_at: std::time::Instant::now(),
+            generation: 0,
+        }
+    }
+
+    /// The floor for the next claim (`i64::MIN`: a full read), and its
+    /// generation.
+    fn start(&mut self, full_scan_every: Duration) -> (i64, u64) {
+        match self.floor {
+            Some(floor) if self.full_scan_at.elapsed() < full_scan_every => {
+                (floor, self.generation)
+            }
+            _ => {
+                self.full_scan_at = std::time::Instant::now();
+                self.generation += 1;
+                (i64::MIN, self.generation)
+            }
+        }
+    }
+
+    /// Records what a claim started at `(floor, generation)` at `now` saw:
+    /// the earliest due time among its candidates. Everything before that
+    /// was delivered or is leased; whatever becomes due later is written
+    /// due at its writer's "now", so the next claim starts at the earlier of
+    /// the two: a backlog's next candidate, or the margin before `now`.
+    fn advance(&mut self, started: (i64, u64), seen: i64, now: i64) {
+        if started.1 != self.generation {
+            return;
+        }
+        let next = seen.min(now.saturating_sub(CLAIM_FLOOR_MARGIN_MS));
+        self.floor = Some(if started.0 == i64::MIN {
+            next
+        } else {
+            self.floor.map_or(next, |f| f.max(next))
+        });
+    }
 }
 
 impl Drop for Inner {
@@ -321,6 +391,7 @@ impl PgOutbox {
                 tasks: vec![writer, beat],
                 autovacuum_off,
                 last_vacuum: Mutex::new(std::time::Instant::now()),
+                claim_floor: Mutex::new(ClaimFloor::new()),
             }),
         })
     }
@@ -384,8 +455,24 @@ impl PgOutbox {
             *last = (now + lease.as_millis() as i64).max(*last + 1);
             *last
         };
+        let floor = {
+            let every = self.inner.config.claim_full_scan_every;
+            self.inner
+                .claim_floor
+                .lock()
+                .expect("floor lock")
+                .start(every)
+        };
         let started = std::time::Instant::now();
-        let claimed = with_retry(|| delivery::claim(pool, me, max, token, now)).await;
+        let claimed = with_retry(|| delivery::claim(pool, me, max, token, now, floor.0))
+            .await
+            .map(|(claimed, seen)| {
+                if let Some(seen) = seen {
+                    let mut f = self.inner.claim_floor.lock().expect("floor lock");
+                    f.advance(floor, seen, now);
+                }
+                claimed
+            });
         match &claimed {
             Ok(c) => tracing::trace!(
                 events = c.len(),

@@ -27,13 +27,13 @@ pub enum Command {
     MockChurnzero(crate::mock_churnzero::MockArgs),
     /// serve + mock-churnzero + sample traffic, then the final status.
     Demo(crate::demo::DemoArgs),
-    /// Measure raw SQLite, durable ingest, drain and status latency here.
+    /// Measure raw storage (SQLite or PostgreSQL), durable ingest, drain and status latency here.
     Bench(crate::bench::BenchArgs),
 }
 
 #[derive(clap::Args, Debug)]
 pub struct StatusArgs {
-    /// SQLite file holding the outbox.
+    /// The outbox: a SQLite file, or a `postgres://` URL that several instances share.
     #[arg(
         long,
         env = "FORWARDER_DATABASE",
@@ -47,7 +47,7 @@ pub struct StatusArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct DeadArgs {
-    /// SQLite file holding the outbox.
+    /// The outbox: a SQLite file, or a `postgres://` URL that several instances share.
     #[arg(
         long,
         env = "FORWARDER_DATABASE",

@@ -27,7 +27,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FORWARDER_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
 
-    /// SQLite file holding the outbox.
+    /// The outbox: a SQLite file, or a `postgres://` URL that several instances share.
     #[arg(
         long,
         env = "FORWARDER_DATABASE",

@@ -17,6 +17,7 @@ const RECOVER_PAGE: i64 = 500;
 
 /// Claims up to `max` events under the lease `until` (its expiry in ms,
 /// and the token that names this claim).
+///
 /// Reads the due index from `floor` (`i64::MIN` for all of it) and returns,
 /// with the claimed events, the earliest due time among the candidates it
 /// read and did not take (`i64::MAX` if it took them all; `None` if it took
@@ -48,15 +49,15 @@ pub(super) async fn claim(
     .fetch_all(pool)
     .await
     .map_err(pg_error)?;
-    // The token handed to the worker is the lease's expiry (ms), as in the
-    // SQLite outbox: delivery reads it as the time its requests must end
-    // by. With the owner it still fences: a later claim of the same event,
-    // by anyone, ends later.
     // NULL: the claim took every candidate it read, and read fewer than it
     // could: nothing else was due from the floor.
     let seen = rows
         .first()
         .map(|r| r.get::<Option<i64>, _>(8).unwrap_or(i64::MAX));
+    // The token handed to the worker is the lease's expiry (ms), as in the
+    // SQLite outbox: delivery reads it as the time its requests must end
+    // by. With the owner it still fences: a later claim of the same event,
+    // by anyone, ends later.
     let mut claimed: Vec<ClaimedEvent> = rows
         .into_iter()
         .map(|r| ClaimedEvent {

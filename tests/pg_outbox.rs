@@ -1223,10 +1223,16 @@ async fn a_claim_passes_over_keys_another_claim_holds() {
     let b = PgOutbox::connect(&db.url(), from_the_floor_only())
         .await
         .unwrap();
-    let events: Vec<NewEvent> = (0..10)
-        .map(|i| ev(&format!("u{i}"), &format!("m-{i}")))
-        .collect();
-    a.ingest(events).await.unwrap();
+    // One group per event, a few ms apart: the passed-over keys are due
+    // strictly before the ones b takes, and all of them before the margin
+    // the floor keeps, so a floor past the first key b skipped loses them.
+    for i in 0..10 {
+        a.ingest(vec![ev(&format!("u{i}"), &format!("m-{i}"))])
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(3)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     // Another claim under way holds the four oldest keys' locks.
     let mut other = db.conn().await;
     sqlx::query("BEGIN").execute(&mut other).await.unwrap();

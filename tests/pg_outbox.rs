@@ -1168,17 +1168,27 @@ async fn proxy_one(
 /// connection broke before the server's ReadyForQuery reached the
 /// forwarder) holds leases no worker knows of: they come back within a
 /// heartbeat or two once the database answers, not when the lease runs
-/// out.
+/// out, and due at once, so that a claim from the floor takes them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_claim_whose_answer_was_lost_gives_its_leases_back() {
     let db = test_db!();
     let proxy = LosingProxy::start().await;
-    let a = PgOutbox::connect(&proxy.url(&db), config())
-        .await
-        .expect("connect through the proxy");
+    // No full read after the first two claims: the last claim below reads
+    // from the floor.
+    let a = PgOutbox::connect(
+        &proxy.url(&db),
+        PgConfig {
+            claim_full_scan_every: Duration::from_secs(3600),
+            ..config()
+        },
+    )
+    .await
+    .expect("connect through the proxy");
     a.ingest(vec![ev("u1", "m-1"), ev("u2", "m-2")])
         .await
         .unwrap();
+    // Older than the margin the floor keeps.
+    tokio::time::sleep(Duration::from_millis(400)).await;
     let mut conn = db.conn().await;
     proxy.armed.store(true, std::sync::atomic::Ordering::SeqCst);
     let claim = tokio::spawn({
@@ -1190,6 +1200,14 @@ async fn a_claim_whose_answer_was_lost_gives_its_leases_back() {
     // the heartbeat gives such leases back once the claim has failed.
     proxy.withheld.notified().await;
     assert_eq!(scalar(&mut conn, "SELECT count(*) FROM leases").await, 2);
+    // Meanwhile a claim takes a newer event and leaves the floor past the
+    // two leased ones.
+    a.ingest(vec![ev("u3", "m-3")]).await.unwrap();
+    let newer = a.claim(10, Duration::from_secs(600)).await.unwrap();
+    assert_eq!(newer.iter().map(msg_of).collect::<Vec<_>>(), ["m-3"]);
+    a.settle(newer.iter().map(delivered).collect())
+        .await
+        .unwrap();
     proxy.go_on.notify_one();
     let lost = claim.await.unwrap();
     assert!(
@@ -1373,9 +1391,31 @@ async fn a_promoted_head_is_claimed_from_the_floor() {
     assert_eq!(next.iter().map(msg_of).collect::<Vec<_>>(), ["m-2"]);
 }
 
-/// What the floor passes over (here a lease that expired: its event keeps
-/// its due time, older than the floor) is claimed by the next claim that
-/// reads from the front, at most `claim_full_scan_every` later.
+/// A lease that expired comes back due "now": its event had kept the due
+/// time it was claimed at, which the floor has passed since, and would have
+/// waited for the next full read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_that_came_back_is_claimed_from_the_floor() {
+    let db = test_db!();
+    let a = PgOutbox::connect(&db.url(), from_the_floor_only())
+        .await
+        .unwrap();
+    a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    // Takes it, and leaves the floor 250 ms before now: past its due time.
+    let lapsed = a.claim(10, Duration::from_millis(1)).await.unwrap();
+    assert_eq!(lapsed.len(), 1);
+    wait_for("the lease to come back", || async {
+        a.recover_leases().await.unwrap() == 1
+    })
+    .await;
+    let again = a.claim(10, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(again.iter().map(msg_of).collect::<Vec<_>>(), ["m-1"]);
+}
+
+/// What the floor passes over (here an event written by an instance whose
+/// clock runs a minute behind: due before the floor) is claimed by the next
+/// claim that reads from the front, at most `claim_full_scan_every` later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_floor_passes_over_the_next_full_read_claims() {
     let db = test_db!();
@@ -1390,13 +1430,21 @@ async fn what_the_floor_passes_over_the_next_full_read_claims() {
     .unwrap();
     a.ingest(vec![ev("u1", "m-1")]).await.unwrap();
     tokio::time::sleep(Duration::from_millis(400)).await;
-    let lapsed = a.claim(10, Duration::from_millis(1)).await.unwrap();
-    assert_eq!(lapsed.len(), 1);
-    wait_for("the lease to come back", || async {
-        a.recover_leases().await.unwrap() == 1
-    })
-    .await;
-    wait_for("a claim of the recovered event", || async {
+    let first = a.claim(10, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(first.len(), 1);
+    a.settle(first.iter().map(delivered).collect())
+        .await
+        .unwrap();
+    a.ingest(vec![ev("u2", "m-2")]).await.unwrap();
+    let mut conn = db.conn().await;
+    sqlx::query(
+        "UPDATE events SET accepted_at = accepted_at - 60000, \
+         next_attempt_at = next_attempt_at - 60000 WHERE message_id = 'm-2'",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    wait_for("a claim of the event behind the floor", || async {
         !a.claim(10, Duration::from_secs(300))
             .await
             .unwrap()

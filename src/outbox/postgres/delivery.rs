@@ -417,6 +417,23 @@ pub(super) async fn normalize(
     Ok(())
 }
 
+/// Makes the heads of keys whose leases came back due at `now` at the
+/// earliest. A head keeps the due time it had when it was claimed, which
+/// usually lies under the claim floors by now: without this, a returned
+/// lease would wait for an instance's next full read of the due index.
+async fn due_now(conn: &mut PgConnection, keys: &[&str], now: i64) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE events SET next_attempt_at = $2 \
+         WHERE order_key = ANY($1) AND state = 0 AND next_attempt_at < $2",
+    )
+    .bind(keys)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
 /// Gives back, under the keys' locks, the leases this instance took under
 /// `tokens`: claims whose answer never arrived, so that no worker holds
 /// their events. Their keys are normalised as after any settle.
@@ -444,7 +461,9 @@ pub(super) async fn release_tokens(
         .execute(&mut *conn)
         .await
         .map_err(pg_error)?;
-    normalize(conn, &keys, now_ms()).await?;
+    let now = now_ms();
+    due_now(conn, &keys, now).await?;
+    normalize(conn, &keys, now).await?;
     Ok(r.rows_affected())
 }
 
@@ -481,6 +500,7 @@ pub(super) async fn recover_leases(
     .execute(&mut *conn)
     .await
     .map_err(pg_error)?;
+    due_now(conn, &keys, now).await?;
     normalize(conn, &keys, now).await?;
     Ok(r.rows_affected())
 }

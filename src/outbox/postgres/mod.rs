@@ -161,9 +161,12 @@ const CLAIM_FLOOR_MARGIN_MS: i64 = 250;
 /// Where this instance's next claim starts reading the due index. Every
 /// delivery leaves a dead entry at the index's front until a vacuum, and a
 /// claim from the front stepped over all of them (migration 0010); from the
-/// floor it steps over those of the last `CLAIM_FLOOR_MARGIN_MS` only. A
-/// full read at least every `PgConfig::claim_full_scan_every` takes what the
-/// floor passed over.
+/// floor it steps over those of the last `CLAIM_FLOOR_MARGIN_MS` only.
+/// Whatever becomes claimable is written due at its writer's "now" (an
+/// ingest, a promotion, a lease that came back), so the floor stays below
+/// it. A full read at least every `PgConfig::claim_full_scan_every` takes
+/// what the floor passed over anyway: a commit later than the margin, a
+/// clock behind, an older forwarder's promotion.
 struct ClaimFloor {
     floor: Option<i64>,
     full_scan_at: std::time::Instant,

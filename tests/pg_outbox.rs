@@ -2440,6 +2440,55 @@ async fn an_upgrade_gives_back_the_leases_the_older_schema_held() {
     assert_eq!((s.pending, s.in_flight, s.delivered), (0, 0, 1), "{s:?}");
 }
 
+/// A forwarder of the version before the claim floor (migration 0010)
+/// shares the database during a rolling upgrade. Its two calls that 0010
+/// replaced are wrappers now (0011): its claim reads from the front and
+/// takes a key's queue under one lease, its promotion keeps the promoted
+/// event's due time, as they did; a newer instance then claims what it
+/// left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_older_forwarder_s_claim_and_promotion_work_after_the_upgrade() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1"), ev("u1", "m-2"), ev("u2", "m-3")])
+        .await
+        .unwrap();
+    let mut conn = db.conn().await;
+    let now = scalar(&mut conn, "SELECT max(accepted_at) + 10 FROM events").await;
+    let claimed: Vec<String> = sqlx::query_scalar(
+        "SELECT e.message_id FROM claim_events($1, 10, $2, $3) c \
+         JOIN events e ON e.id = c.id ORDER BY c.id",
+    )
+    .bind(a.instance_id())
+    .bind(now + 60_000)
+    .bind(now)
+    .fetch_all(&mut conn)
+    .await
+    .expect("the older claim");
+    assert_eq!(claimed, ["m-1", "m-2", "m-3"]);
+    assert_eq!(scalar(&mut conn, "SELECT count(*) FROM leases").await, 3);
+
+    // The older version gives its leases back and, with m-1 delivered,
+    // promotes u1's next event.
+    sqlx::raw_sql(
+        "DELETE FROM leases; UPDATE events SET state = 2 WHERE message_id = 'm-1'; \
+         SELECT normalize_keys(ARRAY['u1'])",
+    )
+    .execute(&mut conn)
+    .await
+    .expect("the older promotion");
+    let (state, due, accepted): (i16, i64, i64) = sqlx::query_as(
+        "SELECT state, next_attempt_at, accepted_at FROM events WHERE message_id = 'm-2'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!((state, due), (0, accepted), "promoted, its due time kept");
+
+    let rest = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(rest.iter().map(msg_of).collect::<Vec<_>>(), ["m-2", "m-3"]);
+}
+
 /// Users held before the upgrade that counts the held queues (migration
 /// 0009) are counted by it: their queued events stay with the held, not
 /// with the pending, and leave the count when their users are released.

@@ -133,14 +133,17 @@ fn small_run(cmd: &mut std::process::Command) {
 /// One run at a time: each starts forwarders of its own, and two runs at
 /// once would only measure each other.
 fn bench(dir: &Path, json: bool) -> String {
+    bench_with(dir, if json { &["--json"] } else { &[] })
+}
+
+/// `bench` with more arguments.
+fn bench_with(dir: &Path, args: &[&str]) -> String {
     static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let mut cmd = std::process::Command::new(common::binary_path());
     small_run(&mut cmd);
     cmd.env_remove("FORWARDER_DATABASE").arg("--dir").arg(dir);
-    if json {
-        cmd.arg("--json");
-    }
+    cmd.args(args);
     let out = cmd.output().unwrap();
     assert!(
         out.status.success(),
@@ -251,6 +254,55 @@ async fn bench_figures_agree_with_what_it_did() {
     );
 }
 
+/// `--rounds 2`: each goal lists both runs' values and reports their median
+/// (for two, their mean), met or missed by that median, and the report's
+/// ratio is the goal's figure: the median of the runs' own ratios.
+#[tokio::test]
+async fn rounds_report_the_median_and_every_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let report: Value = serde_json::from_str(&bench_with(dir.path(), &["--json", "--rounds", "2"]))
+        .expect("JSON report");
+    assert_eq!(report["rounds"], 2, "{report}");
+    let goals = report["goals"].as_array().expect("goals");
+    assert_eq!(goals.len(), 8, "{report}");
+    for g in goals {
+        let runs: Vec<f64> = g["per_round"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no per_round: {g}"))
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(runs.len(), 2, "{g}");
+        let (value, target) = (f(g, "value"), f(g, "target"));
+        let median = (runs[0] + runs[1]) / 2.0;
+        assert!(
+            (value - median).abs() <= 1e-9 * median.abs().max(1.0),
+            "{g}"
+        );
+        let name = g["goal"].as_str().unwrap();
+        let lower_is_better = name.contains("p99") || name.contains("RSS");
+        let met = if lower_is_better {
+            value < target
+        } else {
+            value >= target
+        };
+        assert_eq!(g["met"], met, "{g}");
+        if name == "distinct-user drain / batch ingest" {
+            assert_eq!(
+                f(&report, "ratio_drain_distinct_users_to_batch_ingest"),
+                value
+            );
+        }
+    }
+    // Figures that are the same in every run stay what they were.
+    assert_eq!(
+        report["backlog_events"],
+        (EVENTS + TRACK_EVENTS) as i64,
+        "{report}"
+    );
+    assert_eq!(report["backend"], "sqlite");
+}
+
 /// The figures of a printed table, line by line: (label, numbers).
 fn figures(table: &str) -> Vec<(String, Vec<f64>)> {
     table
@@ -302,6 +354,7 @@ fn printed_table_shows_the_json_figures() {
         ratio_drain_to_batch_ingest: 0.5,
         backend: "sqlite".into(),
         instances: 1,
+        rounds: 1,
         raw_sqlite_lean_rows_per_sec_100_per_tx: 140_000.0,
         raw_postgres_rows_per_sec_100_per_tx: None,
         raw_postgres_rows_per_sec_1_per_tx: None,
@@ -335,6 +388,7 @@ fn printed_table_shows_the_json_figures() {
         identify_events: IDENTIFY_EVENTS,
         identify_connections: 8,
         raw_connections: 8,
+        rounds: 1,
     };
     let rows = figures(&format_report(&report, &args));
     let batch = format!("/v1/batch x100, {BATCH_CONNECTIONS} connections");
@@ -371,6 +425,22 @@ fn printed_table_shows_the_json_figures() {
     ] {
         assert_eq!(row(&rows, label), expected, "line `{label}`");
     }
+
+    // The median of several runs says so, and each goal line lists every
+    // run's value after the median's.
+    let mut medians = report.clone();
+    medians.rounds = 3;
+    medians.goals = churnzero_forwarder::bench::goals(&medians);
+    medians.goals[5].per_round = vec![0.45, 0.4, 0.38];
+    let rows = figures(&format_report(&medians, &args));
+    assert_eq!(
+        row(&rows, "runs (each figure below is their median)"),
+        [3.0]
+    );
+    assert_eq!(
+        row(&rows, "goal distinct-user drain / batch ingest"),
+        [0.4, 0.5, 0.45, 0.4, 0.38]
+    );
 
     // A real run's table: its ratios are the quotients of the rates it
     // prints (to the rounding of the print).

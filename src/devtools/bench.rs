@@ -12,7 +12,7 @@
 
 use crate::devtools::mock_churnzero::{MockArgs, MockChurnZero};
 use anyhow::{Context, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sqlx::{Connection, Executor};
 use std::ffi::{CString, OsStr, OsString};
@@ -72,10 +72,17 @@ pub struct BenchArgs {
     /// Concurrent connections of the raw PostgreSQL writer.
     #[arg(long, default_value_t = 8)]
     pub raw_connections: usize,
+    /// Runs of the whole measurement. With more than one, every figure is
+    /// the median of the runs, each ratio the median of the runs' own
+    /// ratios (numerator and denominator from the same run), and each goal
+    /// lists its value in every run: a disk whose flush time drifts from
+    /// minute to minute moves one run's ratios a long way.
+    #[arg(long, default_value_t = 1)]
+    pub rounds: usize,
 }
 
 /// Latency summary of a phase, in milliseconds.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Latency {
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -84,21 +91,27 @@ pub struct Latency {
 
 /// One performance goal: the figure, what it must reach, and whether it
 /// did, so a run says by itself where it falls short.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Goal {
     pub goal: String,
     pub value: f64,
     pub target: f64,
     pub met: bool,
+    /// The value in each run when `--rounds` is above one (`value` is
+    /// their median), so that a median that is met hides no missed run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_round: Vec<f64>,
 }
 
 /// Everything one bench run measured.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BenchReport {
     /// `sqlite` or `postgres`: the outbox the forwarder ran on.
     pub backend: String,
     /// Forwarder processes per database (1 on SQLite).
     pub instances: usize,
+    /// Runs the figures are the medians of (`--rounds`).
+    pub rounds: usize,
     pub raw_sqlite_rows_per_sec_100_per_tx: f64,
     pub raw_sqlite_rows_per_sec_1_per_tx: f64,
     /// Raw SQLite at 100 rows a transaction into a lean table (a unique
@@ -832,6 +845,9 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !(1..=16).contains(&args.instances) {
         bail!("--instances must be between 1 and 16");
     }
+    if !(1..=20).contains(&args.rounds) {
+        bail!("--rounds must be between 1 and 20");
+    }
     // A directory or file given as --database keeps the run on its disk,
     // in a directory of the bench's own (removed after, like the default).
     let beside = match (&args.dir, &args.database, postgres) {
@@ -871,7 +887,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
         }),
         None => Target::Sqlite(dir.clone()),
     };
-    let result = measure(&args, &dir, &mut target).await;
+    let mut reports = Vec::new();
+    let mut result = Ok(());
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            say(&args, &format!("round {round} of {}", args.rounds));
+        }
+        match measure(&args, &dir, &mut target).await {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                result = Err(e);
+                break;
+            }
+        }
+    }
+    let result = result.and_then(|()| median_report(&reports));
     target.cleanup().await;
     if args.dir.is_none() {
         let _ = std::fs::remove_dir_all(&dir);
@@ -1128,6 +1158,7 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
     let mut report = BenchReport {
         backend: target.backend().to_string(),
         instances: n,
+        rounds: 1,
         raw_sqlite_rows_per_sec_100_per_tx: raw100,
         raw_sqlite_rows_per_sec_1_per_tx: raw1,
         raw_sqlite_lean_rows_per_sec_100_per_tx: lean100,
@@ -1167,6 +1198,68 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
     Ok(report)
 }
 
+/// The report of several runs: each figure the median of the runs' (ratios
+/// too: each run's own ratio, never a ratio of medians), the goals checked
+/// against those medians, with every run's value beside them.
+pub fn median_report(reports: &[BenchReport]) -> anyhow::Result<BenchReport> {
+    let Some(first) = reports.first() else {
+        bail!("no run to report");
+    };
+    if reports.len() == 1 {
+        return Ok(first.clone());
+    }
+    let values = reports
+        .iter()
+        .map(serde_json::to_value)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut report: BenchReport = serde_json::from_value(median_value(&values))?;
+    report.rounds = reports.len();
+    report.goals = goals(&report);
+    for (i, g) in report.goals.iter_mut().enumerate() {
+        g.per_round = reports.iter().map(|r| r.goals[i].value).collect();
+    }
+    Ok(report)
+}
+
+/// Field by field, the median of the numbers at the same place in
+/// `values` (the mean of the middle two for an even count; integers stay
+/// integers); anything else is taken from the first.
+fn median_value(values: &[Value]) -> Value {
+    fn median<T: Copy + PartialOrd>(mut xs: Vec<T>, mean: impl Fn(T, T) -> T) -> T {
+        xs.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+        let n = xs.len();
+        if n % 2 == 1 {
+            xs[n / 2]
+        } else {
+            mean(xs[n / 2 - 1], xs[n / 2])
+        }
+    }
+    match &values[0] {
+        Value::Object(fields) => Value::Object(
+            fields
+                .keys()
+                .map(|k| {
+                    let at: Vec<Value> = values
+                        .iter()
+                        .map(|v| v.get(k).cloned().unwrap_or(Value::Null))
+                        .collect();
+                    (k.clone(), median_value(&at))
+                })
+                .collect(),
+        ),
+        Value::Number(_) => {
+            if let Some(ints) = values.iter().map(Value::as_i64).collect::<Option<Vec<_>>>() {
+                json!(median(ints, |a, b| (a + b) / 2))
+            } else if let Some(xs) = values.iter().map(Value::as_f64).collect::<Option<Vec<_>>>() {
+                json!(median(xs, |a, b| (a + b) / 2.0))
+            } else {
+                values[0].clone()
+            }
+        }
+        other => other.clone(),
+    }
+}
+
 /// The performance goals, checked against one run's figures.
 pub fn goals(r: &BenchReport) -> Vec<Goal> {
     let goal = |goal: &str, value: f64, target: f64, at_least: bool| Goal {
@@ -1178,6 +1271,7 @@ pub fn goals(r: &BenchReport) -> Vec<Goal> {
         } else {
             value < target
         },
+        per_round: Vec::new(),
     };
     let batch_raw = r.ratio_batch_to_lean_raw.unwrap_or(r.ratio_batch_to_raw);
     vec![
@@ -1244,6 +1338,12 @@ pub fn format_report(r: &BenchReport, args: &BenchArgs) -> String {
         "backend".into(),
         format!("{:>12}", format!("{} x{}", r.backend, r.instances)),
     );
+    if r.rounds > 1 {
+        line(
+            "runs (each figure below is their median)".into(),
+            format!("{:>12}", r.rounds),
+        );
+    }
     line(
         "raw SQLite, 100 rows/transaction".into(),
         rate(r.raw_sqlite_rows_per_sec_100_per_tx, "rows/s"),
@@ -1363,10 +1463,16 @@ pub fn format_report(r: &BenchReport, args: &BenchArgs) -> String {
         ratio(r.ratio_audience_to_track_batch),
     );
     for g in &r.goals {
+        let runs = if g.per_round.is_empty() {
+            String::new()
+        } else {
+            let each: Vec<String> = g.per_round.iter().map(|v| format!("{v:.2}")).collect();
+            format!(" (runs: {})", each.join(" "))
+        };
         line(
             format!("goal {}", g.goal),
             format!(
-                "{:>12}  {:.2} against {}",
+                "{:>12}  {:.2} against {}{runs}",
                 if g.met { "met" } else { "MISSED" },
                 g.value,
                 g.target
@@ -1374,4 +1480,27 @@ pub fn format_report(r: &BenchReport, args: &BenchArgs) -> String {
         );
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_is_taken_field_by_field() {
+        let runs = [
+            json!({"rate": 30.0, "n": 7, "lat": {"p99": 9.0}, "backend": "postgres", "raw": null}),
+            json!({"rate": 10.0, "n": 7, "lat": {"p99": 1.0}, "backend": "postgres", "raw": null}),
+            json!({"rate": 20.5, "n": 7, "lat": {"p99": 5.0}, "backend": "postgres", "raw": null}),
+        ];
+        assert_eq!(
+            median_value(&runs),
+            json!({"rate": 20.5, "n": 7, "lat": {"p99": 5.0}, "backend": "postgres", "raw": null})
+        );
+        // An even count: the mean of the middle two; integers stay integers.
+        let two = [json!({"rate": 3.0, "n": 4}), json!({"rate": 1.0, "n": 8})];
+        let m = median_value(&two);
+        assert_eq!(m, json!({"rate": 2.0, "n": 6}));
+        assert!(m["n"].is_i64());
+    }
 }

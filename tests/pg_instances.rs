@@ -411,19 +411,31 @@ async fn late_outcome_of_a_frozen_instance_changes_nothing(answer: ScriptedAnswe
 
     // B takes A's leases once A's heartbeat is older than the instance
     // expiry, and sends everything: A's events and the ones behind them.
-    wait_for("B's request at the mock", Duration::from_secs(40), || {
-        let state = state.clone();
-        async move {
-            (state
-                .requests()
-                .iter()
-                .map(|r| r.actions.len())
-                .sum::<usize>()
-                >= sent_by_a + total)
-                .then_some(())
-        }
-    })
-    .await;
+    let sent = || {
+        state
+            .requests()
+            .iter()
+            .map(|r| r.actions.len())
+            .sum::<usize>()
+    };
+    while sent() < sent_by_a + total {
+        // What B did instead, for the next run that gets here.
+        assert!(
+            frozen.elapsed() < Duration::from_secs(40),
+            "B's request was not at the mock within 40 s of A's freeze ({} of {} actions \
+             arrived); leases: {:?}\nB's log:\n{}",
+            sent(),
+            sent_by_a + total,
+            sqlx::query_as::<_, (i64, String, i64, i64)>(
+                "SELECT event_id, order_key, owner, until FROM leases ORDER BY event_id"
+            )
+            .fetch_all(&mut db.conn().await)
+            .await
+            .ok(),
+            b.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let taken_after = frozen.elapsed();
     assert!(
         taken_after >= INSTANCE_EXPIRY - HEARTBEAT - Duration::from_secs(1),

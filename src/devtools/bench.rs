@@ -1466,15 +1466,19 @@ pub fn format_report(r: &BenchReport, args: &BenchArgs) -> String {
         let runs = if g.per_round.is_empty() {
             String::new()
         } else {
-            let each: Vec<String> = g.per_round.iter().map(|v| format!("{v:.2}")).collect();
+            let each: Vec<String> = g
+                .per_round
+                .iter()
+                .map(|v| goal_figure(*v, g.target))
+                .collect();
             format!(" (runs: {})", each.join(" "))
         };
         line(
             format!("goal {}", g.goal),
             format!(
-                "{:>12}  {:.2} against {}{runs}",
+                "{:>12}  {} against {}{runs}",
                 if g.met { "met" } else { "MISSED" },
-                g.value,
+                goal_figure(g.value, g.target),
                 g.target
             ),
         );
@@ -1482,9 +1486,30 @@ pub fn format_report(r: &BenchReport, args: &BenchArgs) -> String {
     out
 }
 
+/// A goal's figure to two decimals, or three where two would print the
+/// target itself for a value on either side of it ("0.50 against 0.5",
+/// missed, reads as a contradiction).
+fn goal_figure(value: f64, target: f64) -> String {
+    let two = format!("{value:.2}");
+    if value != target && two.parse::<f64>() == Ok(target) {
+        format!("{value:.3}")
+    } else {
+        two
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_figure_next_to_its_target_gets_a_third_decimal() {
+        assert_eq!(goal_figure(0.4966, 0.5), "0.497");
+        assert_eq!(goal_figure(0.5031, 0.5), "0.503");
+        assert_eq!(goal_figure(0.5, 0.5), "0.50");
+        assert_eq!(goal_figure(0.4412, 0.5), "0.44");
+        assert_eq!(goal_figure(9.3214, 50.0), "9.32");
+    }
 
     #[test]
     fn the_median_is_taken_field_by_field() {

@@ -417,11 +417,17 @@ pub(super) async fn normalize(
     Ok(())
 }
 
-/// Makes the heads of keys whose leases came back due at `now` at the
-/// earliest. A head keeps the due time it had when it was claimed, which
-/// usually lies under the claim floors by now: without this, a returned
-/// lease would wait for an instance's next full read of the due index.
-async fn due_now(conn: &mut PgConnection, keys: &[&str], now: i64) -> Result<(), StoreError> {
+/// Keys whose leases came back (expired, or given back), under their
+/// locks: their heads become due at `now` at the earliest, then the keys
+/// are normalised. A head keeps the due time it had when it was claimed,
+/// which usually lies under the claim floors by now: without the update, a
+/// returned lease would wait for an instance's next full read of the due
+/// index.
+async fn leases_came_back(
+    conn: &mut PgConnection,
+    keys: &[&str],
+    now: i64,
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE events SET next_attempt_at = $2 \
          WHERE order_key = ANY($1) AND state = 0 AND next_attempt_at < $2",
@@ -431,7 +437,7 @@ async fn due_now(conn: &mut PgConnection, keys: &[&str], now: i64) -> Result<(),
     .execute(&mut *conn)
     .await
     .map_err(pg_error)?;
-    Ok(())
+    normalize(conn, keys, now).await
 }
 
 /// Gives back, under the keys' locks, the leases this instance took under
@@ -461,9 +467,7 @@ pub(super) async fn release_tokens(
         .execute(&mut *conn)
         .await
         .map_err(pg_error)?;
-    let now = now_ms();
-    due_now(conn, &keys, now).await?;
-    normalize(conn, &keys, now).await?;
+    leases_came_back(conn, &keys, now_ms()).await?;
     Ok(r.rows_affected())
 }
 
@@ -500,7 +504,6 @@ pub(super) async fn recover_leases(
     .execute(&mut *conn)
     .await
     .map_err(pg_error)?;
-    due_now(conn, &keys, now).await?;
-    normalize(conn, &keys, now).await?;
+    leases_came_back(conn, &keys, now).await?;
     Ok(r.rows_affected())
 }

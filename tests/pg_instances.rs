@@ -369,7 +369,12 @@ async fn late_outcome_of_a_frozen_instance_changes_nothing(answer: ScriptedAnswe
     });
     mock.state().push_script([answer]);
     let tag = "fence";
-    let users = 3;
+    // One user: A's events then go in one claim and one request. With
+    // several, A's two claim loops may split them between two claims (each
+    // passes over the keys the other holds), the adaptive limit of 1 sends
+    // the second request only after the first's answer, and A would be
+    // frozen with part of its batch already settled (two CI runs failed so).
+    let users = 1;
     let mut a = Binary::serve(Path::new(&url), &mock.url(), &[]).await;
     let first: Vec<Value> = (1..=5)
         .flat_map(|n| (0..users).map(move |u| event(tag, u, n)))

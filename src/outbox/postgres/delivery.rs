@@ -398,8 +398,10 @@ pub(super) async fn record_errors(
 /// Restores the per-key invariant for keys the caller has locked: the
 /// lowest active id is the head (state 0, or 4 if it was held), every other
 /// active event is queued. Keys with an event in flight are left alone:
-/// their settle normalises them. A queued event promoted to head is due at
-/// `now` at the earliest, so that no claim's floor passes it over.
+/// their settle normalises them. A head that is not waiting for a retry
+/// (promoted, or left unleased by a lease that came back) is due at `now`
+/// at the earliest, so that no claim's floor passes it over (migration
+/// 0012).
 pub(super) async fn normalize(
     conn: &mut PgConnection,
     keys: &[&str],
@@ -415,29 +417,6 @@ pub(super) async fn normalize(
         .await
         .map_err(pg_error)?;
     Ok(())
-}
-
-/// Keys whose leases came back (expired, or given back), under their
-/// locks: their heads become due at `now` at the earliest, then the keys
-/// are normalised. A head keeps the due time it had when it was claimed,
-/// which usually lies under the claim floors by now: without the update, a
-/// returned lease would wait for an instance's next full read of the due
-/// index.
-async fn leases_came_back(
-    conn: &mut PgConnection,
-    keys: &[&str],
-    now: i64,
-) -> Result<(), StoreError> {
-    sqlx::query(
-        "UPDATE events SET next_attempt_at = $2 \
-         WHERE order_key = ANY($1) AND state = 0 AND next_attempt_at < $2",
-    )
-    .bind(keys)
-    .bind(now)
-    .execute(&mut *conn)
-    .await
-    .map_err(pg_error)?;
-    normalize(conn, keys, now).await
 }
 
 /// Gives back, under the keys' locks, the leases this instance took under
@@ -467,7 +446,7 @@ pub(super) async fn release_tokens(
         .execute(&mut *conn)
         .await
         .map_err(pg_error)?;
-    leases_came_back(conn, &keys, now_ms()).await?;
+    normalize(conn, &keys, now_ms()).await?;
     Ok(r.rows_affected())
 }
 
@@ -504,6 +483,6 @@ pub(super) async fn recover_leases(
     .execute(&mut *conn)
     .await
     .map_err(pg_error)?;
-    leases_came_back(conn, &keys, now).await?;
+    normalize(conn, &keys, now).await?;
     Ok(r.rows_affected())
 }

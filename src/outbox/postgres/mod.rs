@@ -163,8 +163,8 @@ const CLAIM_FLOOR_MARGIN_MS: i64 = 250;
 /// claim from the front stepped over all of them (migration 0010); from the
 /// floor it steps over those of the last `CLAIM_FLOOR_MARGIN_MS` only.
 /// Whatever becomes claimable is written due at its writer's "now" (an
-/// ingest, a promotion, a lease that came back), so the floor stays below
-/// it. A full read at least every `PgConfig::claim_full_scan_every` takes
+/// ingest; a normalisation, which every promotion and every lease that came
+/// back goes through), so the floor stays below it. A full read at least every `PgConfig::claim_full_scan_every` takes
 /// what the floor passed over anyway: a commit later than the margin, a
 /// clock behind, an older forwarder's promotion.
 struct ClaimFloor {

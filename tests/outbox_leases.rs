@@ -112,7 +112,8 @@ async fn an_outcome_after_the_lease_expired_and_was_reclaimed_is_ignored(db: &Pa
     assert!(report.leases_released <= 1, "{report:?}");
     assert_eq!(outbox.status().await.unwrap().in_flight, 0);
 
-    let fresh = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
+    // A heartbeat's recovery may still hold the key's lock for a moment.
+    let fresh = common::claim_n(1, |n| outbox.claim(n, Duration::from_secs(60))).await;
     assert_eq!(fresh.len(), 1);
     assert_eq!(fresh[0].id, stale[0].id);
     // The first worker comes back late with a failure: it no longer owns
@@ -156,7 +157,7 @@ async fn a_late_delivery_after_the_lease_was_reclaimed_is_ignored(db: &Path) {
         .await
         .unwrap();
     assert_eq!(outbox.status().await.unwrap().in_flight, 0);
-    let fresh = outbox.claim(10, Duration::from_secs(60)).await.unwrap();
+    let fresh = common::claim_n(3, |n| outbox.claim(n, Duration::from_secs(60))).await;
     assert_eq!(fresh.len(), 3);
 
     // The first worker reports every event delivered, too late: the events
@@ -225,7 +226,7 @@ async fn a_restart_returns_every_claim_and_keeps_the_attempt_count_honest(db: &P
         ((s.pending, s.in_flight) == (2, 0)).then_some(())
     })
     .await;
-    let claimed = outbox.claim(10, Duration::from_secs(600)).await.unwrap();
+    let claimed = common::claim_n(2, |n| outbox.claim(n, Duration::from_secs(600))).await;
     // The attempt cut short by the restart never reached ChurnZero's answer,
     // so it is not counted: this is the second recorded attempt.
     assert_eq!(

@@ -1409,7 +1409,7 @@ async fn a_lease_that_came_back_is_claimed_from_the_floor() {
         a.recover_leases().await.unwrap() == 1
     })
     .await;
-    let again = a.claim(10, Duration::from_secs(300)).await.unwrap();
+    let again = common::claim_n(1, |n| a.claim(n, Duration::from_secs(300))).await;
     assert_eq!(again.iter().map(msg_of).collect::<Vec<_>>(), ["m-1"]);
 }
 
@@ -1868,6 +1868,31 @@ async fn a_claim_locks_at_most_256_keys() {
     );
     let rest = a.claim(2_000, Duration::from_secs(30)).await.unwrap();
     assert_eq!(rest.len(), 300 - 256);
+}
+
+/// A claim does not wait for a key another transaction has locked (an
+/// ingest appending to it, a settle, another instance's lease recovery): it
+/// steps over it, and the next claim takes it. This is why a claim right
+/// after a lease recovery may come back short while a heartbeat's recovery
+/// of the same key is still committing (`common::claim_n`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_steps_over_a_key_another_transaction_holds() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    a.ingest(vec![ev("u1", "m-1"), ev("u2", "m-2")])
+        .await
+        .unwrap();
+    let mut other = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(1667659522, hashtext('u1'))")
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let first = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(first.iter().map(msg_of).collect::<Vec<_>>(), ["m-2"]);
+    sqlx::query("COMMIT").execute(&mut other).await.unwrap();
+    let next = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    assert_eq!(next.iter().map(msg_of).collect::<Vec<_>>(), ["m-1"]);
 }
 
 /// A second key lock call in one transaction (the users an alias teaches,

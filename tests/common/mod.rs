@@ -963,3 +963,37 @@ pub fn settlement(
         actions: None,
     }
 }
+
+/// Claims until `n` events are in hand. On PostgreSQL a claim steps over a
+/// key whose lock another transaction holds (a heartbeat's lease recovery
+/// running beside the test's own, say) and leaves it for the next claim, so
+/// one claim right after a recovery may come back short; the next one takes
+/// the rest. Fails if the `n` events are not claimable within 10 s.
+pub async fn claim_n<F, Fut>(
+    n: usize,
+    mut claim: F,
+) -> Vec<churnzero_forwarder::outbox::ClaimedEvent>
+where
+    F: FnMut(usize) -> Fut,
+    Fut: std::future::Future<
+            Output = Result<
+                Vec<churnzero_forwarder::outbox::ClaimedEvent>,
+                churnzero_forwarder::outbox::StoreError,
+            >,
+        >,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < n {
+        got.extend(claim(n - got.len()).await.expect("claim"));
+        if got.len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "only {} of {n} events became claimable",
+                got.len()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    got
+}

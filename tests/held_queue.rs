@@ -247,6 +247,8 @@ where
         if claimed.is_empty() {
             break;
         }
+        // With the claim's leases in flight, too.
+        check().await;
         let settlements = claimed
             .iter()
             .enumerate()

@@ -45,6 +45,13 @@ pub(crate) async fn set_meta(
     Ok(())
 }
 
+/// `state_counts` rows that count no event state: the leases (claims in
+/// flight, 0004_leases.sql; kept by the writer since 0010_lease_counts.sql)
+/// and the events queued behind held heads (0006_held_queue.sql). Their
+/// numbers are kept out of [`EventState`]'s.
+pub(crate) const LEASES_ROW: i64 = 1;
+pub(crate) const HELD_QUEUED_ROW: i64 = 6;
+
 pub(crate) static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
 
 fn connect_options(path: &Path, read_only: bool) -> Result<SqliteConnectOptions, StoreError> {

@@ -12,11 +12,7 @@ use sqlx::{Arguments, Row, SqlitePool};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// `state_counts` rows that count no event state: the leases (claims in
-/// flight, 0004_leases.sql) and the events queued behind held heads
-/// (0006_held_queue.sql). Their numbers are kept out of [`EventState`]'s.
-const LEASES_ROW: i64 = 1;
-const HELD_QUEUED_ROW: i64 = 6;
+use super::{HELD_QUEUED_ROW, LEASES_ROW};
 
 /// Handle to the reader pool. Cheap to clone.
 #[derive(Clone)]

@@ -76,6 +76,8 @@ fn claim_locked(
         }
     }
     ids.sort_unstable();
+    // The in-flight count moves once per claim (0010_lease_counts.sql).
+    add_to_state_count(d, statements, LEASES_ROW, ids.len() as i64)?;
     let lease_until = now + lease.as_millis() as i64;
     let mut claimed = Vec::with_capacity(ids.len());
     for id in ids {
@@ -153,6 +155,7 @@ fn fence(
             held_lease.insert(q.column_int(0));
         }
     }
+    add_to_state_count(d, statements, LEASES_ROW, -(held_lease.len() as i64))?;
     Ok(held_lease)
 }
 

@@ -13,7 +13,7 @@
 use super::audience;
 use super::direct::{Db, StatementCache, Step};
 use super::reserve::Reserve;
-use super::{EventState, StoreError, now_ms, set_meta};
+use super::{EventState, LEASES_ROW, StoreError, now_ms, set_meta};
 use crate::identity;
 use crate::outbox::{
     AudienceOp, ClaimedEvent, DEAD_CHUNK, DeadListFilter, DeadSelection, IdentityUpdate,

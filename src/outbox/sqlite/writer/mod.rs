@@ -11,7 +11,7 @@
 //! keep in counters.rs.
 
 use super::audience;
-use super::direct::{Db, StatementCache, Step};
+use super::direct::{Db, Statement, StatementCache, Step};
 use super::reserve::Reserve;
 use super::{EventState, LEASES_ROW, StoreError, now_ms, set_meta};
 use crate::identity;

@@ -120,7 +120,7 @@ async fn serve_upgrades_a_previous_database_and_delivers_what_was_in_flight() {
 /// ever they live in the source tree) must keep producing exactly them.
 #[tokio::test]
 async fn released_migrations_keep_their_versions_and_checksums() {
-    const RELEASED: [(i64, &str); 6] = [
+    const RELEASED: [(i64, &str); 9] = [
         (
             1,
             "5d364fb6dbd0a5dd7ab9787262203b2aef2d93239129437c834de2dbfe2400eb86575493c45eb221827126633cbc4a0d",
@@ -144,6 +144,18 @@ async fn released_migrations_keep_their_versions_and_checksums() {
         (
             6,
             "9d0a89580d64276f68fff4fa9ddb0ed978106a0d5bbd7b980562bba0d5f1d006d1844f34b4e8cd05330f9bf6ac16970b",
+        ),
+        (
+            7,
+            "9138e271513b78e5a996314a2c294bbcd19084f503fe566106cb195229eab22c88ba7a2eb8979f34419de47678adb45e",
+        ),
+        (
+            8,
+            "b4caa3d3bd9eb773db00cd805b1ad41199bf5a370aa2b85a8b4c249b06b812d478a70daf5431a3bded79aa57d46594e6",
+        ),
+        (
+            9,
+            "b30dcd11872ff513405bb7a5b4f1518aac1c1e0f0aa7eb8b3b055e661317acd18e68071501646d99b54164d2b9df528c",
         ),
     ];
     let dir = tempfile::tempdir().unwrap();

@@ -21,9 +21,10 @@ const DEAD: i64 = 30_000;
 const CLI_DEAD: i64 = 5_000;
 
 /// Writes `n` dead letters (one user each) straight into the database, as
-/// a long outage would have left them. On SQLite the state counters are
-/// kept by the code that inserts (no insert trigger), so the seed counts
-/// its rows itself, in the same transaction.
+/// a long outage would have left them. The state counters are kept by the
+/// code that inserts (no insert trigger: SQLite's migration 0007,
+/// PostgreSQL's 0013), so the seed counts its rows itself, in the same
+/// transaction (on PostgreSQL, the same statement).
 async fn seed_dead(db: &Path, n: i64) {
     let columns = "INSERT INTO events (source, message_id, kind, order_key, payload, state, \
                    attempts, accepted_at, next_attempt_at, finished_at, reason, last_error) \
@@ -40,7 +41,10 @@ async fn seed_dead(db: &Path, n: i64) {
              UPDATE state_counts SET n = n + {n} WHERE state = 3; \
              COMMIT"
         ),
-        &format!("{columns} FROM generate_series(1, {n}) AS i"),
+        &format!(
+            "WITH ins AS ({columns} FROM generate_series(1, {n}) AS i RETURNING 1) \
+             UPDATE counters SET s3 = s3 + (SELECT count(*) FROM ins) WHERE shard = 0"
+        ),
     )
     .await;
 }

@@ -1888,7 +1888,14 @@ async fn a_claim_steps_over_a_key_another_transaction_holds() {
         .execute(&mut other)
         .await
         .unwrap();
-    let first = a.claim(10, Duration::from_secs(30)).await.unwrap();
+    // A claim that waited for u1's lock would wait here for good.
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        a.claim(10, Duration::from_secs(30)),
+    )
+    .await
+    .expect("the claim does not wait for a key another transaction holds")
+    .unwrap();
     assert_eq!(first.iter().map(msg_of).collect::<Vec<_>>(), ["m-2"]);
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
     let next = a.claim(10, Duration::from_secs(30)).await.unwrap();

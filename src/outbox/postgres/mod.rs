@@ -164,9 +164,10 @@ const CLAIM_FLOOR_MARGIN_MS: i64 = 250;
 /// floor it steps over those of the last `CLAIM_FLOOR_MARGIN_MS` only.
 /// Whatever becomes claimable is written due at its writer's "now" (an
 /// ingest; a normalisation, which every promotion and every lease that came
-/// back goes through), so the floor stays below it. A full read at least every `PgConfig::claim_full_scan_every` takes
-/// what the floor passed over anyway: a commit later than the margin, a
-/// clock behind, an older forwarder's promotion.
+/// back goes through), so the floor stays below it. A full read at least
+/// every `PgConfig::claim_full_scan_every` takes what the floor passed over
+/// anyway: a commit later than the margin, a clock behind, an older
+/// forwarder's promotion.
 struct ClaimFloor {
     floor: Option<i64>,
     full_scan_at: std::time::Instant,

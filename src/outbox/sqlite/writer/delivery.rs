@@ -30,9 +30,10 @@ fn claim_locked(
     now: i64,
 ) -> Result<Vec<ClaimedEvent>, StoreError> {
     let lease_until = now + lease.as_millis() as i64;
-    // Each statement returns whole rows (`CLAIMED_COLUMNS`), so an event's
-    // row is read once: a claim of heads that each have a user of their own
-    // read every head three times before, a third of the claim's time.
+    // Both statements return whole rows, in the column order this reads, so
+    // an event's row is read once: a claim used to read a head's row three
+    // times (for its key, to test the first entry of its queue, and for the
+    // claimed columns).
     let claimed_event = |q: &Statement| ClaimedEvent {
         id: q.column_int(0),
         order_key: q.column_text(1),

@@ -180,3 +180,50 @@ async fn alias_before_identify_links_the_ids_once_they_are_known(db: &Path) {
     mock.shutdown().await;
 }
 }
+
+on_both_backends! {
+/// A resent identify is a duplicate, and a duplicate teaches the identity
+/// map nothing, whatever ids it carries: not when its first copy was
+/// stored by an earlier request, and not when the first copy is earlier in
+/// the same batch. (The store must match each event with its own first
+/// occurrence; a repeat taken for fresh would move the user to another
+/// account here.)
+#[tokio::test]
+async fn a_repeated_identify_teaches_the_identity_map_nothing(db: &Path) {
+    let mock = mock().await;
+    let server = start(settings(db, &mock.url())).await;
+    let base = format!("http://{}", server.addr);
+    let with_id = |user: &str, account: &str, id: &str| {
+        let mut e = identify(user, account);
+        e["messageId"] = json!(id);
+        e
+    };
+
+    let (code, _) = post(&base, "/v1/identify", &with_id("u9", "acct-9", "id-9")).await;
+    assert_eq!(code, 200);
+    wait_status(&base, "delivered", 1).await;
+
+    let batch = json!({"batch": [
+        with_id("u9", "acct-moved", "id-9"),
+        with_id("u8", "acct-8", "id-8"),
+        with_id("u8", "acct-moved", "id-8"),
+        bare_track("userId", "u9", "Nine"),
+        bare_track("userId", "u8", "Eight"),
+    ]});
+    let (code, _) = post(&base, "/v1/batch", &batch).await;
+    assert_eq!(code, 200);
+    let st = wait_status(&base, "delivered", 4).await;
+    assert_eq!((&st["duplicates"], &st["held"]), (&json!(2), &json!(0)), "{st}");
+    let actions = mock.state().actions();
+    let account_of = |name: &str| {
+        tracks(&actions)
+            .iter()
+            .find(|a| a["eventName"] == name)
+            .map(|a| a["accountExternalId"].clone())
+    };
+    assert_eq!(account_of("Nine"), Some(json!("acct-9")), "{actions:?}");
+    assert_eq!(account_of("Eight"), Some(json!("acct-8")), "{actions:?}");
+    server.shutdown().await;
+    mock.shutdown().await;
+}
+}

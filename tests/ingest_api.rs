@@ -410,6 +410,52 @@ async fn batch_integrations_merge_key_by_key_with_the_events_own(db: &Path) {
     server.shutdown().await;
 }
 
+/// Repeats inside one batch, around a filtered event: each message id is
+/// stored once, as its first occurrence, and the repeats and the filtered
+/// event are counted as what they are. (The store matches every event of a
+/// group with its first occurrence and with what the table knew of it: a
+/// slip of one position would store the wrong copy or count a repeat as
+/// stored.)
+#[tokio::test]
+async fn repeats_within_one_batch_keep_the_first_occurrence(db: &Path) {
+    let mock = mock().await;
+    let server = start(settings(db, &mock.url())).await;
+    let base = format!("http://{}", server.addr);
+    let mut first = track("u1", "First", 1);
+    first["messageId"] = json!("m-1");
+    let mut off = track("u1", "Hidden", 2);
+    off["messageId"] = json!("m-off");
+    off["integrations"] = json!({"All": false});
+    let mut repeat = track("u1", "Repeat", 3);
+    repeat["messageId"] = json!("m-1");
+    let mut second = track("u2", "Second", 4);
+    second["messageId"] = json!("m-2");
+    let mut off_again = track("u1", "Hidden again", 5);
+    off_again["messageId"] = json!("m-off");
+    let batch = json!({"batch": [first, off, repeat, second, off_again]});
+    let (s, _) = post(&base, "/v1/batch", &batch).await;
+    assert_eq!(s, 200);
+    let st = wait_status(&base, "delivered", 2).await;
+    assert_eq!(
+        (&st["accepted"], &st["filtered"], &st["duplicates"]),
+        (&json!(2), &json!(1), &json!(2)),
+        "{st}"
+    );
+    // A later request repeating one of them is a duplicate as well.
+    let (s, _) = post(&base, "/v1/batch", &json!({"batch": [second]})).await;
+    assert_eq!(s, 200);
+    assert_eq!(status(&base).await["duplicates"], json!(3));
+    let mut names: Vec<String> = mock
+        .state()
+        .actions()
+        .iter()
+        .map(|a| a["eventName"].as_str().unwrap_or_default().to_string())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["First", "Second"]);
+    server.shutdown().await;
+}
+
 #[tokio::test]
 async fn repeated_message_id_is_acknowledged_once(db: &Path) {
     let env = env_on(db).await;

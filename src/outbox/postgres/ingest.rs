@@ -6,7 +6,7 @@
 use super::{PgConfig, lock_keys, pg_error, with_retry};
 use crate::outbox::{IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
 use sqlx::PgPool;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{Notify, mpsc, oneshot};
@@ -305,10 +305,22 @@ async fn commit_group(
 
     // Within the group the first occurrence of a message id counts; the
     // database decides which of those are fresh against the table.
-    let mut first: HashSet<(&str, &str)> = HashSet::new();
-    let candidates: Vec<&NewEvent> = all()
-        .filter(|e| first.insert((&e.source, &e.message_id)))
+    // `candidate_of` holds, for every event in the group's order, its
+    // index among the candidates, or `None` for a repeat: one hash per
+    // event, which is most of this function's own work on large batches.
+    let mut first: HashMap<(&str, &str), usize> = HashMap::with_capacity(total as usize);
+    let mut candidates: Vec<&NewEvent> = Vec::with_capacity(total as usize);
+    let candidate_of: Vec<Option<usize>> = all()
+        .map(|e| match first.entry((&e.source, &e.message_id)) {
+            std::collections::hash_map::Entry::Occupied(_) => None,
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(candidates.len());
+                candidates.push(e);
+                Some(candidates.len() - 1)
+            }
+        })
         .collect();
+    drop(first);
     let col = |f: fn(&NewEvent) -> &str| candidates.iter().map(|e| f(e)).collect::<Vec<&str>>();
     let (sources, ids) = (col(|e| &e.source), col(|e| &e.message_id));
     let (kinds, keys, payloads) = (col(|e| e.kind), col(|e| &e.order_key), col(|e| &e.payload));
@@ -359,22 +371,17 @@ async fn commit_group(
     let Some(fresh_mask) = fresh_mask else {
         return Err(StoreError::Backlog(config.max_backlog));
     };
-    let fresh: HashSet<(&str, &str)> = candidates
-        .iter()
-        .zip(&fresh_mask)
-        .filter(|(_, fresh)| **fresh)
-        .map(|(e, _)| (e.source.as_str(), e.message_id.as_str()))
-        .collect();
-
     let mut receipts = Vec::with_capacity(requests.len());
-    let mut taken: HashSet<(&str, &str)> = HashSet::new();
     let mut identities: Vec<&IdentityUpdate> = Vec::new();
     let mut audience: HashMap<(&str, &str), &str> = HashMap::new();
+    let mut slots = candidate_of.iter();
     for request in requests {
         let mut receipt = IngestReceipt::default();
         for e in request.iter() {
-            let k = (e.source.as_str(), e.message_id.as_str());
-            if !fresh.contains(&k) || !taken.insert(k) {
+            // A repeat within the group, or a first occurrence the table
+            // already knew, is a duplicate.
+            let fresh = matches!(slots.next(), Some(Some(i)) if fresh_mask.get(*i) == Some(&true));
+            if !fresh {
                 receipt.duplicates += 1;
                 continue;
             }

@@ -118,9 +118,21 @@ pub struct BenchReport {
     /// message id and a due index only): what a store that kept nothing
     /// else could reach.
     pub raw_sqlite_lean_rows_per_sec_100_per_tx: f64,
+    /// The two SQLite figures at 100 rows a transaction measured again
+    /// after the batch and track phases (SQLite runs; null on
+    /// PostgreSQL). A disk's flush time can drift by a fifth within a
+    /// minute: batch ingest is compared with the mean of the figures
+    /// measured before and after it, so a drift in either direction moves
+    /// the ratio less, and the two figures side by side show how far it
+    /// drifted.
+    pub raw_sqlite_rows_per_sec_100_per_tx_after: Option<f64>,
+    pub raw_sqlite_lean_rows_per_sec_100_per_tx_after: Option<f64>,
     /// Raw PostgreSQL, events-table rows with every index, several
     /// connections (`raw_postgres_connections`); null on SQLite.
     pub raw_postgres_rows_per_sec_100_per_tx: Option<f64>,
+    /// The same, measured again after the batch and track phases (see
+    /// `raw_sqlite_rows_per_sec_100_per_tx_after`); null on SQLite.
+    pub raw_postgres_rows_per_sec_100_per_tx_after: Option<f64>,
     pub raw_postgres_rows_per_sec_1_per_tx: Option<f64>,
     pub raw_postgres_connections: Option<usize>,
     pub batch_ingest_events_per_sec: f64,
@@ -149,9 +161,11 @@ pub struct BenchReport {
     pub drain_distinct_users_events_per_sec: f64,
     pub drain_distinct_users_peak_rss_mb: f64,
     /// Batch ingest over the backend's raw figure at 100 rows a
-    /// transaction (SQLite: the full-index one; PostgreSQL: its own).
+    /// transaction (SQLite: the full-index one; PostgreSQL: its own), the
+    /// mean of its measurements before and after.
     pub ratio_batch_to_raw: f64,
-    /// Batch ingest over the lean raw SQLite figure; null on PostgreSQL.
+    /// Batch ingest over the lean raw SQLite figure (the mean of before
+    /// and after); null on PostgreSQL.
     pub ratio_batch_to_lean_raw: Option<f64>,
     /// /v1/track over the backend's raw figure at one row a transaction.
     pub ratio_track_empty_to_single_commit: f64,
@@ -1010,10 +1024,9 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
             target.discard(&db).await;
         }
     }
-    let (ceiling100, ceiling1) = match (pg100, pg1) {
-        (Some(a), Some(b)) => (a, b),
-        _ => (raw100, raw1),
-    };
+    // One a transaction: the ceiling of /v1/track. (The ceilings at 100 a
+    // transaction are measured again after the ingest phases, below.)
+    let ceiling1 = pg1.unwrap_or(raw1);
 
     let mock = MockChurnZero::start(MockArgs {
         listen: "127.0.0.1:0".parse()?,
@@ -1098,6 +1111,64 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
     let backlog = fleet.status().await?["pending"].as_i64().unwrap_or(0);
     fleet.stop().await;
 
+    // The ceilings that batch ingest is compared with, again, with no
+    // forwarder running (see `raw_sqlite_rows_per_sec_100_per_tx_after`).
+    let (mut raw100_after, mut lean100_after, mut pg100_after) = (None, None, None);
+    if let Target::Postgres(_) = target {
+        say(
+            args,
+            &format!(
+                "raw PostgreSQL again, {} rows at 100 a transaction",
+                args.raw_rows
+            ),
+        );
+        let raw_db = target.fresh("raw-after").await?;
+        pg100_after = Some(
+            raw_postgres(
+                &raw_db.to_string_lossy(),
+                args.raw_rows,
+                100,
+                args.raw_connections,
+            )
+            .await?,
+        );
+        target.discard(&raw_db).await;
+    } else {
+        say(
+            args,
+            &format!(
+                "raw SQLite again, {} rows at 100 a transaction, full and lean",
+                args.raw_rows
+            ),
+        );
+        raw100_after = Some(
+            raw_sqlite_in(
+                dir,
+                "raw100-after.db",
+                SQLITE_FULL_SCHEMA,
+                args.raw_rows,
+                100,
+            )
+            .await?,
+        );
+        lean100_after = Some(
+            raw_sqlite_in(
+                dir,
+                "lean100-after.db",
+                SQLITE_LEAN_SCHEMA,
+                args.raw_rows,
+                100,
+            )
+            .await?,
+        );
+    }
+    let mean = |before: f64, after: Option<f64>| after.map_or(before, |a| (before + a) / 2.0);
+    let ceiling100 = match pg100 {
+        Some(before) => mean(before, pg100_after),
+        None => mean(raw100, raw100_after),
+    };
+    let lean_ceiling = mean(lean100, lean100_after);
+
     say(
         args,
         &format!("drain: {backlog} events to the mock ChurnZero"),
@@ -1162,7 +1233,10 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
         raw_sqlite_rows_per_sec_100_per_tx: raw100,
         raw_sqlite_rows_per_sec_1_per_tx: raw1,
         raw_sqlite_lean_rows_per_sec_100_per_tx: lean100,
+        raw_sqlite_rows_per_sec_100_per_tx_after: raw100_after,
+        raw_sqlite_lean_rows_per_sec_100_per_tx_after: lean100_after,
         raw_postgres_rows_per_sec_100_per_tx: pg100,
+        raw_postgres_rows_per_sec_100_per_tx_after: pg100_after,
         raw_postgres_rows_per_sec_1_per_tx: pg1,
         raw_postgres_connections: pg100.map(|_| args.raw_connections),
         batch_ingest_events_per_sec: batch_rate,
@@ -1185,7 +1259,7 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
         drain_distinct_users_events_per_sec: distinct_rate,
         drain_distinct_users_peak_rss_mb: distinct_rss,
         ratio_batch_to_raw: batch_rate / ceiling100,
-        ratio_batch_to_lean_raw: pg100.is_none().then(|| batch_rate / lean100),
+        ratio_batch_to_lean_raw: pg100.is_none().then(|| batch_rate / lean_ceiling),
         ratio_track_empty_to_single_commit: track_empty_rate / ceiling1,
         ratio_track_to_single_commit: track_rate / ceiling1,
         ratio_drain_to_batch_ingest: drain_rate / batch_rate,
@@ -1356,6 +1430,18 @@ pub fn format_report(r: &BenchReport, args: &BenchArgs) -> String {
         "raw SQLite lean, 100 rows/transaction".into(),
         rate(r.raw_sqlite_lean_rows_per_sec_100_per_tx, "rows/s"),
     );
+    if let Some(after) = r.raw_sqlite_rows_per_sec_100_per_tx_after {
+        line(
+            "raw SQLite, 100 rows/tx, after ingest".into(),
+            rate(after, "rows/s"),
+        );
+    }
+    if let Some(after) = r.raw_sqlite_lean_rows_per_sec_100_per_tx_after {
+        line(
+            "raw SQLite lean, 100 rows/tx, after ingest".into(),
+            rate(after, "rows/s"),
+        );
+    }
     if let (Some(a), Some(b), Some(c)) = (
         r.raw_postgres_rows_per_sec_100_per_tx,
         r.raw_postgres_rows_per_sec_1_per_tx,
@@ -1365,6 +1451,12 @@ pub fn format_report(r: &BenchReport, args: &BenchArgs) -> String {
             format!("raw PostgreSQL, 100 rows/tx, {c} conns"),
             rate(a, "rows/s"),
         );
+        if let Some(after) = r.raw_postgres_rows_per_sec_100_per_tx_after {
+            line(
+                "raw PostgreSQL, 100 rows/tx, after ingest".into(),
+                rate(after, "rows/s"),
+            );
+        }
         line(
             format!("raw PostgreSQL, 1 row/tx, {c} conns"),
             rate(b, "rows/s"),

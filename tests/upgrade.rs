@@ -120,7 +120,7 @@ async fn serve_upgrades_a_previous_database_and_delivers_what_was_in_flight() {
 /// ever they live in the source tree) must keep producing exactly them.
 #[tokio::test]
 async fn released_migrations_keep_their_versions_and_checksums() {
-    const RELEASED: [(i64, &str); 9] = [
+    const RELEASED: [(i64, &str); 10] = [
         (
             1,
             "5d364fb6dbd0a5dd7ab9787262203b2aef2d93239129437c834de2dbfe2400eb86575493c45eb221827126633cbc4a0d",
@@ -157,6 +157,10 @@ async fn released_migrations_keep_their_versions_and_checksums() {
             9,
             "b30dcd11872ff513405bb7a5b4f1518aac1c1e0f0aa7eb8b3b055e661317acd18e68071501646d99b54164d2b9df528c",
         ),
+        (
+            10,
+            "d6ee48578f4682b1f9bc51367b9c098ad84d9a01442f3a7166ab24c7032f2c520d0e1bba58bb89837918e02b8c75c867",
+        ),
     ];
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("o.db");
@@ -173,15 +177,99 @@ async fn released_migrations_keep_their_versions_and_checksums() {
             .await
             .unwrap();
     conn.close().await.unwrap();
+    assert_released(rows, &RELEASED);
+}
+
+/// The recorded (version, checksum) rows begin with the released ones.
+fn assert_released(rows: Vec<(i64, Vec<u8>)>, released: &[(i64, &str)]) {
     let recorded: Vec<(i64, String)> = rows
         .into_iter()
         .map(|(v, sum)| (v, sum.iter().map(|b| format!("{b:02x}")).collect()))
         .collect();
-    let released: Vec<(i64, String)> = RELEASED
+    let released: Vec<(i64, String)> = released
         .iter()
         .map(|(v, sum)| (*v, sum.to_string()))
         .collect();
+    assert!(recorded.len() >= released.len(), "{recorded:?}");
     assert_eq!(recorded[..released.len()], released[..]);
+}
+
+/// The same for PostgreSQL: every instance sharing a database refuses to
+/// start once a migration it recorded has changed, so the released ones
+/// must keep their checksums as well.
+#[tokio::test]
+async fn released_postgres_migrations_keep_their_versions_and_checksums() {
+    const RELEASED: [(i64, &str); 13] = [
+        (
+            1,
+            "8be86666d45085e853077fbfeafef28ae9e5c75d110e522ae87d97d411e29b86a82dd6d8f2bb5d0b739d7255d7749462",
+        ),
+        (
+            2,
+            "09f952cc523d9c5af932486896aec6e4c4bff458df8b2bfd4a6b0800291e577de4f3ba95ae65b6a08092c0a7de66c22a",
+        ),
+        (
+            3,
+            "9b3f05b4182a0611d1c825850b365d1f67aa87f1662b4b95b6756a9b795be40407a184690801a3b79fc7d19c54dfec9c",
+        ),
+        (
+            4,
+            "df9f72baa0e92d789ada26265deabc32c450029aed6f0abc2fd3d06cf604d50aaa5a4f71e833c5d9906accd6c45163f2",
+        ),
+        (
+            5,
+            "05c5332e4b41c0f9eb72b949ba0987e7be0d16f6745f04119f9602ff35ead1cf7769869a12796db2ed7ba4970241cd2e",
+        ),
+        (
+            6,
+            "469fbd28b2554785d7222be5a3f653607b0a11b5d68fb3bbe1ca46fef8ceea437ca5fa090b71fd53673f096d27dcacf2",
+        ),
+        (
+            7,
+            "48de12a45995b74c8f7ac2f0f44efcab4b8b284706c8c8a16d8404504a9e34e49054355fd0d140d4ff70ee0f9d7dd9c0",
+        ),
+        (
+            8,
+            "baa425552406b6a831b3196e06a294b94fe89bdd6e7bb0456cfe11e4662529d9763166de8c65f0049e95c8309f463152",
+        ),
+        (
+            9,
+            "16338c2572d6037a3ad3cbe55f502cca33fb10f940d8d7ce5ba367e5c6f28e261c6d9f2b52a37750ecad19f84a0e4641",
+        ),
+        (
+            10,
+            "5285956ead3a48e3ac6a807d9e26335ac9d7a99ab03fc086ab399b85969bd2d7ef0398249fc95f586a3dfa58f4f2ed0f",
+        ),
+        (
+            11,
+            "720917ade6c0409fb3e210f14d473abd5f2ae0a13a2dbc57b22059899b2e355a7cf30313b59c64dc4355ec5149f00bf1",
+        ),
+        (
+            12,
+            "d1039109ed7362ca93d39daa58af15c198bcf4d8fa3ec788656d18ca0cad86fb58054e49764b6eccc8a6acc751e683f8",
+        ),
+        (
+            13,
+            "9f2c25d8ac3b5d5c21da79215c663e25042ffad1bdde21832a3a441ef8eef80c871cd6e29a2cb0a7f94cd929058087d4",
+        ),
+    ];
+    let Some(pg) = PgDb::create().await else {
+        return;
+    };
+    let url = pg.url();
+    drop(
+        churnzero_forwarder::outbox::Outbox::open(Path::new(&url), Default::default())
+            .await
+            .unwrap(),
+    );
+    let mut conn = sqlx::PgConnection::connect(&url).await.unwrap();
+    let rows: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT version, checksum FROM _sqlx_migrations ORDER BY version")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap();
+    conn.close().await.unwrap();
+    assert_released(rows, &RELEASED);
 }
 
 /// A database that an earlier release created and fully migrated starts

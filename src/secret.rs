@@ -55,10 +55,15 @@ impl std::str::FromStr for Secret {
 }
 
 /// Finds which of several secrets a candidate matches, touching every one so
-/// the time taken does not depend on which (if any) matched.
-pub fn find_match(secrets: &[Secret], candidate: &str) -> Option<usize> {
+/// the time taken does not depend on which (if any) matched. Takes the
+/// secrets by reference wherever they sit (a write key's is inside its
+/// `WriteKey`), so that checking a request copies none of them.
+pub fn find_match<'a>(
+    secrets: impl IntoIterator<Item = &'a Secret>,
+    candidate: &str,
+) -> Option<usize> {
     let mut found = None;
-    for (i, s) in secrets.iter().enumerate() {
+    for (i, s) in secrets.into_iter().enumerate() {
         if s.matches(candidate) && found.is_none() {
             found = Some(i);
         }

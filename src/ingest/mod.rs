@@ -279,8 +279,7 @@ fn basic_auth_key(headers: &HeaderMap) -> Option<Result<String, ()>> {
 }
 
 fn authenticate<'a>(keys: &'a [WriteKey], candidate: &str) -> Option<&'a WriteKey> {
-    let secrets: Vec<Secret> = keys.iter().map(|k| k.key.clone()).collect();
-    find_match(&secrets, candidate).map(|i| &keys[i])
+    find_match(keys.iter().map(|k| &k.key), candidate).map(|i| &keys[i])
 }
 
 fn unauthorized() -> ApiError {

@@ -6,7 +6,7 @@
 use churnzero_forwarder::outbox::postgres::{MAINTENANCE_LOCK, PgConfig, PgOutbox};
 use churnzero_forwarder::outbox::{
     AudienceOp, AudienceSettlement, ClaimedEvent, DeadListFilter, DeliveredValue, IdentityUpdate,
-    MaintenanceReport, NewEvent, SettleOutcome, Settlement, StoreError, now_ms,
+    IngestReceipt, MaintenanceReport, NewEvent, SettleOutcome, Settlement, StoreError, now_ms,
 };
 use sqlx::{Connection, PgConnection};
 use std::collections::{HashMap, HashSet};
@@ -71,6 +71,15 @@ async fn scalar(conn: &mut PgConnection, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(conn).await.expect(sql)
 }
 
+/// Ingests on a task of its own, so that the test can watch it wait.
+fn spawn_ingest(
+    outbox: &PgOutbox,
+    events: Vec<NewEvent>,
+) -> tokio::task::JoinHandle<Result<IngestReceipt, StoreError>> {
+    let outbox = outbox.clone();
+    tokio::spawn(async move { outbox.ingest(events).await })
+}
+
 /// Polls until `f` is true (observable state, not a fixed sleep).
 async fn wait_for<F, Fut>(what: &str, mut f: F)
 where
@@ -100,30 +109,10 @@ async fn ingest_is_acked_after_commit_and_deduplicated_across_instances() {
         .execute(&mut blocker)
         .await
         .unwrap();
-    let ta = tokio::spawn({
-        let a = a.clone();
-        async move { a.ingest(vec![ev("u1", "m-1")]).await }
-    });
-    let tb = tokio::spawn({
-        let b = b.clone();
-        async move { b.ingest(vec![ev("u1", "m-1")]).await }
-    });
+    let ta = spawn_ingest(&a, vec![ev("u1", "m-1")]);
+    let tb = spawn_ingest(&b, vec![ev("u1", "m-1")]);
     let mut watch = db.conn().await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    while scalar(
-        &mut watch,
-        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
-         AND wait_event_type = 'Lock'",
-    )
-    .await
-        != 2
-    {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "both ingests never waited on a lock"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_for_lock_waiters(&mut watch, 2).await;
     assert!(
         !ta.is_finished() && !tb.is_finished(),
         "an ingest answered before its commit"
@@ -190,14 +179,8 @@ async fn one_key_ingested_by_two_instances_at_once_has_one_head() {
         .execute(&mut blocker)
         .await
         .unwrap();
-    let ta = tokio::spawn({
-        let a = a.clone();
-        async move { a.ingest(vec![ev("u1", "m-a")]).await }
-    });
-    let tb = tokio::spawn({
-        let b = b.clone();
-        async move { b.ingest(vec![ev("u1", "m-b")]).await }
-    });
+    let ta = spawn_ingest(&a, vec![ev("u1", "m-a")]);
+    let tb = spawn_ingest(&b, vec![ev("u1", "m-b")]);
     let mut watch = db.conn().await;
     wait_for_lock_waiters(&mut watch, 2).await;
     sqlx::query("COMMIT").execute(&mut blocker).await.unwrap();
@@ -1800,10 +1783,7 @@ async fn key_locks_exclude_one_key_or_the_whole_key_space() {
     let claimed = a.claim(10, Duration::from_secs(30)).await.unwrap();
     let keys: HashSet<&str> = claimed.iter().map(|c| c.order_key.as_str()).collect();
     assert_eq!(keys, HashSet::from(["u2"]), "u1 is passed over");
-    let waiting = tokio::spawn({
-        let a = a.clone();
-        async move { a.ingest(vec![ev("u1", "m-4")]).await }
-    });
+    let waiting = spawn_ingest(&a, vec![ev("u1", "m-4")]);
     wait_for_lock_waiters(&mut watch, 1).await;
     assert!(!waiting.is_finished());
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
@@ -1828,10 +1808,7 @@ async fn key_locks_exclude_one_key_or_the_whole_key_space() {
             .is_empty(),
         "a claim finds nothing while the key space is held"
     );
-    let waiting = tokio::spawn({
-        let a = a.clone();
-        async move { a.ingest(vec![ev("u9", "m-5")]).await }
-    });
+    let waiting = spawn_ingest(&a, vec![ev("u9", "m-5")]);
     wait_for_lock_waiters(&mut watch, 1).await;
     sqlx::query("COMMIT").execute(&mut other).await.unwrap();
     waiting

@@ -486,49 +486,83 @@ async fn apply_identities(
     }
     let mut released: Vec<String> = order.iter().map(|u| u.to_string()).collect();
     if !users.is_empty() {
-        sqlx::query(
-            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
-             SELECT u, a, c, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS t(u, a, c) \
-             ON CONFLICT (user_id) DO UPDATE SET \
-             account_id = COALESCE(excluded.account_id, identities.account_id), \
-             contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
-             updated_at = excluded.updated_at",
-        )
-        .bind(&users)
-        .bind(&accounts)
-        .bind(&contacts)
-        .bind(now)
-        .execute(&mut *conn)
-        .await
-        .map_err(pg_error)?;
+        upsert_identities(conn, &users, &accounts, &contacts, now).await?;
         // Earlier ids aliased to these users learn what they now know.
-        let aliased: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
-             SELECT a.previous_id, i.account_id, i.contact_id, $1 FROM aliases a \
-             JOIN identities i ON i.user_id = a.user_id \
-             WHERE a.user_id = ANY($2) AND a.previous_id <> a.user_id \
-             ON CONFLICT (user_id) DO UPDATE SET \
-             account_id = COALESCE(identities.account_id, excluded.account_id), \
-             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
-             updated_at = excluded.updated_at \
-             RETURNING user_id",
-        )
-        .bind(now)
-        .bind(&users)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(pg_error)?;
-        if !aliased.is_empty() {
-            let keys: Vec<&str> = aliased.iter().map(String::as_str).collect();
-            lock_keys(conn, &keys).await?;
-        }
-        released.extend(aliased);
+        released.extend(teach_aliased(conn, &users, now).await?);
     }
+    release_held(conn, &released, now).await
+}
+
+/// The identity map learns these users' ids. An id the update leaves out
+/// keeps what the map knew.
+async fn upsert_identities(
+    conn: &mut sqlx::PgConnection,
+    users: &[&str],
+    accounts: &[Option<&str>],
+    contacts: &[Option<&str>],
+    now: i64,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+         SELECT u, a, c, $4 FROM unnest($1::text[], $2::text[], $3::text[]) AS t(u, a, c) \
+         ON CONFLICT (user_id) DO UPDATE SET \
+         account_id = COALESCE(excluded.account_id, identities.account_id), \
+         contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
+         updated_at = excluded.updated_at",
+    )
+    .bind(users)
+    .bind(accounts)
+    .bind(contacts)
+    .bind(now)
+    .execute(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    Ok(())
+}
+
+/// The earlier ids aliased to these users learn the ids the map has for
+/// them (an id they knew already stays). Returns those earlier ids, with
+/// their keys locked: their held events may now be released.
+async fn teach_aliased(
+    conn: &mut sqlx::PgConnection,
+    users: &[&str],
+    now: i64,
+) -> Result<Vec<String>, StoreError> {
+    let aliased: Vec<String> = sqlx::query_scalar(
+        "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
+         SELECT a.previous_id, i.account_id, i.contact_id, $1 FROM aliases a \
+         JOIN identities i ON i.user_id = a.user_id \
+         WHERE a.user_id = ANY($2) AND a.previous_id <> a.user_id \
+         ON CONFLICT (user_id) DO UPDATE SET \
+         account_id = COALESCE(identities.account_id, excluded.account_id), \
+         contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
+         updated_at = excluded.updated_at \
+         RETURNING user_id",
+    )
+    .bind(now)
+    .bind(users)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(pg_error)?;
+    if !aliased.is_empty() {
+        let keys: Vec<&str> = aliased.iter().map(String::as_str).collect();
+        lock_keys(conn, &keys).await?;
+    }
+    Ok(aliased)
+}
+
+/// Releases the events held for these keys. A held event is its key's
+/// head: releasing it changes no order.
+async fn release_held(
+    conn: &mut sqlx::PgConnection,
+    keys: &[String],
+    now: i64,
+) -> Result<(), StoreError> {
     sqlx::query(
         "UPDATE events SET state = 0, next_attempt_at = $1 WHERE order_key = ANY($2) AND state = 4",
     )
     .bind(now)
-    .bind(&released)
+    .bind(keys)
     .execute(&mut *conn)
     .await
     .map_err(pg_error)?;
@@ -543,43 +577,18 @@ async fn apply_identity(
     id: &IdentityUpdate,
     now: i64,
 ) -> Result<(), StoreError> {
-    if id.teaches_ids() {
-        sqlx::query(
-            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT (user_id) DO UPDATE SET \
-             account_id = COALESCE(excluded.account_id, identities.account_id), \
-             contact_id = COALESCE(excluded.contact_id, identities.contact_id), \
-             updated_at = excluded.updated_at",
-        )
-        .bind(&id.user_id)
-        .bind(&id.account)
-        .bind(&id.contact)
-        .bind(now)
-        .execute(&mut *conn)
-        .await
-        .map_err(pg_error)?;
-    }
     let mut aliased = Vec::new();
     if id.teaches_ids() {
-        aliased = sqlx::query_scalar(
-            "INSERT INTO identities (user_id, account_id, contact_id, updated_at) \
-             SELECT a.previous_id, i.account_id, i.contact_id, $1 FROM aliases a \
-             JOIN identities i ON i.user_id = a.user_id WHERE a.user_id = $2 AND a.previous_id <> a.user_id \
-             ON CONFLICT (user_id) DO UPDATE SET \
-             account_id = COALESCE(identities.account_id, excluded.account_id), \
-             contact_id = COALESCE(identities.contact_id, excluded.contact_id), \
-             updated_at = excluded.updated_at \
-             RETURNING user_id",
+        let user = [id.user_id.as_str()];
+        upsert_identities(
+            conn,
+            &user,
+            &[id.account.as_deref()],
+            &[id.contact.as_deref()],
+            now,
         )
-        .bind(now)
-        .bind(&id.user_id)
-        .fetch_all(&mut *conn)
-        .await
-        .map_err(pg_error)?;
-        if !aliased.is_empty() {
-            let keys: Vec<&str> = aliased.iter().map(String::as_str).collect();
-            lock_keys(conn, &keys).await?;
-        }
+        .await?;
+        aliased = teach_aliased(conn, &user, now).await?;
     }
     if let Some(prev) = &id.previous_id {
         sqlx::query(
@@ -613,17 +622,7 @@ async fn apply_identity(
         .await
         .map_err(pg_error)?;
     }
-    let released = crate::identity::released_by(id, aliased);
-    // A held event is its key's head: releasing it changes no order.
-    sqlx::query(
-        "UPDATE events SET state = 0, next_attempt_at = $1 WHERE order_key = ANY($2) AND state = 4",
-    )
-    .bind(now)
-    .bind(&released)
-    .execute(&mut *conn)
-    .await
-    .map_err(pg_error)?;
-    Ok(())
+    release_held(conn, &crate::identity::released_by(id, aliased), now).await
 }
 
 #[cfg(test)]

@@ -477,8 +477,10 @@ pub fn to_new_event(
         order_key: valid.order_key,
         // Straight into a byte buffer: `Value`'s `Display` writes the same
         // text through the formatter, one small write at a time, which
-        // cost batch ingest more than parsing the events did.
-        payload: serde_json::to_string(&event).unwrap_or_else(|_| event.to_string()),
+        // cost batch ingest more than parsing the events did. A `Value`
+        // (string keys, finite numbers) has no way to fail here; `Display`
+        // would have panicked on the same error.
+        payload: serde_json::to_string(&event).expect("a JSON value always serialises"),
         forward: valid.forward,
         identity,
         audience,

@@ -242,6 +242,204 @@ async fn concurrent_requests_share_commits() {
     );
 }
 
+/// A TCP proxy in front of the PostgreSQL server that counts the round
+/// trips clients make: each Sync message ends one (a prepared statement's
+/// Bind/Execute/Sync, or sqlx's ping, which is a lone Sync), and so does
+/// each simple Query (`BEGIN`, `COMMIT`).
+struct SyncCounter {
+    addr: std::net::SocketAddr,
+    syncs: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl SyncCounter {
+    async fn start() -> SyncCounter {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let syncs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let upstream = server_host_port();
+        let counted = syncs.clone();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect(&upstream).await.unwrap();
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                });
+                let counted = counted.clone();
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    let mut parser = SyncParser::default();
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match cr.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => n,
+                        };
+                        let syncs = parser.feed(&buf[..n]);
+                        counted.fetch_add(syncs, std::sync::atomic::Ordering::SeqCst);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
+            }
+        });
+        SyncCounter { addr, syncs }
+    }
+
+    /// The test database's URL through the proxy, in plain text so that
+    /// the proxy can read the messages.
+    fn url(&self, db: &TestDb) -> String {
+        let url = db.url();
+        let hp = server_host_port();
+        format!(
+            "{}?sslmode=disable",
+            url.replacen(&hp, &self.addr.to_string(), 1)
+        )
+    }
+
+    fn round_trips(&self) -> u64 {
+        self.syncs.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// `host:port` of the test server's URL.
+fn server_host_port() -> String {
+    let server = common::pg_server();
+    let rest = server.split_once("://").map_or(server.as_str(), |(_, r)| r);
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    rest.split('/').next().unwrap().to_string()
+}
+
+/// Splits a client's byte stream into protocol messages: untyped ones
+/// first (an SSL request, then the startup message), then a type byte and
+/// a length each.
+#[derive(Default)]
+struct SyncParser {
+    started: bool,
+    pending: Vec<u8>,
+}
+
+impl SyncParser {
+    fn feed(&mut self, bytes: &[u8]) -> u64 {
+        self.pending.extend_from_slice(bytes);
+        let mut syncs = 0;
+        loop {
+            let head = if self.started { 1 } else { 0 };
+            if self.pending.len() < head + 4 {
+                return syncs;
+            }
+            let len_at = &self.pending[head..head + 4];
+            let len = u32::from_be_bytes(len_at.try_into().unwrap()) as usize;
+            if self.pending.len() < head + len {
+                return syncs;
+            }
+            if self.started {
+                if matches!(self.pending[0], b'S' | b'Q') {
+                    syncs += 1;
+                }
+            } else {
+                // 80877103: SSLRequest, 80877104: GSSENCRequest; anything
+                // else is the startup message.
+                let code = u32::from_be_bytes(self.pending[4..8].try_into().unwrap());
+                self.started = code != 80877103 && code != 80877104;
+            }
+            self.pending.drain(..head + len);
+        }
+    }
+}
+
+/// A group commit is one round trip to the server. sqlx pings a pooled
+/// connection before handing it out and again when it comes back, which
+/// made three of every group's round trips; the committers keep their own
+/// connections instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_group_commit_is_one_round_trip() {
+    let db = test_db!();
+    let proxy = SyncCounter::start().await;
+    let a = PgOutbox::connect(
+        &proxy.url(&db),
+        PgConfig {
+            // Nothing of the instance's own in the measured window.
+            heartbeat: Duration::from_secs(3600),
+            instance_expiry: Duration::from_secs(7200),
+            own_vacuum_every: Duration::from_secs(3600),
+            ..config()
+        },
+    )
+    .await
+    .expect("connect outbox through the proxy");
+    // One request at a time: every group is one request. The committers
+    // take turns, so two rounds open every committer's connection and
+    // prepare its statement.
+    for i in 0..8 {
+        let r = a.ingest(vec![ev(&format!("warm-{i}"), &format!("warm-{i}"))]);
+        assert_eq!(r.await.unwrap().stored, 1);
+    }
+    let before = proxy.round_trips();
+    for i in 0..20 {
+        let r = a.ingest(vec![ev(&format!("u-{i}"), &format!("m-{i}"))]);
+        assert_eq!(r.await.unwrap().stored, 1);
+    }
+    let round_trips = proxy.round_trips() - before;
+    let mut watch = db.conn().await;
+    assert_eq!(scalar(&mut watch, "SELECT count(*) FROM events").await, 28);
+    assert_eq!(round_trips, 20, "round trips to the server for 20 groups");
+}
+
+/// A committer keeps its connection between groups; a session the server
+/// ended while it sat idle (a restart, `idle_session_timeout`) is found by
+/// a ping before the next group, which goes out on a new connection
+/// instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_ended_while_idle_costs_no_failed_group() {
+    let db = test_db!();
+    let a = PgOutbox::connect(
+        &db.url(),
+        PgConfig {
+            // No heartbeat to come across the ended sessions first.
+            heartbeat: Duration::from_secs(3600),
+            instance_expiry: Duration::from_secs(7200),
+            ..config()
+        },
+    )
+    .await
+    .expect("connect outbox");
+    for i in 0..8 {
+        let r = a.ingest(vec![ev(&format!("warm-{i}"), &format!("warm-{i}"))]);
+        assert_eq!(r.await.unwrap().stored, 1);
+    }
+    let mut watch = db.conn().await;
+    let committers = scalar(
+        &mut watch,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND query LIKE '%ingest_group%' AND pid <> pg_backend_pid()",
+    )
+    .await;
+    assert_eq!(committers, 4, "one session per committer");
+    // Every session of the instance: the committers' and the pool's.
+    let ended: Vec<bool> = sqlx::query_scalar(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .fetch_all(&mut watch)
+    .await
+    .unwrap();
+    assert!(ended.len() > 4 && ended.iter().all(|e| *e), "{ended:?}");
+    // Past the idle spell after which a connection is pinged first.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for i in 0..8 {
+        let r = a.ingest(vec![ev(&format!("u-{i}"), &format!("m-{i}"))]);
+        assert_eq!(r.await.expect("ingest after the sessions ended").stored, 1);
+    }
+    // The pool's connections too: a status read and a claim.
+    assert_eq!(a.status().await.expect("status").pending, 16);
+    let claimed = a.claim(100, Duration::from_secs(30)).await;
+    assert_eq!(claimed.expect("claim after the sessions ended").len(), 16);
+    assert_eq!(scalar(&mut watch, "SELECT count(*) FROM events").await, 16);
+}
+
 /// Waits until every session's statistics up to now have reached the
 /// server's view: `inserted` is how many events the test has stored, and a
 /// session reports its inserts in the same flush as its transaction's

@@ -3,9 +3,13 @@
 //! Every statement covers the whole group (arrays through `unnest`), so a
 //! group costs the same few round trips however many events it holds.
 
-use super::{PgConfig, lock_keys, pg_error, with_retry};
+use super::{
+    PING_WHEN_IDLE_FOR, PgConfig, check_synchronous_commit, lock_keys, pg_error, retry_pause,
+    retryable,
+};
 use crate::outbox::{IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
-use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -73,7 +77,7 @@ fn keys_to_lock<'a>(events: impl Iterator<Item = &'a NewEvent>) -> Vec<&'a str> 
 /// overlap the disk wait of the other, and the server flushes both commits
 /// together when they meet. The key locks order the two groups exactly as
 /// they order two instances.
-const COMMITTERS: usize = 4;
+pub(super) const COMMITTERS: usize = 4;
 
 /// Events a group must hold before it starts while another group is still
 /// in flight. Every group pays a fixed cost on the server (the function
@@ -126,7 +130,7 @@ impl Drop for InFlight<'_> {
 }
 
 pub(super) async fn run(
-    pool: PgPool,
+    opts: PgConnectOptions,
     config: PgConfig,
     stored: Arc<Notify>,
     rx: mpsc::Receiver<Request>,
@@ -136,9 +140,121 @@ pub(super) async fn run(
         in_flight: AtomicUsize::new(0),
         finished: Notify::new(),
     };
-    let committers = (0..COMMITTERS).map(|_| committer(&pool, &config, &stored, &intake));
+    let committers = (0..COMMITTERS).map(|_| committer(&opts, &config, &stored, &intake));
     futures_util::future::join_all(committers).await;
 }
+
+/// A committer's own connection, kept from one group to the next.
+///
+/// A pooled connection costs two extra round trips a group: sqlx tests
+/// every connection on its way back to the pool with a ping, whatever the
+/// pool's settings, and groups of tracks come hundreds of times a second.
+/// The connection is opened when the first group needs it, and dropped
+/// whenever its state is in doubt: after a commit that timed out, or an
+/// error after which it does not answer a ping; the next group opens a new
+/// one. Like the pool's connections, one left idle for a while is pinged
+/// before use, so that a session the server ended meanwhile (a restart,
+/// `idle_session_timeout`, a firewall's idle cut) costs a new connection,
+/// not a failed group.
+struct Committer<'a> {
+    opts: &'a PgConnectOptions,
+    config: &'a PgConfig,
+    conn: Option<PgConnection>,
+    last_used: std::time::Instant,
+}
+
+impl Committer<'_> {
+    /// The kept connection, or a new one (with `synchronous_commit`
+    /// checked, as the pool checks its own); an unreachable server fails
+    /// within the pool's acquire timeout, as an acquire would.
+    async fn connection(&mut self) -> Result<&mut PgConnection, StoreError> {
+        if self.last_used.elapsed() >= PING_WHEN_IDLE_FOR
+            && let Some(mut c) = self.conn.take()
+            && matches!(
+                tokio::time::timeout(PING_AFTER_ERROR, c.ping()).await,
+                Ok(Ok(()))
+            )
+        {
+            self.conn = Some(c);
+        }
+        if self.conn.is_none() {
+            let wait = self.config.acquire_timeout;
+            let open = async {
+                let mut c = self.opts.connect().await.map_err(pg_error)?;
+                check_synchronous_commit(&mut c).await.map_err(pg_error)?;
+                Ok::<_, StoreError>(c)
+            };
+            let c = tokio::time::timeout(wait, open).await.unwrap_or_else(|_| {
+                Err(StoreError::Busy(format!(
+                    "PostgreSQL is unreachable: no connection within {}s",
+                    wait.as_secs()
+                )))
+            })?;
+            self.conn = Some(c);
+        }
+        Ok(self.conn.as_mut().expect("opened above"))
+    }
+
+    /// Commits a group, again after a deadlock or a momentarily full lock
+    /// table (as `with_retry` does for the pool's transactions).
+    async fn commit_with_retry(
+        &mut self,
+        requests: &[&[NewEvent]],
+    ) -> Result<Vec<IngestReceipt>, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.commit(requests).await {
+                Err(e) if retryable(&e) && attempt < 5 => {
+                    attempt += 1;
+                    tracing::debug!(error = %e, attempt, "outbox transaction retried");
+                    tokio::time::sleep(retry_pause(attempt)).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    async fn commit(&mut self, requests: &[&[NewEvent]]) -> Result<Vec<IngestReceipt>, StoreError> {
+        let config = self.config;
+        // A server that stopped answering without closing the connection
+        // (a network partition) must not hold ingest up: the outcome is
+        // then unknown, the clients get 503 and retry, and the dedup by
+        // message id makes the retry safe whichever way it went.
+        let attempt = async {
+            let conn = self.connection().await?;
+            commit_group(conn, config, requests).await
+        };
+        let outcome = tokio::time::timeout(COMMIT_TIMEOUT, attempt).await;
+        self.last_used = std::time::Instant::now();
+        let result = match outcome {
+            Ok(r) => r,
+            Err(_) => {
+                // Cut off mid-statement: nothing more may be sent on it.
+                self.conn = None;
+                return Err(StoreError::Busy(format!(
+                    "PostgreSQL did not complete a commit within {}s",
+                    COMMIT_TIMEOUT.as_secs()
+                )));
+            }
+        };
+        if result.is_err() {
+            // A statement the server refused leaves the connection usable
+            // (a transaction left open is rolled back before the ping
+            // returns); a broken or stuck one is let go.
+            if let Some(mut c) = self.conn.take() {
+                let ping = tokio::time::timeout(PING_AFTER_ERROR, c.ping()).await;
+                if matches!(ping, Ok(Ok(()))) {
+                    self.conn = Some(c);
+                }
+            }
+        }
+        result
+    }
+}
+
+/// How long a committer's connection has to answer a ping (after an
+/// error, or an idle spell) before it is let go.
+const PING_AFTER_ERROR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Takes what is queued (after waiting for the first request) as one group:
 /// everything at once when no other group is in flight, otherwise until it
@@ -217,7 +333,13 @@ async fn take_group<'a>(intake: &'a Intake, group: &mut Vec<Request>) -> Option<
 
 /// Takes a group, commits it, answers, and goes again, until the queue
 /// closes.
-async fn committer(pool: &PgPool, config: &PgConfig, stored: &Notify, intake: &Intake) {
+async fn committer(opts: &PgConnectOptions, config: &PgConfig, stored: &Notify, intake: &Intake) {
+    let mut this = Committer {
+        opts,
+        config,
+        conn: None,
+        last_used: std::time::Instant::now(),
+    };
     let mut group: Vec<Request> = Vec::with_capacity(GROUP_CAP);
     loop {
         let Some(in_flight) = take_group(intake, &mut group).await else {
@@ -225,7 +347,7 @@ async fn committer(pool: &PgPool, config: &PgConfig, stored: &Notify, intake: &I
         };
         let requests: Vec<&[NewEvent]> = group.iter().map(|r| r.events.as_slice()).collect();
         let started = std::time::Instant::now();
-        let result = commit_with_retry(pool, config, &requests).await;
+        let result = this.commit_with_retry(&requests).await;
         tracing::trace!(
             requests = requests.len(),
             events = requests.iter().map(|r| r.len()).sum::<usize>(),
@@ -257,7 +379,8 @@ async fn committer(pool: &PgPool, config: &PgConfig, stored: &Notify, intake: &I
                 // One request's failure must not fail its neighbours.
                 for r in group.drain(..) {
                     let single = [r.events.as_slice()];
-                    let result = commit_with_retry(pool, config, &single)
+                    let result = this
+                        .commit_with_retry(&single)
                         .await
                         .map(|mut v| v.pop().unwrap_or_default());
                     let _ = r.reply.send(result);
@@ -269,30 +392,8 @@ async fn committer(pool: &PgPool, config: &PgConfig, stored: &Notify, intake: &I
     }
 }
 
-async fn commit_with_retry(
-    pool: &PgPool,
-    config: &PgConfig,
-    requests: &[&[NewEvent]],
-) -> Result<Vec<IngestReceipt>, StoreError> {
-    with_retry(|| async {
-        // A server that stopped answering without closing the connection
-        // (a network partition) must not hold ingest up: the outcome is
-        // then unknown, the clients get 503 and retry, and the dedup by
-        // message id makes the retry safe whichever way it went.
-        tokio::time::timeout(COMMIT_TIMEOUT, commit_group(pool, config, requests))
-            .await
-            .unwrap_or_else(|_| {
-                Err(StoreError::Busy(format!(
-                    "PostgreSQL did not complete a commit within {}s",
-                    COMMIT_TIMEOUT.as_secs()
-                )))
-            })
-    })
-    .await
-}
-
 async fn commit_group(
-    pool: &PgPool,
+    conn: &mut PgConnection,
     config: &PgConfig,
     requests: &[&[NewEvent]],
 ) -> Result<Vec<IngestReceipt>, StoreError> {
@@ -336,7 +437,7 @@ async fn commit_group(
     let side_effects = all().any(|e| e.identity.is_some() || !e.audience.is_empty());
     let mut tx = None;
     let fresh_mask: Option<Vec<bool>> = if side_effects {
-        let mut t = pool.begin().await.map_err(pg_error)?;
+        let mut t = conn.begin().await.map_err(pg_error)?;
         let r = sqlx::query_scalar("SELECT ingest_begin($1, $2, $3, $4, $5, $6, $7)")
             .bind(&lock_keys)
             .bind(forward_total)
@@ -364,7 +465,7 @@ async fn commit_group(
             .bind(total)
             .bind(now)
             .bind(cutoff)
-            .fetch_one(pool)
+            .fetch_one(&mut *conn)
             .await
             .map_err(pg_error)?
     };

@@ -370,13 +370,14 @@ impl PgOutbox {
             .max_connections(pooled)
             .acquire_timeout(config.acquire_timeout)
             .after_connect(|conn, _| Box::pin(check_synchronous_commit(conn)))
-            // sqlx pings every connection it hands out, a round trip of its
-            // own before each transaction: about a sixth of the forwarder's
-            // CPU per track, and a tenth of the server's. A connection in
-            // steady use needs no such test (one that broke fails its
-            // statement, and sqlx tests it again on its way back to the
-            // pool); one left idle long enough for the server to have
-            // restarted meanwhile is pinged, as before.
+            // By default sqlx pings every connection it hands out: a round
+            // trip of its own before each transaction, which under load
+            // costs both sides as much as a small statement. A connection
+            // in steady use needs no such test (one that broke fails its
+            // statement, and sqlx pings it again on its way back to the
+            // pool, whatever the settings); one left idle long enough for
+            // the server to have ended its session meanwhile is pinged, as
+            // before.
             .test_before_acquire(false)
             .before_acquire(|conn, meta| {
                 Box::pin(async move {

@@ -350,6 +350,29 @@ impl SyncParser {
     }
 }
 
+/// An instance with no heartbeat or vacuum of its own for an hour, after
+/// eight single-track groups, one request at a time: the committers take
+/// turns, so every committer has opened its connection and prepared its
+/// statement.
+async fn quiet_instance_warmed_up(url: &str) -> PgOutbox {
+    let a = PgOutbox::connect(
+        url,
+        PgConfig {
+            heartbeat: Duration::from_secs(3600),
+            instance_expiry: Duration::from_secs(7200),
+            own_vacuum_every: Duration::from_secs(3600),
+            ..config()
+        },
+    )
+    .await
+    .expect("connect outbox");
+    for i in 0..8 {
+        let r = a.ingest(vec![ev(&format!("warm-{i}"), &format!("warm-{i}"))]);
+        assert_eq!(r.await.unwrap().stored, 1);
+    }
+    a
+}
+
 /// A group commit is one round trip to the server. sqlx pings a pooled
 /// connection before handing it out and again when it comes back, which
 /// made three of every group's round trips; the committers keep their own
@@ -358,25 +381,8 @@ impl SyncParser {
 async fn a_group_commit_is_one_round_trip() {
     let db = test_db!();
     let proxy = SyncCounter::start().await;
-    let a = PgOutbox::connect(
-        &proxy.url(&db),
-        PgConfig {
-            // Nothing of the instance's own in the measured window.
-            heartbeat: Duration::from_secs(3600),
-            instance_expiry: Duration::from_secs(7200),
-            own_vacuum_every: Duration::from_secs(3600),
-            ..config()
-        },
-    )
-    .await
-    .expect("connect outbox through the proxy");
-    // One request at a time: every group is one request. The committers
-    // take turns, so two rounds open every committer's connection and
-    // prepare its statement.
-    for i in 0..8 {
-        let r = a.ingest(vec![ev(&format!("warm-{i}"), &format!("warm-{i}"))]);
-        assert_eq!(r.await.unwrap().stored, 1);
-    }
+    // Nothing of the instance's own in the measured window.
+    let a = quiet_instance_warmed_up(&proxy.url(&db)).await;
     let before = proxy.round_trips();
     for i in 0..20 {
         let r = a.ingest(vec![ev(&format!("u-{i}"), &format!("m-{i}"))]);
@@ -395,21 +401,8 @@ async fn a_group_commit_is_one_round_trip() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_session_ended_while_idle_costs_no_failed_group() {
     let db = test_db!();
-    let a = PgOutbox::connect(
-        &db.url(),
-        PgConfig {
-            // No heartbeat to come across the ended sessions first.
-            heartbeat: Duration::from_secs(3600),
-            instance_expiry: Duration::from_secs(7200),
-            ..config()
-        },
-    )
-    .await
-    .expect("connect outbox");
-    for i in 0..8 {
-        let r = a.ingest(vec![ev(&format!("warm-{i}"), &format!("warm-{i}"))]);
-        assert_eq!(r.await.unwrap().stored, 1);
-    }
+    // No heartbeat to come across the ended sessions first.
+    let a = quiet_instance_warmed_up(&db.url()).await;
     let mut watch = db.conn().await;
     let committers = scalar(
         &mut watch,

@@ -4,8 +4,7 @@
 //! group costs the same few round trips however many events it holds.
 
 use super::{
-    PING_WHEN_IDLE_FOR, PgConfig, check_synchronous_commit, lock_keys, pg_error, retry_pause,
-    retryable,
+    PING_WHEN_IDLE_FOR, PgConfig, check_synchronous_commit, lock_keys, pause_before_retry, pg_error,
 };
 use crate::outbox::{IdentityUpdate, IngestReceipt, NewEvent, StoreError, now_ms};
 use sqlx::postgres::{PgConnectOptions, PgConnection};
@@ -196,21 +195,20 @@ impl Committer<'_> {
     }
 
     /// Commits a group, again after a deadlock or a momentarily full lock
-    /// table (as `with_retry` does for the pool's transactions).
+    /// table, by the policy `with_retry` keeps for the pool's transactions.
     async fn commit_with_retry(
         &mut self,
         requests: &[&[NewEvent]],
     ) -> Result<Vec<IngestReceipt>, StoreError> {
         let mut attempt = 0;
         loop {
-            match self.commit(requests).await {
-                Err(e) if retryable(&e) && attempt < 5 => {
-                    attempt += 1;
-                    tracing::debug!(error = %e, attempt, "outbox transaction retried");
-                    tokio::time::sleep(retry_pause(attempt)).await;
-                }
-                r => return r,
+            let r = self.commit(requests).await;
+            if let Err(e) = &r
+                && pause_before_retry(e, &mut attempt).await
+            {
+                continue;
             }
+            return r;
         }
     }
 

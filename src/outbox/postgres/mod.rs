@@ -294,15 +294,28 @@ where
 {
     let mut attempt = 0;
     loop {
-        match f().await {
-            Err(e) if retryable(&e) && attempt < 5 => {
-                attempt += 1;
-                tracing::debug!(error = %e, attempt, "outbox transaction retried");
-                tokio::time::sleep(retry_pause(attempt)).await;
-            }
-            r => return r,
+        let r = f().await;
+        if let Err(e) = &r
+            && pause_before_retry(e, &mut attempt).await
+        {
+            continue;
         }
+        return r;
     }
+}
+
+/// The retry policy of `with_retry`, for a loop that cannot hand its
+/// transaction over as a closure (ingest's committers, which lend their own
+/// connection to each attempt): whether `e` after `attempt` earlier retries
+/// is worth another; if so, pauses and counts it.
+async fn pause_before_retry(e: &StoreError, attempt: &mut u32) -> bool {
+    if !retryable(e) || *attempt >= 5 {
+        return false;
+    }
+    *attempt += 1;
+    tracing::debug!(error = %e, attempt = *attempt, "outbox transaction retried");
+    tokio::time::sleep(retry_pause(*attempt)).await;
+    true
 }
 
 /// How long a pooled connection may sit idle and still be handed out
@@ -792,4 +805,30 @@ async fn lock_keys(conn: &mut sqlx::PgConnection, keys: &[&str]) -> Result<(), S
         .await
         .map_err(pg_error)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A full lock table is retried five times, a little longer apart each
+    /// time; an error that another attempt cannot mend is not retried.
+    #[tokio::test(start_paused = true)]
+    async fn the_retry_policy_retries_what_may_pass_five_times() {
+        let full = StoreError::Busy(format!("{LOCK_TABLE_FULL}: out of shared memory"));
+        let started = tokio::time::Instant::now();
+        let mut attempt = 0;
+        let mut retries = 0;
+        while pause_before_retry(&full, &mut attempt).await {
+            retries += 1;
+        }
+        assert_eq!(retries, 5);
+        // 20 + 40 + 60 + 80 + 100 ms of pauses.
+        assert_eq!(started.elapsed(), Duration::from_millis(300));
+
+        let unreachable = StoreError::Busy("PostgreSQL is unreachable: refused".into());
+        let mut attempt = 0;
+        assert!(!pause_before_retry(&unreachable, &mut attempt).await);
+        assert_eq!(attempt, 0);
+    }
 }

@@ -939,6 +939,84 @@ async fn a_settle_probes_its_own_leases_not_every_lease_held() {
     );
 }
 
+/// Probes of the events' primary key, once every session has reported its
+/// statements up to `events` stored and `leases` lease rows inserted (a
+/// claim reports its reads with its lease rows).
+async fn primary_key_probes_after(
+    db: &TestDb,
+    watch: &mut PgConnection,
+    events: i64,
+    leases: i64,
+) -> i64 {
+    reported(db, events).await;
+    inserts_reported(db, "leases", leases).await;
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *watch)
+        .await
+        .unwrap();
+    scalar(
+        watch,
+        "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'events_pkey'",
+    )
+    .await
+}
+
+/// A claim reads each event it leases once: through the key index that
+/// finds it, where its payload is returned from, plus the probe that locks
+/// a head's row. It read every leased row a second time by its primary key
+/// to return the payload, a twentieth of the claim's time when every event
+/// is a user of its own. The claimed payloads are the ones stored, heads
+/// and the events queued behind them alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reads_each_event_it_leases_once() {
+    let db = test_db!();
+    let mut watch = db.conn().await;
+    let quiet = PgConfig {
+        heartbeat: Duration::from_secs(3600),
+        instance_expiry: Duration::from_secs(3600),
+        ..config()
+    };
+    let a = outbox_planning_on_empty_tables_with(&db, &mut watch, quiet).await;
+    // Warm-up: a claim and its settle, so that the sessions have planned.
+    a.ingest(vec![ev("warm", "warm")]).await.unwrap();
+    let warm = a.claim(10, Duration::from_secs(300)).await.unwrap();
+    a.settle(warm.iter().map(delivered).collect())
+        .await
+        .unwrap();
+    // 1,000 users of their own, and one user with three events queued.
+    ingest_distinct_users(&a, 1000).await;
+    let queue: Vec<NewEvent> = (0..3).map(|i| ev("queue", &format!("q-{i}"))).collect();
+    assert_eq!(a.ingest(queue).await.unwrap().stored, 3);
+    let before = primary_key_probes_after(&db, &mut watch, 1004, 1).await;
+    let claimed = a.claim(256, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(claimed.len(), 256);
+    let probes = primary_key_probes_after(&db, &mut watch, 1004, 257).await - before;
+    // One probe per head locked: 256. Reading every leased row again: 512.
+    assert!(
+        probes < 256 + 64,
+        "a claim of 256 heads probed the events' primary key {probes} times"
+    );
+    for c in &claimed {
+        let n = c.order_key.strip_prefix("u-").expect("a user of its own");
+        assert_eq!(msg_of(c), format!("m-{n}"));
+    }
+    // The queued user's events come with its head, in order, with their
+    // own payloads.
+    a.settle(claimed.iter().map(delivered).collect())
+        .await
+        .unwrap();
+    let mut queued = Vec::new();
+    while queued.is_empty() {
+        let batch = a.claim(400, Duration::from_secs(300)).await.unwrap();
+        assert!(!batch.is_empty(), "the queued user was never claimed");
+        queued.extend(batch.iter().filter(|c| c.order_key == "queue").map(msg_of));
+        a.settle(batch.iter().map(delivered).collect())
+            .await
+            .unwrap();
+    }
+    assert_eq!(queued, ["q-0", "q-1", "q-2"]);
+}
+
 /// Status counts the events queued behind held heads from a counter, not by
 /// walking every held user's queue. A fresh install whose tracks arrive
 /// before their users' identifies holds every user: at 118,800 held users a

@@ -1017,6 +1017,114 @@ async fn a_claim_reads_each_event_it_leases_once() {
     assert_eq!(queued, ["q-0", "q-1", "q-2"]);
 }
 
+/// Sessions of the test database other than the test's own `mine`.
+async fn sessions_besides(watch: &mut PgConnection, mine: &[i32]) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> ALL($1)",
+    )
+    .bind(mine)
+    .fetch_one(&mut *watch)
+    .await
+    .expect("sessions")
+}
+
+/// An instance opens at most `max_connections` sessions, however many calls
+/// wait: its committers' own connections and the pool's rest, so that N
+/// instances can be sized against the server's `max_connections`. Here the
+/// pool's calls are kept waiting (settles, behind the key space held
+/// exclusively by another session) until the pool has opened all it may.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_instance_opens_at_most_its_max_connections() {
+    let db = test_db!();
+    let mut watch = db.conn().await;
+    let mut blocker = db.conn().await;
+    let mine: Vec<i32> = vec![
+        scalar(&mut watch, "SELECT pg_backend_pid()::int8").await as i32,
+        scalar(&mut blocker, "SELECT pg_backend_pid()::int8").await as i32,
+    ];
+    let a = Arc::new(
+        PgOutbox::connect(
+            &db.url(),
+            PgConfig {
+                max_connections: 8,
+                heartbeat: Duration::from_secs(3600),
+                instance_expiry: Duration::from_secs(3600),
+                acquire_timeout: Duration::from_secs(30),
+                ..config()
+            },
+        )
+        .await
+        .expect("connect outbox"),
+    );
+    // Ingest from several tasks at once, so that committers open their
+    // connections, then 16 events to settle one at a time.
+    let ingests: Vec<_> = (0..8)
+        .map(|t| {
+            let a = a.clone();
+            tokio::spawn(async move {
+                let group = (0..2)
+                    .map(|i| ev(&format!("u-{t}-{i}"), &format!("m-{t}-{i}")))
+                    .collect();
+                a.ingest(group).await.unwrap();
+            })
+        })
+        .collect();
+    for i in ingests {
+        i.await.unwrap();
+    }
+    let claimed = a.claim(16, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(claimed.len(), 16);
+    sqlx::raw_sql("BEGIN; SELECT pg_advisory_xact_lock(1667659521, 0)")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    let settles: Vec<_> = claimed
+        .iter()
+        .map(|c| {
+            let (a, s) = (a.clone(), delivered(c));
+            tokio::spawn(async move { a.settle(vec![s]).await })
+        })
+        .collect();
+    // The pool's share (8 - 4 committers) waits on the lock; the rest of
+    // the settles wait for a pooled connection.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while scalar(
+        &mut watch,
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+         AND wait_event_type = 'Lock' AND query LIKE '%settle_delivered%'",
+    )
+    .await
+        < 4
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for four settles waiting on the key space"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut most = 0;
+    for _ in 0..20 {
+        most = most.max(sessions_besides(&mut watch, &mine).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut blocker)
+        .await
+        .unwrap();
+    for s in settles {
+        s.await.unwrap().unwrap();
+    }
+    assert!(
+        most <= 8,
+        "an instance given 8 connections opened {most} sessions with 16 settles waiting"
+    );
+    assert_eq!(
+        scalar(&mut watch, "SELECT count(*) FROM events WHERE state = 2").await,
+        16
+    );
+}
+
 /// Status counts the events queued behind held heads from a counter, not by
 /// walking every held user's queue. A fresh install whose tracks arrive
 /// before their users' identifies holds every user: at 118,800 held users a

@@ -37,6 +37,16 @@ fn config() -> PgConfig {
     }
 }
 
+/// `config()` without background work during a test: no heartbeat, and so
+/// no lease recovery, after the start, and no instance taken for dead.
+fn quiet_config() -> PgConfig {
+    PgConfig {
+        heartbeat: Duration::from_secs(3600),
+        instance_expiry: Duration::from_secs(3600),
+        ..config()
+    }
+}
+
 async fn instance(db: &TestDb) -> PgOutbox {
     PgOutbox::connect(&db.url(), config())
         .await
@@ -454,18 +464,21 @@ async fn inserts_reported(db: &TestDb, table: &str, inserted: i64) {
     .await;
 }
 
-/// The index entries of `events_key` read so far, once reported.
-async fn key_index_reads_after(db: &TestDb, watch: &mut PgConnection, inserted: i64) -> i64 {
-    reported(db, inserted).await;
+/// One column of `pg_stat_user_indexes` for `index`, read afresh (the
+/// session's cached statistics snapshot dropped first).
+async fn index_stat(watch: &mut PgConnection, index: &str, column: &str) -> i64 {
     sqlx::query("SELECT pg_stat_clear_snapshot()")
         .execute(&mut *watch)
         .await
         .unwrap();
-    scalar(
-        watch,
-        "SELECT idx_tup_read FROM pg_stat_user_indexes WHERE indexrelname = 'events_key'",
-    )
-    .await
+    let sql = format!("SELECT {column} FROM pg_stat_user_indexes WHERE indexrelname = '{index}'");
+    scalar(watch, &sql).await
+}
+
+/// The index entries of `events_key` read so far, once reported.
+async fn key_index_reads_after(db: &TestDb, watch: &mut PgConnection, inserted: i64) -> i64 {
+    reported(db, inserted).await;
+    index_stat(watch, "events_key", "idx_tup_read").await
 }
 
 /// Whether a new event is its key's head is one probe of the key's index
@@ -876,11 +889,7 @@ async fn a_settle_probes_its_own_leases_not_every_lease_held() {
     let mut watch = db.conn().await;
     // Lease recovery, which reads every lease held, runs once at the start
     // and not again during the test: only the settles' reads are counted.
-    let quiet = PgConfig {
-        heartbeat: Duration::from_secs(3600),
-        instance_expiry: Duration::from_secs(3600),
-        ..config()
-    };
+    let quiet = quiet_config();
     let a = outbox_planning_on_empty_tables_with(&db, &mut watch, quiet).await;
     // A few leases taken and given back, then statistics taken while none
     // is held: the table has a page and no rows, which tells the planner
@@ -950,32 +959,20 @@ async fn primary_key_probes_after(
 ) -> i64 {
     reported(db, events).await;
     inserts_reported(db, "leases", leases).await;
-    sqlx::query("SELECT pg_stat_clear_snapshot()")
-        .execute(&mut *watch)
-        .await
-        .unwrap();
-    scalar(
-        watch,
-        "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'events_pkey'",
-    )
-    .await
+    index_stat(watch, "events_pkey", "idx_scan").await
 }
 
 /// A claim reads each event it leases once: through the key index that
 /// finds it, where its payload is returned from, plus the probe that locks
 /// a head's row. It read every leased row a second time by its primary key
-/// to return the payload, a twentieth of the claim's time when every event
-/// is a user of its own. The claimed payloads are the ones stored, heads
+/// to return the payload, a few percent of the claim's time when every
+/// event is a user of its own. The claimed payloads are the ones stored, heads
 /// and the events queued behind them alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_reads_each_event_it_leases_once() {
     let db = test_db!();
     let mut watch = db.conn().await;
-    let quiet = PgConfig {
-        heartbeat: Duration::from_secs(3600),
-        instance_expiry: Duration::from_secs(3600),
-        ..config()
-    };
+    let quiet = quiet_config();
     let a = outbox_planning_on_empty_tables_with(&db, &mut watch, quiet).await;
     // Warm-up: a claim and its settle, so that the sessions have planned.
     a.ingest(vec![ev("warm", "warm")]).await.unwrap();
@@ -1048,10 +1045,8 @@ async fn an_instance_opens_at_most_its_max_connections() {
             &db.url(),
             PgConfig {
                 max_connections: 8,
-                heartbeat: Duration::from_secs(3600),
-                instance_expiry: Duration::from_secs(3600),
                 acquire_timeout: Duration::from_secs(30),
-                ..config()
+                ..quiet_config()
             },
         )
         .await
@@ -2454,16 +2449,9 @@ async fn maintenance_keeps_no_key_while_it_waits_for_the_next() {
     let db = test_db!();
     // Only the pass recovers leases: the heartbeat's recovery runs once, at
     // the start.
-    let a = PgOutbox::connect(
-        &db.url(),
-        PgConfig {
-            heartbeat: Duration::from_secs(3600),
-            instance_expiry: Duration::from_secs(3600),
-            ..config()
-        },
-    )
-    .await
-    .expect("connect outbox");
+    let a = PgOutbox::connect(&db.url(), quiet_config())
+        .await
+        .expect("connect outbox");
     a.ingest(vec![ev("lapsed", "m-l"), ev("u1", "m-1"), ev("u1", "m-2")])
         .await
         .unwrap();

@@ -1120,6 +1120,83 @@ async fn an_instance_opens_at_most_its_max_connections() {
     );
 }
 
+/// Everything sqlx reports of a session's notices (PostgreSQL's `LOG`
+/// messages among them), while the guard lives, on this thread.
+struct Notices(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Notices {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// The two statement triggers on updates of `events` pair each row's old and
+/// new versions in one pass, whatever the session planned them on. A
+/// trigger's query is planned once per session, on the transition tables of
+/// the first update that fired it. They joined the old and new rows, and
+/// when that first update changed nothing (a settle with nothing delivered
+/// runs its delivered update with no ids) the session kept a nested loop
+/// comparing every old row with every new one: 13 ms in each trigger for a
+/// settle of 256, and a drain of unknown users' events, each one held, cost
+/// the server six times what a delivery does. The plans are read from
+/// `auto_explain`, which the session sends as notices: each transition
+/// table must be read once per firing.
+#[tokio::test]
+async fn the_update_triggers_pair_rows_in_one_pass_however_first_planned() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    ingest_distinct_users(&a, 1000).await;
+    let mut conn = db.conn().await;
+    let captured = Arc::new(Mutex::new(Vec::new()));
+    let sink = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || Notices(sink.clone()))
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    sqlx::raw_sql(
+        "LOAD 'auto_explain'; SET auto_explain.log_min_duration = 0; \
+         SET auto_explain.log_analyze = on; SET auto_explain.log_nested_statements = on; \
+         SET client_min_messages = log",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    // The session's first update of `events` changes no row: its triggers
+    // are planned on empty transition tables.
+    sqlx::query("UPDATE events SET attempts = attempts WHERE id < 0")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    captured.lock().unwrap().clear();
+    // Then an update of 1,000 rows, half of them held.
+    sqlx::query("UPDATE events SET state = CASE WHEN id % 2 = 0 THEN 4 ELSE state END")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let log = String::from_utf8(captured.lock().unwrap().clone()).unwrap();
+    let scans: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("Named Tuplestore Scan"))
+        .collect();
+    // Both triggers' plans: the old and the new rows, each read.
+    assert!(scans.len() >= 4, "no trigger plans captured:\n{log}");
+    for scan in scans {
+        assert!(
+            scan.contains("loops=1)"),
+            "a transition table was read more than once in one firing: {scan}"
+        );
+    }
+    // The counts stay exact: 500 heads held.
+    let s = a.status().await.unwrap();
+    assert_eq!((s.pending, s.held), (500, 500), "{s:?}");
+}
+
 /// Status counts the events queued behind held heads from a counter, not by
 /// walking every held user's queue. A fresh install whose tracks arrive
 /// before their users' identifies holds every user: at 118,800 held users a

@@ -1197,6 +1197,69 @@ async fn the_update_triggers_pair_rows_in_one_pass_however_first_planned() {
     assert_eq!((s.pending, s.held), (500, 500), "{s:?}");
 }
 
+/// The delivered total counts an event once, when it enters delivered, and
+/// so does the dead total: an update that touches rows already delivered or
+/// dead without moving them (an operator's hand fix, say), beside rows that
+/// do move, adds only the movers. The triggers pair an update's old and new
+/// rows only in that case (0015), which no settle reaches; it is checked
+/// here with updates of its own.
+#[tokio::test]
+async fn an_update_counts_only_rows_entering_delivered_or_dead() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    ingest_distinct_users(&a, 1000).await;
+    let mut conn = db.conn().await;
+    let totals = "SELECT (sum(delivered) * 100000 + sum(dead_total))::bigint FROM counters";
+    for sql in [
+        "UPDATE events SET state = 2, finished_at = 0 WHERE id IN \
+         (SELECT id FROM events ORDER BY id LIMIT 100)",
+        "UPDATE events SET state = 3, finished_at = 0 WHERE id IN \
+         (SELECT id FROM events WHERE state = 0 ORDER BY id LIMIT 100)",
+    ] {
+        sqlx::query(sql).execute(&mut conn).await.unwrap();
+    }
+    assert_eq!(scalar(&mut conn, totals).await, 100 * 100000 + 100);
+    // One statement touches all 1,000 rows: the delivered and the dead stay
+    // as they are, and of the pending, those with an even id are delivered
+    // and the others die.
+    let even = scalar(
+        &mut conn,
+        "SELECT count(*) FROM events WHERE state = 0 AND id % 2 = 0",
+    )
+    .await;
+    sqlx::query(
+        "UPDATE events SET attempts = attempts + 1, state = CASE \
+         WHEN state <> 0 THEN state WHEN id % 2 = 0 THEN 2 ELSE 3 END",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let odd = 800 - even;
+    assert_eq!(
+        scalar(&mut conn, totals).await,
+        (100 + even) * 100000 + 100 + odd
+    );
+    // A dead event marked delivered and a delivered one marked dead, in one
+    // statement: each enters its new state once.
+    sqlx::query(
+        "UPDATE events SET state = 5 - state WHERE id IN \
+         ((SELECT min(id) FROM events WHERE state = 2), (SELECT min(id) FROM events WHERE state = 3))",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(
+        scalar(&mut conn, totals).await,
+        (101 + even) * 100000 + 101 + odd
+    );
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.delivered, s.dead, s.pending),
+        (101 + even, 100 + odd, 0),
+        "{s:?}"
+    );
+}
+
 /// Status counts the events queued behind held heads from a counter, not by
 /// walking every held user's queue. A fresh install whose tracks arrive
 /// before their users' identifies holds every user: at 118,800 held users a

@@ -113,7 +113,7 @@ fn segment_event() -> impl Strategy<Value = Value> {
         prop::option::of(leaf()),
         prop::option::of(json_value()),
         prop::option::of(json_value()),
-        prop::option::of(json_value()),
+        prop::option::of(segment_context()),
         prop::collection::vec((key(), json_value()), 0..4),
     )
         .prop_map(|(t, user, anon, event, ts, traits, props, ctx, extra)| {
@@ -140,6 +140,79 @@ fn segment_event() -> impl Strategy<Value = Value> {
             m.entry("groupId").or_insert(json!("g-1"));
             m.entry("previousId").or_insert(json!("p-1"));
             Value::Object(m)
+        })
+}
+
+/// A `context`: any JSON, or one shaped like a library's, with ids in
+/// `traits` or `groupId`, an Engage audience in `personas` (naming a key that
+/// the event's traits may carry), and what libraries add beside them.
+fn segment_context() -> impl Strategy<Value = Value> {
+    let personas = (
+        prop::sample::select(vec!["audience", "trait", "computed"]),
+        key(),
+    )
+        .prop_map(|(class, key)| json!({"computation_class": class, "computation_key": key}));
+    let shaped = (
+        prop::option::of(json_value()),
+        prop::option::of(prop_oneof![nasty_string().prop_map(Value::String), leaf()]),
+        prop::option::of(personas),
+        prop::collection::vec((key(), json_value()), 0..4),
+        any::<bool>(),
+    )
+        .prop_map(|(traits, group, personas, extra, library_first)| {
+            let mut m = Map::new();
+            if library_first {
+                m.insert(
+                    "library".into(),
+                    json!({"name": "analytics.js", "version": "1"}),
+                );
+            }
+            for (k, v) in [
+                ("traits", traits),
+                ("groupId", group),
+                ("personas", personas),
+            ] {
+                if let Some(v) = v {
+                    m.insert(k.into(), v);
+                }
+            }
+            for (k, v) in extra {
+                m.insert(k, v);
+            }
+            Value::Object(m)
+        });
+    prop_oneof![json_value(), shaped]
+}
+
+/// Events as libraries send them, every call type, with objects for traits
+/// and properties and a library-shaped context whose audience (if any)
+/// names one of the event's traits, as Engage's do.
+fn library_event() -> impl Strategy<Value = Value> {
+    let object = || {
+        prop::collection::vec((key(), json_value()), 0..6)
+            .prop_map(|kv| Value::Object(kv.into_iter().collect()))
+    };
+    (
+        prop::sample::select(vec![
+            "identify", "track", "page", "screen", "group", "alias",
+        ]),
+        object(),
+        object(),
+        segment_context(),
+        prop::option::of(nasty_string()),
+    )
+        .prop_map(|(t, mut traits, properties, context, name)| {
+            let audience = context
+                .pointer("/personas/computation_key")
+                .and_then(Value::as_str);
+            if let (Some(a), Value::Object(traits)) = (audience, &mut traits) {
+                traits.insert(a.to_string(), Value::Bool(true));
+            }
+            json!({
+                "type": t, "userId": "u-1", "event": name, "name": name, "groupId": "g-1",
+                "timestamp": "2026-11-28T11:00:00Z", "traits": traits,
+                "properties": properties, "context": context,
+            })
         })
 }
 
@@ -261,6 +334,41 @@ fn check_actions(cfg: &MappingConfig, event: &Value) -> Result<(), TestCaseError
         prop_assert!(!id.is_empty());
     }
     let _ = mapping::audience_updates(cfg, event);
+    check_read_for_mapping(cfg, event, &actions)
+}
+
+/// Delivery reads a stored payload with `parse_for_mapping`, which drops
+/// what mapping never reads: whatever the event, it must map, resolve and
+/// attempt exactly as the whole payload does.
+fn check_read_for_mapping(
+    cfg: &MappingConfig,
+    event: &Value,
+    actions: &[Map<String, Value>],
+) -> Result<(), TestCaseError> {
+    use churnzero_forwarder::delivery::attempt;
+    let text = serde_json::to_string(event).unwrap();
+    let view = mapping::parse_for_mapping(&text).expect("serialised JSON reads");
+    let ids = Ids {
+        account: "acct".into(),
+        contact: "contact".into(),
+    };
+    prop_assert_eq!(mapping::map_event(cfg, &view, &ids), actions.to_vec());
+    prop_assert_eq!(
+        mapping::ids_from_event(cfg, &view),
+        mapping::ids_from_event(cfg, event)
+    );
+    prop_assert_eq!(
+        mapping::audience_updates(cfg, &view),
+        mapping::audience_updates(cfg, event)
+    );
+    let kind = event["type"].as_str().unwrap_or("");
+    let known = (Some("acct-known".to_string()), None);
+    for known in [None, Some(&known)] {
+        prop_assert_eq!(
+            attempt(cfg, kind, &view, None, known),
+            attempt(cfg, kind, event, None, known)
+        );
+    }
     Ok(())
 }
 
@@ -372,6 +480,14 @@ proptest! {
                 prop_assert_eq!(Value::Object(again.event), stored);
             }
         }
+    }
+
+    /// Library-shaped events, read as delivery reads them, map exactly as
+    /// the whole payload does (`check_read_for_mapping`).
+    #[test]
+    fn a_payload_read_for_mapping_maps_as_the_whole_payload(event in library_event()) {
+        check_actions(&mapping_config(), &event)?;
+        check_actions(&MappingConfig::default(), &event)?;
     }
 
     /// Arbitrary JSON where an event belongs: the mapping never panics.

@@ -403,7 +403,7 @@ async fn deliver(ctx: &Context, batch: Vec<ClaimedEvent>) -> Vec<Settlement> {
                 // Sent as stored: the payload is not needed.
                 Value::Null
             } else {
-                serde_json::from_str(&e.payload).unwrap_or(Value::Null)
+                mapping::parse_for_mapping(&e.payload).unwrap_or(Value::Null)
             }
         })
         .collect();

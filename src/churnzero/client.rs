@@ -4,8 +4,30 @@
 //! error message.
 
 use crate::secret::Secret;
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
+use std::borrow::Borrow;
 use std::time::Duration;
+
+/// One action as sent: `appKey` first, then the action's own members in
+/// their order (an `appKey` of its own is never sent).
+struct WithKey<'a> {
+    key: &'a str,
+    action: &'a Map<String, Value>,
+}
+
+impl Serialize for WithKey<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut m = s.serialize_map(None)?;
+        m.serialize_entry("appKey", self.key)?;
+        for (k, v) in self.action {
+            if k != "appKey" {
+                m.serialize_entry(k, v)?;
+            }
+        }
+        m.end()
+    }
+}
 
 /// Longest excerpt of an answer body kept in a dead letter's reason.
 const BODY_EXCERPT: usize = 300;
@@ -108,29 +130,23 @@ impl ChurnZeroClient {
         }
     }
 
-    /// The exact bytes sent: each action with `appKey` first.
-    pub fn body(&self, actions: &[Map<String, Value>]) -> Vec<u8> {
-        let with_key: Vec<Map<String, Value>> = actions
+    /// The exact bytes sent: each action with `appKey` first. Written
+    /// straight from the caller's actions: copying every action to put the
+    /// key in front cost as much as writing it.
+    pub fn body<A: Borrow<Map<String, Value>>>(&self, actions: &[A]) -> Vec<u8> {
+        let key = self.app_key.expose();
+        let with_key: Vec<WithKey> = actions
             .iter()
-            .map(|a| {
-                let mut m = Map::with_capacity(a.len() + 1);
-                m.insert(
-                    "appKey".into(),
-                    Value::String(self.app_key.expose().to_string()),
-                );
-                for (k, v) in a {
-                    if k != "appKey" {
-                        m.insert(k.clone(), v.clone());
-                    }
-                }
-                m
+            .map(|a| WithKey {
+                key,
+                action: a.borrow(),
             })
             .collect();
         serde_json::to_vec(&with_key).expect("actions serialise")
     }
 
     /// Sends one request and classifies the answer.
-    pub async fn send(&self, actions: &[Map<String, Value>]) -> SendOutcome {
+    pub async fn send<A: Borrow<Map<String, Value>>>(&self, actions: &[A]) -> SendOutcome {
         let response = self
             .http
             .post(&self.endpoint)
@@ -225,8 +241,19 @@ mod tests {
         assert_eq!(c.endpoint(), "http://x/i");
         let mut a = Map::new();
         a.insert("action".into(), Value::String("trackEvent".into()));
-        let body = String::from_utf8(c.body(&[a])).unwrap();
+        let body = String::from_utf8(c.body(&[&a])).unwrap();
         assert_eq!(body, r#"[{"appKey":"KEY","action":"trackEvent"}]"#);
         assert!(!format!("{c:?}").contains("KEY"));
+        // An action's own `appKey` is never sent, and actions lent by
+        // reference give the same bytes.
+        let mut b = Map::new();
+        b.insert("action".into(), Value::String("setAttribute".into()));
+        b.insert("appKey".into(), Value::String("theirs".into()));
+        b.insert("n".into(), Value::from(2));
+        let c =
+            ChurnZeroClient::new("http://x/", Secret::new("K\"1"), Duration::from_secs(1)).unwrap();
+        let expected = r#"[{"appKey":"K\"1","action":"trackEvent"},{"appKey":"K\"1","action":"setAttribute","n":2}]"#;
+        assert_eq!(String::from_utf8(c.body(&[&a, &b])).unwrap(), expected);
+        assert_eq!(String::from_utf8(c.body(&[a, b])).unwrap(), expected);
     }
 }

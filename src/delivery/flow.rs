@@ -655,10 +655,10 @@ impl Drop for WaitingGuard<'_> {
 impl Admission<'_> {
     /// Sends the request this admission was for, timing this attempt
     /// alone, and feeds its outcome to the limit and the gate.
-    pub async fn send(
+    pub async fn send<A: std::borrow::Borrow<Map<String, Value>> + Sync>(
         mut self,
         client: &ChurnZeroClient,
-        actions: &[Map<String, Value>],
+        actions: &[A],
     ) -> (SendOutcome, Duration) {
         let started = Instant::now();
         let outcome = client.send(actions).await;

@@ -586,9 +586,9 @@ async fn send_part(
         return None;
     }
     let room = Duration::from_millis(left as u64);
-    let actions: Vec<Map<String, Value>> = units
+    let actions: Vec<&Map<String, Value>> = units
         .iter()
-        .flat_map(|u| actions_of[u.index].iter().cloned())
+        .flat_map(|u| actions_of[u.index].iter())
         .collect();
     // Waiting (gate, a slot, the rate cap) ends at shutdown; a request
     // once sent is let finish.

@@ -1260,6 +1260,69 @@ async fn an_update_counts_only_rows_entering_delivered_or_dead() {
     );
 }
 
+/// A held outcome writes its event once. A settle normalised its keys
+/// before it held their heads, so each held head was first made due again
+/// (a row version with every index entry, and both update triggers), then
+/// held by a second update: a drain of unknown users cost PostgreSQL about
+/// three times a delivery per event. The final state is the same either
+/// way: held heads, and what was claimed behind them queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_settle_writes_each_held_head_once() {
+    let db = test_db!();
+    let mut watch = db.conn().await;
+    let a = outbox_planning_on_empty_tables_with(&db, &mut watch, quiet_config()).await;
+    // 256 users, two of them with a second event queued behind the first.
+    let mut group: Vec<NewEvent> = (0..256)
+        .map(|i| ev(&format!("u-{i}"), &format!("m-{i}")))
+        .collect();
+    group.push(ev("u-0", "m-0-b"));
+    group.push(ev("u-1", "m-1-b"));
+    assert_eq!(a.ingest(group).await.unwrap().stored, 258);
+    let claimed = a.claim(512, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(claimed.len(), 258);
+    let now = now_ms();
+    let settlements = claimed
+        .iter()
+        .map(|c| {
+            outcome(
+                c,
+                SettleOutcome::Held {
+                    error: "ids unknown".into(),
+                    map_as_of: now,
+                },
+            )
+        })
+        .collect::<Vec<_>>();
+    inserts_reported(&db, "leases", 256).await;
+    let before = table_stat(&mut watch, "n_tup_upd").await;
+    a.settle(settlements).await.unwrap();
+    // The settle's updates are reported with its held keys.
+    inserts_reported(&db, "held_keys", 256).await;
+    let updates = table_stat(&mut watch, "n_tup_upd").await - before;
+    assert!(
+        updates < 256 + 64,
+        "a settle of 256 held heads wrote {updates} row versions of events"
+    );
+    let s = a.status().await.unwrap();
+    assert_eq!(
+        (s.pending, s.held, s.held_queued, s.in_flight),
+        (0, 258, 2, 0),
+        "{s:?}"
+    );
+    let queued = scalar(&mut watch, "SELECT count(*) FROM events WHERE state = 5").await;
+    assert_eq!(queued, 2);
+}
+
+/// One column of `pg_stat_user_tables` for `events`, read afresh.
+async fn table_stat(watch: &mut PgConnection, column: &str) -> i64 {
+    sqlx::query("SELECT pg_stat_clear_snapshot()")
+        .execute(&mut *watch)
+        .await
+        .unwrap();
+    let sql = format!("SELECT {column} FROM pg_stat_user_tables WHERE relname = 'events'");
+    scalar(watch, &sql).await
+}
+
 /// Status counts the events queued behind held heads from a counter, not by
 /// walking every held user's queue. A fresh install whose tracks arrive
 /// before their users' identifies holds every user: at 118,800 held users a

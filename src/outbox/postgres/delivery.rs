@@ -238,41 +238,6 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
-    // Held outcomes, all in one statement each (here and after the
-    // normalisation): a claim of 256 heads of unknown users is 256 holds.
-    let held_ids: Vec<i64> = held_items.iter().map(|(s, _, _)| s.id).collect();
-    let held_keys: Vec<&str> = held_items
-        .iter()
-        .map(|(s, _, _)| s.order_key.as_str())
-        .collect();
-    let held_as_of: Vec<i64> = held_items.iter().map(|(_, _, at)| *at).collect();
-    if !held_items.is_empty() {
-        let firsts: Vec<i64> = held_items
-            .iter()
-            .map(|(s, _, _)| s.first_attempt_at)
-            .collect();
-        let errors: Vec<&str> = held_items.iter().map(|(_, e, _)| *e).collect();
-        let actions: Vec<Option<&str>> = held_items
-            .iter()
-            .map(|(s, _, _)| s.actions.as_deref())
-            .collect();
-        sqlx::query(
-            "UPDATE events e SET state = 5, next_attempt_at = t.at, attempts = e.attempts + 1, \
-             first_attempt_at = t.first, last_error = t.err, \
-             actions = COALESCE(e.actions, t.actions) \
-             FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[]) \
-                  AS t(id, at, first, err, actions) \
-             WHERE e.id = t.id",
-        )
-        .bind(&held_ids)
-        .bind(&held_as_of)
-        .bind(&firsts)
-        .bind(&errors)
-        .bind(&actions)
-        .execute(&mut *tx)
-        .await
-        .map_err(pg_error)?;
-    }
     if !dead.ids.is_empty() {
         sqlx::query(
             "UPDATE events e SET state = 3, finished_at = $6, attempts = e.attempts + 1, \
@@ -293,28 +258,59 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
-    normalize(&mut tx, &keys, now).await?;
-    // A held outcome that left its event at the head holds the key, unless
-    // the identity map learned the user's ids after the worker read it (the
-    // identify's release may have run before this hold: the key lock orders
-    // the two, and this read sees the identify if it committed first).
+    // Held outcomes, in one statement: a claim of 256 heads of unknown
+    // users is 256 holds, and each is written once. An event with an
+    // active event of its key before it (one this settle retried or gave
+    // back, or that a held event of this claim precedes) queues behind it;
+    // one that is its key's head (the statements above have settled the
+    // rest of the key) holds the key, unless the identity map learned the
+    // user's ids after the worker read it (the identify's release may have
+    // run before this hold: the key lock orders the two, and this read
+    // sees the identify if it committed first), in which case it is due
+    // now. The normalisation below then finds these keys in order.
     if !held_items.is_empty() {
+        let held_ids: Vec<i64> = held_items.iter().map(|(s, _, _)| s.id).collect();
+        let held_keys: Vec<&str> = held_items
+            .iter()
+            .map(|(s, _, _)| s.order_key.as_str())
+            .collect();
+        let held_as_of: Vec<i64> = held_items.iter().map(|(_, _, at)| *at).collect();
+        let firsts: Vec<i64> = held_items
+            .iter()
+            .map(|(s, _, _)| s.first_attempt_at)
+            .collect();
+        let errors: Vec<&str> = held_items.iter().map(|(_, e, _)| *e).collect();
+        let actions: Vec<Option<&str>> = held_items
+            .iter()
+            .map(|(s, _, _)| s.actions.as_deref())
+            .collect();
         sqlx::query(
-            "UPDATE events e SET state = CASE WHEN t.known THEN 0 ELSE 4 END, \
-             next_attempt_at = CASE WHEN t.known THEN $4 ELSE e.next_attempt_at END \
-             FROM (SELECT u.id, EXISTS (SELECT 1 FROM identities i \
-                       WHERE i.user_id = u.key AND i.updated_at >= u.as_of) AS known \
-                   FROM unnest($1::int8[], $2::text[], $3::int8[]) AS u(id, key, as_of)) t \
-             WHERE e.id = t.id AND e.state = 0",
+            "UPDATE events e SET \
+                 state = CASE WHEN t.behind THEN 5 WHEN t.known THEN 0 ELSE 4 END, \
+                 next_attempt_at = CASE WHEN t.behind THEN t.at ELSE $7 END, \
+                 attempts = e.attempts + 1, first_attempt_at = t.first, last_error = t.err, \
+                 actions = COALESCE(e.actions, t.actions) \
+             FROM (SELECT u.id, u.at, u.first, u.err, u.actions, \
+                       EXISTS (SELECT 1 FROM events x WHERE x.order_key = u.key \
+                               AND x.state IN (0, 4, 5) AND x.id < u.id) AS behind, \
+                       EXISTS (SELECT 1 FROM identities i \
+                               WHERE i.user_id = u.key AND i.updated_at >= u.at) AS known \
+                   FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], \
+                               $6::text[]) AS u(id, at, first, err, actions, key)) t \
+             WHERE e.id = t.id",
         )
         .bind(&held_ids)
-        .bind(&held_keys)
         .bind(&held_as_of)
+        .bind(&firsts)
+        .bind(&errors)
+        .bind(&actions)
+        .bind(&held_keys)
         .bind(now)
         .execute(&mut *tx)
         .await
         .map_err(pg_error)?;
     }
+    normalize(&mut tx, &keys, now).await?;
     record_errors(&mut tx, me, &reports, now).await?;
     tx.commit().await.map_err(pg_error)?;
     Ok(())

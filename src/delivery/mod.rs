@@ -662,6 +662,14 @@ fn settlements(
 ) -> Vec<Settlement> {
     let now = now_ms();
     firsts.resize(batch.len(), None);
+    // Looked up once per batch: each look-up through the recorder builds
+    // the prefixed name and hashes it, which per event was 3% of the
+    // forwarder's instructions in a drain.
+    let delivered_total = metrics::counter!("events_delivered_total");
+    let delivery_latency = metrics::histogram!("delivery_latency_seconds");
+    let dead_total = metrics::counter!("events_dead_total");
+    let retried_total = metrics::counter!("events_retried_total");
+    let held_total = metrics::counter!("events_held_total");
     batch
         .iter()
         .zip(fates)
@@ -694,17 +702,14 @@ fn settlements(
             };
             match &outcome {
                 SettleOutcome::Delivered => {
-                    metrics::counter!("events_delivered_total").increment(1);
+                    delivered_total.increment(1);
                     // Acceptance to delivery, replays and retries included:
                     // what a user of the data waits.
-                    metrics::histogram!("delivery_latency_seconds")
-                        .record((now - e.accepted_at).max(0) as f64 / 1000.0);
+                    delivery_latency.record((now - e.accepted_at).max(0) as f64 / 1000.0);
                 }
-                SettleOutcome::Dead { .. } => metrics::counter!("events_dead_total").increment(1),
-                SettleOutcome::Retry { .. } => {
-                    metrics::counter!("events_retried_total").increment(1)
-                }
-                SettleOutcome::Held { .. } => metrics::counter!("events_held_total").increment(1),
+                SettleOutcome::Dead { .. } => dead_total.increment(1),
+                SettleOutcome::Retry { .. } => retried_total.increment(1),
+                SettleOutcome::Held { .. } => held_total.increment(1),
                 SettleOutcome::Release => {}
             }
             let actions = match outcome {

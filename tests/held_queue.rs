@@ -110,6 +110,85 @@ async fn events_behind_a_held_head_count_as_held_and_do_not_age_the_pending(db: 
 }
 }
 
+on_both_backends! {
+/// A held outcome holds its key only when its event is the key's head once
+/// the rest of the settle is written; behind an event retried in the same
+/// settle it queues instead, and behind a held head it queues behind it. A
+/// worker settles a batch so when a user's first event is sent and the
+/// ones after it wait for ids (the key is blocked from then on), and the
+/// request fails (retried) or succeeds (delivered). Each backend decides
+/// this in its own way (PostgreSQL holds them all and lets its
+/// normalisation queue those behind a head, SQLite decides per event): the
+/// states must be the same.
+#[tokio::test]
+async fn held_outcomes_hold_only_the_head_the_settle_leaves(db: &Path) {
+    let outbox = Outbox::open(db, WriterConfig::default()).await.unwrap();
+    let group = [("r", 3), ("d", 3), ("h", 2)]
+        .iter()
+        .flat_map(|(user, n)| (1..=*n).map(move |i| event(i, user)))
+        .collect();
+    assert_eq!(outbox.ingest(group).await.unwrap().stored, 8);
+    let mut claimed = outbox.claim(100, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(claimed.len(), 8, "every head with its queue: {claimed:?}");
+    claimed.sort_by_key(|e| e.id);
+    let now = churnzero_forwarder::outbox::now_ms();
+    let mut first = std::collections::HashSet::new();
+    let settlements = claimed
+        .iter()
+        .map(|e| {
+            let held = SettleOutcome::Held {
+                error: "unresolved identity".into(),
+                map_as_of: e.claimed_at,
+            };
+            let outcome = match (e.order_key.as_str(), first.insert(e.order_key.clone())) {
+                ("r", true) => SettleOutcome::Retry {
+                    at: now,
+                    error: "HTTP 503".into(),
+                },
+                ("d", true) => SettleOutcome::Delivered,
+                _ => held,
+            };
+            common::settlement(e, outcome)
+        })
+        .collect();
+    outbox.settle(settlements).await.unwrap();
+    // r: its retried head is due, the two behind it pending with it.
+    // d: its second event holds the key, the third queued behind it.
+    // h: its head holds the key, the second queued behind it.
+    let s = outbox.status().await.unwrap();
+    assert_eq!((counts(&s), s.delivered), ((3, 4, 2, 0), 1), "{s:?}");
+    let messages = |batch: &[ClaimedEvent]| {
+        let mut batch = batch.to_vec();
+        batch.sort_by_key(|e| e.id);
+        batch
+            .iter()
+            .map(|e| {
+                let v: serde_json::Value = serde_json::from_str(&e.payload).unwrap();
+                format!("{}{}", e.order_key, &v["event"].as_str().unwrap()[1..])
+            })
+            .collect::<Vec<_>>()
+    };
+    let again = outbox.claim(100, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(messages(&again), ["r1", "r2", "r3"]);
+    let delivered = again
+        .iter()
+        .map(|e| common::settlement(e, SettleOutcome::Delivered))
+        .collect();
+    outbox.settle(delivered).await.unwrap();
+    // Their ids arrive: each key is sent from the head it held, in order.
+    outbox
+        .ingest(vec![identify("d"), identify("h")])
+        .await
+        .unwrap();
+    let released = outbox.claim(100, Duration::from_secs(60)).await.unwrap();
+    let tracks: Vec<ClaimedEvent> = released
+        .into_iter()
+        .filter(|e| e.kind == "track")
+        .collect();
+    assert_eq!(messages(&tracks), ["d2", "d3", "h1", "h2"]);
+}
+}
+
 /// Holds x's head, lets its held budget run out (the head dies, the
 /// follower is pending), then holds the follower in turn: the dead head's id.
 async fn expire_and_hold_again(outbox: &Outbox) -> i64 {

@@ -1260,12 +1260,14 @@ async fn an_update_counts_only_rows_entering_delivered_or_dead() {
     );
 }
 
-/// A held outcome writes its event once. A settle normalised its keys
-/// before it held their heads, so each held head was first made due again
-/// (a row version with every index entry, and both update triggers), then
-/// held by a second update: a drain of unknown users cost PostgreSQL about
-/// three times a delivery per event. The final state is the same either
-/// way: held heads, and what was claimed behind them queued.
+/// A held head is written once. A settle queued every held event, then
+/// normalised its keys, which made each held head due again, then held it:
+/// three row versions, each with every index entry and both update
+/// triggers, and a drain of unknown users cost PostgreSQL about three times
+/// a delivery per event. Now it holds them first and the normalisation
+/// only queues what is behind a head (here two events, written twice). The
+/// final state is the same: held heads, and what was claimed behind them
+/// queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_held_settle_writes_each_held_head_once() {
     let db = test_db!();
@@ -1300,8 +1302,8 @@ async fn a_held_settle_writes_each_held_head_once() {
     inserts_reported(&db, "held_keys", 256).await;
     let updates = table_stat(&mut watch, "n_tup_upd").await - before;
     assert!(
-        updates < 256 + 64,
-        "a settle of 256 held heads wrote {updates} row versions of events"
+        updates <= 258 + 2,
+        "a settle of 256 held heads and 2 events behind them wrote {updates} row versions of events"
     );
     let s = a.status().await.unwrap();
     assert_eq!(

@@ -259,15 +259,13 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .map_err(pg_error)?;
     }
     // Held outcomes, in one statement: a claim of 256 heads of unknown
-    // users is 256 holds, and each is written once. An event with an
-    // active event of its key before it (one this settle retried or gave
-    // back, or that a held event of this claim precedes) queues behind it;
-    // one that is its key's head (the statements above have settled the
-    // rest of the key) holds the key, unless the identity map learned the
-    // user's ids after the worker read it (the identify's release may have
-    // run before this hold: the key lock orders the two, and this read
-    // sees the identify if it committed first), in which case it is due
-    // now. The normalisation below then finds these keys in order.
+    // users is 256 holds, and each head is written once. Every held event
+    // is held here, or made due now when the identity map has learned the
+    // user's ids since the worker read it (the identify's release may have
+    // run before this hold: the key lock orders the two, and this read sees
+    // the identify if it committed first). Which of them is its key's head
+    // is the normalisation's to decide, as for every other outcome: it
+    // queues the ones behind an earlier active event of their key.
     if !held_items.is_empty() {
         let held_ids: Vec<i64> = held_items.iter().map(|(s, _, _)| s.id).collect();
         let held_keys: Vec<&str> = held_items
@@ -285,14 +283,10 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
             .map(|(s, _, _)| s.actions.as_deref())
             .collect();
         sqlx::query(
-            "UPDATE events e SET \
-                 state = CASE WHEN t.behind THEN 5 WHEN t.known THEN 0 ELSE 4 END, \
-                 next_attempt_at = CASE WHEN t.behind THEN t.at ELSE $7 END, \
-                 attempts = e.attempts + 1, first_attempt_at = t.first, last_error = t.err, \
-                 actions = COALESCE(e.actions, t.actions) \
-             FROM (SELECT u.id, u.at, u.first, u.err, u.actions, \
-                       EXISTS (SELECT 1 FROM events x WHERE x.order_key = u.key \
-                               AND x.state IN (0, 4, 5) AND x.id < u.id) AS behind, \
+            "UPDATE events e SET state = CASE WHEN t.known THEN 0 ELSE 4 END, \
+                 next_attempt_at = $7, attempts = e.attempts + 1, first_attempt_at = t.first, \
+                 last_error = t.err, actions = COALESCE(e.actions, t.actions) \
+             FROM (SELECT u.id, u.first, u.err, u.actions, \
                        EXISTS (SELECT 1 FROM identities i \
                                WHERE i.user_id = u.key AND i.updated_at >= u.at) AS known \
                    FROM unnest($1::int8[], $2::int8[], $3::int8[], $4::text[], $5::text[], \

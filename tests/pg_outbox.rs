@@ -3153,3 +3153,90 @@ async fn the_operator_guides_queries_run_on_the_schema() {
     .unwrap();
     assert_eq!(in_flight, 1);
 }
+
+/// The indexed columns that name a key (order keys, message ids, users' ids) and
+/// their indexes compare bytes, on a database whose own collation is a
+/// Unicode one (ICU `en-US`, like most installations' `en_US.UTF-8`): a
+/// comparison there runs the Unicode collation algorithm, and claims,
+/// settles and ingest compare keys at every step of their index descents.
+/// Every call of the service still works on such a database.
+#[tokio::test]
+async fn key_columns_compare_as_bytes_whatever_the_database_collation() {
+    let db = match TestDb::create_with(
+        "TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'",
+    )
+    .await
+    {
+        Some(db) => db,
+        None => return,
+    };
+    let a = PgOutbox::connect(&db.url(), quiet_config())
+        .await
+        .expect("connect outbox");
+    let mut conn = db.conn().await;
+    let provider: String = sqlx::query_scalar(
+        "SELECT datlocprovider::text FROM pg_database WHERE datname = current_database()",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(provider, "i", "the database's collation is ICU's");
+    let keyed = "('events', 'leases', 'held_keys', 'message_ids', 'identities', 'aliases')";
+    let columns: Vec<(String, String, String)> = sqlx::query_as(&format!(
+        "SELECT c.relname::text, a.attname::text, co.collname::text FROM pg_attribute a \
+         JOIN pg_class c ON c.oid = a.attrelid JOIN pg_collation co ON co.oid = a.attcollation \
+         WHERE c.relname IN {keyed} AND a.attnum > 0 AND NOT a.attisdropped \
+         AND a.attname IN ('order_key', 'source', 'message_id', 'user_id', 'previous_id') \
+         AND (c.relname <> 'events' OR a.attname = 'order_key') ORDER BY 1, 2"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert_eq!(columns.len(), 8, "{columns:?}");
+    let not_bytes: Vec<_> = columns.iter().filter(|(_, _, co)| co != "C").collect();
+    assert!(
+        not_bytes.is_empty(),
+        "key columns with the database's collation: {not_bytes:?}"
+    );
+    let indexes: Vec<(String, String)> = sqlx::query_as(&format!(
+        "SELECT i.indexrelid::regclass::text, co.collname::text FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indrelid \
+         CROSS JOIN LATERAL unnest(i.indcollation::oid[]) AS k(coll) \
+         JOIN pg_collation co ON co.oid = k.coll \
+         WHERE c.relname IN {keyed} ORDER BY 1"
+    ))
+    .fetch_all(&mut conn)
+    .await
+    .unwrap();
+    assert!(indexes.len() >= 7, "{indexes:?}");
+    let not_bytes: Vec<_> = indexes.iter().filter(|(_, co)| co != "C").collect();
+    assert!(
+        not_bytes.is_empty(),
+        "indexes that compare keys by the database's collation: {not_bytes:?}"
+    );
+    // Keys that sort differently by bytes and by en-US ("B" < "a" < "b"
+    // against "a" < "b" < "B"), each with two events, delivered in order.
+    let keys = ["a", "B", "b", "é", "e"];
+    let group: Vec<NewEvent> = keys
+        .iter()
+        .flat_map(|k| [ev(k, &format!("{k}-1")), ev(k, &format!("{k}-2"))])
+        .collect();
+    assert_eq!(a.ingest(group.clone()).await.unwrap().stored, 10);
+    assert_eq!(a.ingest(group).await.unwrap().stored, 0, "duplicates");
+    let mut sent = Vec::new();
+    while sent.len() < 10 {
+        let claimed = a.claim(100, Duration::from_secs(60)).await.unwrap();
+        assert!(!claimed.is_empty(), "claimed nothing after {sent:?}");
+        sent.extend(claimed.iter().map(msg_of));
+        a.settle(claimed.iter().map(delivered).collect())
+            .await
+            .unwrap();
+    }
+    for k in keys {
+        let first = sent.iter().position(|m| *m == format!("{k}-1")).unwrap();
+        let second = sent.iter().position(|m| *m == format!("{k}-2")).unwrap();
+        assert!(first < second, "{k}: {sent:?}");
+    }
+    assert_eq!(a.status().await.unwrap().delivered, 10);
+    assert!(every_call_once(&a, "icu").await > 0);
+}

@@ -839,6 +839,11 @@ impl PgDb {
     /// `None` (after one loud line) when no server answers; under `CI=true`
     /// a missing server fails the test instead.
     pub async fn create() -> Option<PgDb> {
+        Self::create_with("").await
+    }
+
+    /// `create` with `CREATE DATABASE` options (a locale, say).
+    pub async fn create_with(options: &str) -> Option<PgDb> {
         use sqlx::Connection;
         let admin = format!("{}/test", pg_server());
         let conn =
@@ -864,7 +869,7 @@ impl PgDb {
             }
         };
         let name = format!("cfw_{}", uuid::Uuid::new_v4().simple());
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        sqlx::query(&format!("CREATE DATABASE {name} {options}"))
             .execute(&mut conn)
             .await
             .expect("create test database");

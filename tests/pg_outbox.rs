@@ -3240,3 +3240,68 @@ async fn key_columns_compare_as_bytes_whatever_the_database_collation() {
     assert_eq!(a.status().await.unwrap().delivered, 10);
     assert!(every_call_once(&a, "icu").await > 0);
 }
+
+/// A claim reads the due index for about the heads it leases, not twice as
+/// many: it read `2 × 256` candidates for a claim of 256 keys, so that it
+/// could pass over keys another session holds, and every candidate read
+/// is an index entry, a heap fetch and a lease probe. It reads a page of a
+/// few more than it needs, and a second page only when other sessions hold
+/// too many of the first page's keys; then it still leases a full claim,
+/// of keys nobody else holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_reads_a_second_page_of_candidates_only_when_keys_are_taken() {
+    let db = test_db!();
+    let mut watch = db.conn().await;
+    let a = outbox_planning_on_empty_tables_with(&db, &mut watch, quiet_config()).await;
+    a.ingest(vec![ev("warm", "warm")]).await.unwrap();
+    let warm = a.claim(10, Duration::from_secs(300)).await.unwrap();
+    a.settle(warm.iter().map(delivered).collect())
+        .await
+        .unwrap();
+    ingest_distinct_users(&a, 1000).await;
+    reported(&db, 1001).await;
+    let before = index_stat(&mut watch, "events_due", "idx_tup_read").await;
+    let claimed = a.claim(256, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(claimed.len(), 256);
+    inserts_reported(&db, "leases", 257).await;
+    let read = index_stat(&mut watch, "events_due", "idx_tup_read").await - before;
+    assert!(
+        read <= 256 + 32,
+        "an uncontended claim of 256 keys read {read} entries of the due index"
+    );
+    // Another session holds the keys of the next 100 due events, as a
+    // claim, a settle or an ingest of those users does while it runs.
+    let mut other = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let taken: Vec<String> = sqlx::query_scalar(
+        "SELECT order_key FROM events e WHERE state = 0 \
+         AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.event_id = e.id) \
+         ORDER BY next_attempt_at, id LIMIT 100",
+    )
+    .fetch_all(&mut other)
+    .await
+    .unwrap();
+    assert_eq!(taken.len(), 100);
+    sqlx::query("SELECT count(pg_advisory_xact_lock(1667659522, hashtext(k))) FROM unnest($1::text[]) AS t(k)")
+        .bind(&taken)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let second = a.claim(256, Duration::from_secs(300)).await.unwrap();
+    assert_eq!(second.len(), 256, "a claim past 100 taken keys");
+    let taken: HashSet<&str> = taken.iter().map(String::as_str).collect();
+    let overlap: Vec<_> = second
+        .iter()
+        .filter(|c| taken.contains(c.order_key.as_str()))
+        .map(|c| c.order_key.clone())
+        .collect();
+    assert!(
+        overlap.is_empty(),
+        "claimed keys another session held: {overlap:?}"
+    );
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    // The passed-over keys are claimed next, first.
+    let third = a.claim(100, Duration::from_secs(300)).await.unwrap();
+    let third: HashSet<&str> = third.iter().map(|c| c.order_key.as_str()).collect();
+    assert_eq!(third, taken);
+}

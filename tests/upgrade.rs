@@ -199,7 +199,7 @@ fn assert_released(rows: Vec<(i64, Vec<u8>)>, released: &[(i64, &str)]) {
 /// must keep their checksums as well.
 #[tokio::test]
 async fn released_postgres_migrations_keep_their_versions_and_checksums() {
-    const RELEASED: [(i64, &str); 13] = [
+    const RELEASED: [(i64, &str); 18] = [
         (
             1,
             "8be86666d45085e853077fbfeafef28ae9e5c75d110e522ae87d97d411e29b86a82dd6d8f2bb5d0b739d7255d7749462",
@@ -251,6 +251,26 @@ async fn released_postgres_migrations_keep_their_versions_and_checksums() {
         (
             13,
             "9f2c25d8ac3b5d5c21da79215c663e25042ffad1bdde21832a3a441ef8eef80c871cd6e29a2cb0a7f94cd929058087d4",
+        ),
+        (
+            14,
+            "b6981c6feaea2d32648070a781b598e776223ff0f8a6eeb7032649f38035a859b926e14fee218b1db44911b3e56321f2",
+        ),
+        (
+            15,
+            "c42ccde4bc435b49d2bba6a43c6f1cabcd3a0e49c4ae7b6ef16366ebdb301854f33f3e00fa702ffb263c2a90434d3083",
+        ),
+        (
+            16,
+            "c275b7db6ad34b8956b683fa37a003c78f8f1d5235c157807843c42fb96bf6c28df70f87a5b00116010db05c3b1b3e3c",
+        ),
+        (
+            17,
+            "0a0a9447fe9f275b6893d8914187afc0b0e12daff0423ee173f09001b1b54024bec542f06766b053e48b2e6871ea5f00",
+        ),
+        (
+            18,
+            "791a72147cb932e0ee1c1950e5b5dd0a1e13809e477d9b6ae4b1bb48ade6c805ab192752c3d9b1a80f86e4cdcb0226bc",
         ),
     ];
     let Some(pg) = PgDb::create().await else {

@@ -199,7 +199,7 @@ fn assert_released(rows: Vec<(i64, Vec<u8>)>, released: &[(i64, &str)]) {
 /// must keep their checksums as well.
 #[tokio::test]
 async fn released_postgres_migrations_keep_their_versions_and_checksums() {
-    const RELEASED: [(i64, &str); 18] = [
+    const RELEASED: [(i64, &str); 19] = [
         (
             1,
             "8be86666d45085e853077fbfeafef28ae9e5c75d110e522ae87d97d411e29b86a82dd6d8f2bb5d0b739d7255d7749462",
@@ -271,6 +271,10 @@ async fn released_postgres_migrations_keep_their_versions_and_checksums() {
         (
             18,
             "791a72147cb932e0ee1c1950e5b5dd0a1e13809e477d9b6ae4b1bb48ade6c805ab192752c3d9b1a80f86e4cdcb0226bc",
+        ),
+        (
+            19,
+            "ee77224d857d533c240dae395eccb372170f4c1273f4112c813cd3cf6be6e842544e5a1596c93478baa76fe78b97ac7d",
         ),
     ];
     let Some(pg) = PgDb::create().await else {

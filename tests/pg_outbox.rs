@@ -3154,6 +3154,58 @@ async fn the_operator_guides_queries_run_on_the_schema() {
     assert_eq!(in_flight, 1);
 }
 
+/// A small claim (a top-up of a partial batch, a rate-capped instance)
+/// whose first candidates' keys are held elsewhere passes over them as a
+/// large one does. Its first page of candidates was `max + 16`, more than
+/// the `2 × max` it may read in all, and its second page asked for a
+/// negative number of rows: the claim failed with an error every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_small_claim_passes_over_keys_held_elsewhere() {
+    let db = test_db!();
+    let a = instance(&db).await;
+    ingest_distinct_users(&a, 1000).await;
+    // Another session holds the keys of the 18 oldest due events.
+    let mut other = db.conn().await;
+    sqlx::query("BEGIN").execute(&mut other).await.unwrap();
+    let taken: Vec<String> = sqlx::query_scalar(
+        "SELECT order_key FROM events WHERE state = 0 ORDER BY next_attempt_at, id LIMIT 18",
+    )
+    .fetch_all(&mut other)
+    .await
+    .unwrap();
+    sqlx::query(
+        "SELECT count(pg_advisory_xact_lock(1667659522, hashtext(k))) FROM unnest($1::text[]) AS t(k)",
+    )
+    .bind(&taken)
+    .execute(&mut other)
+    .await
+    .unwrap();
+    for max in [1, 4, 12] {
+        let claimed = a
+            .claim(max, Duration::from_secs(300))
+            .await
+            .unwrap_or_else(|e| panic!("a claim of {max} with 18 keys held: {e}"));
+        assert!(claimed.len() <= max);
+        let held: Vec<_> = claimed
+            .iter()
+            .filter(|c| taken.contains(&c.order_key))
+            .collect();
+        assert!(
+            held.is_empty(),
+            "claimed keys another session held: {held:?}"
+        );
+        a.settle(claimed.iter().map(delivered).collect())
+            .await
+            .unwrap();
+    }
+    sqlx::query("ROLLBACK").execute(&mut other).await.unwrap();
+    // Let go, the held keys are claimed.
+    let rest = a.claim(18, Duration::from_secs(300)).await.unwrap();
+    let rest: HashSet<&str> = rest.iter().map(|c| c.order_key.as_str()).collect();
+    let taken: HashSet<&str> = taken.iter().map(String::as_str).collect();
+    assert_eq!(rest, taken);
+}
+
 /// The indexed columns that name a key (order keys, message ids, users' ids) and
 /// their indexes compare bytes, on a database whose own collation is a
 /// Unicode one (ICU `en-US`, like most installations' `en_US.UTF-8`): a

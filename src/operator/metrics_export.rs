@@ -188,6 +188,16 @@ pub const METRICS: &[(&str, Kind, &str)] = &[
         "Unix time of the next scheduled audience sync (0 when unknown).",
     ),
     (
+        "delivery_claims_total",
+        Kind::Counter,
+        "Claims that leased events for delivery; with delivery_claimed_events_total, the events a claim takes on average.",
+    ),
+    (
+        "delivery_claimed_events_total",
+        Kind::Counter,
+        "Events leased by delivery claims (an event claimed again after a retry counts again).",
+    ),
+    (
         "outbox_commit_duration_seconds",
         Kind::Histogram,
         "Duration of one outbox transaction (a group commit of many requests), fsync included.",

@@ -9,6 +9,7 @@ use std::process::ExitCode;
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    keep_transparent_huge_pages_off();
     match churnzero_forwarder::cli::main() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -16,6 +17,24 @@ fn main() -> ExitCode {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// mimalloc maps its memory in large aligned regions. Where the kernel backs
+/// those with transparent huge pages (its `always` mode, or `madvise`, which
+/// mimalloc asks for), a few touched bytes commit 2 MiB: a drain's peak RSS
+/// rose from 62 to 103 MB when claims grew to eight requests' worth, at the
+/// same speed. Memory the forwarder can promise matters more to whoever
+/// sizes its container than fewer TLB misses, so the process opts out for
+/// itself, before the runtime allocates much; the system setting is left
+/// alone.
+fn keep_transparent_huge_pages_off() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: PR_SET_THP_DISABLE takes plain integers and touches no memory
+    // of this process; a kernel without it answers EINVAL, which changes
+    // nothing and is ignored.
+    unsafe {
+        libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0);
     }
 }
 

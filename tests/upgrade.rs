@@ -199,7 +199,7 @@ fn assert_released(rows: Vec<(i64, Vec<u8>)>, released: &[(i64, &str)]) {
 /// must keep their checksums as well.
 #[tokio::test]
 async fn released_postgres_migrations_keep_their_versions_and_checksums() {
-    const RELEASED: [(i64, &str); 20] = [
+    const RELEASED: [(i64, &str); 21] = [
         (
             1,
             "8be86666d45085e853077fbfeafef28ae9e5c75d110e522ae87d97d411e29b86a82dd6d8f2bb5d0b739d7255d7749462",
@@ -279,6 +279,10 @@ async fn released_postgres_migrations_keep_their_versions_and_checksums() {
         (
             20,
             "01e700c0c7cb6c59518b61a233ec55d0e5b378af8e617766cc98282ec3befe77071f36ef9eab440f9b2971a6b8dff9d2",
+        ),
+        (
+            21,
+            "a6a1eb0d86fcf313ae6bd0cbba8620cb2557643a03b3a2af25ea2f950529b88ee24ae787f84a5a5d0e0aed6bc7ba967d",
         ),
     ];
     let Some(pg) = PgDb::create().await else {

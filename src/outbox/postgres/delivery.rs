@@ -258,8 +258,8 @@ pub(super) async fn settle(pool: &PgPool, me: i64, items: &[Settlement]) -> Resu
         .await
         .map_err(pg_error)?;
     }
-    // Held outcomes, in one statement: a claim of 256 heads of unknown
-    // users is 256 holds, and each head is written once. Every held event
+    // Held outcomes, in one statement: a claim of 448 heads of unknown
+    // users is 448 holds, and each head is written once. Every held event
     // is held here, or made due now when the identity map has learned the
     // user's ids since the worker read it (the identify's release may have
     // run before this hold: the key lock orders the two, and this read sees

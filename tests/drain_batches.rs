@@ -17,14 +17,7 @@ const PREFIX: &str = "churnzero_forwarder_";
 
 /// A counter's value from a Prometheus text exposition.
 async fn counter(base: &str, name: &str) -> f64 {
-    let text = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(base).await;
     text.lines()
         .find_map(|l| l.strip_prefix(&format!("{PREFIX}{name} ")))
         .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))

@@ -142,14 +142,7 @@ async fn flood(b: &Binary, from: u32, n: u32) {
 }
 
 async fn tracked(base: &str) -> f64 {
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(base).await;
     metrics
         .lines()
         .find_map(|l| l.strip_prefix("churnzero_forwarder_client_rate_limit_tracked "))

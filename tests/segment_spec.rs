@@ -324,14 +324,7 @@ async fn every_date_form_is_read_and_a_non_date_costs_nothing() {
         !undated["error"].as_str().unwrap().contains("yesterday"),
         "the value is not shown"
     );
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     assert!(
         metrics
             .lines()

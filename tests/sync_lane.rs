@@ -158,14 +158,7 @@ async fn window_merges_per_contact_and_sends_only_changes(db: &Path) {
     let next = chrono::DateTime::parse_from_rfc3339(sync["next_run_at"].as_str().unwrap()).unwrap();
     assert!(next > last, "{sync}");
 
-    let metrics = client()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&base).await;
     for name in [
         "sync_actions_sent_total",
         "sync_values_sent_total",

@@ -89,6 +89,18 @@ pub async fn post(base: &str, path: &str, body: &Value) -> (u16, Value) {
     (status, v)
 }
 
+/// The Prometheus exposition of the server at `base`.
+pub async fn metrics_text(base: &str) -> String {
+    client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 pub async fn status(base: &str) -> Value {
     client()
         .get(format!("{base}/status"))

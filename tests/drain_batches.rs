@@ -13,18 +13,6 @@ use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
 
-const PREFIX: &str = "churnzero_forwarder_";
-
-/// A counter's value from a Prometheus text exposition.
-async fn counter(base: &str, name: &str) -> f64 {
-    let text = metrics_text(base).await;
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{PREFIX}{name} ")))
-        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
-        .parse()
-        .unwrap()
-}
-
 on_both_backends! {
 /// 2,000 events of 10 users (200 each), ingested with delivery off and then
 /// drained. A claim takes a user's waiting events together, so each claim
@@ -58,8 +46,8 @@ async fn a_backlog_drains_in_claims_of_eight_requests_worth(db: &Path) {
 
     let server = Binary::serve(db, &mock.url(), &["--batch-size", "100"]).await;
     wait_status(&server.base, "delivered", 2000).await;
-    let claims = counter(&server.base, "delivery_claims_total").await;
-    let claimed = counter(&server.base, "delivery_claimed_events_total").await;
+    let claims = metric(&server.base, "delivery_claims_total").await;
+    let claimed = metric(&server.base, "delivery_claimed_events_total").await;
     assert_eq!(claimed, 2000.0, "every event leased once");
     assert!(
         (3.0..=4.0).contains(&claims),

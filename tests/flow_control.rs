@@ -267,14 +267,7 @@ async fn the_rate_cap_holds_the_drain_to_its_rate() {
     .await;
     let s = status(&b.base).await;
     let throttled = s["flow"]["throttled_seconds_total"].as_f64().unwrap();
-    let metrics = client()
-        .get(format!("{}/metrics", b.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&b.base).await;
     for line in [
         "churnzero_forwarder_flow_rate_cap_actions_per_second 1500",
         "churnzero_forwarder_flow_concurrency_limit ",

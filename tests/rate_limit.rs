@@ -91,14 +91,7 @@ async fn over_the_limit_is_429_with_both_headers_and_nothing_stored() {
         stored.iter().all(|e| e["event"] != "Over"),
         "nothing refused was stored"
     );
-    let metrics = client()
-        .get(format!("{}/metrics", b.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&b.base).await;
     assert!(
         metrics
             .lines()
@@ -142,12 +135,7 @@ async fn flood(b: &Binary, from: u32, n: u32) {
 }
 
 async fn tracked(base: &str) -> f64 {
-    let metrics = metrics_text(base).await;
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("churnzero_forwarder_client_rate_limit_tracked "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0.0)
+    metric(base, "client_rate_limit_tracked").await
 }
 
 #[tokio::test]

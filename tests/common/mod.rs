@@ -101,6 +101,19 @@ pub async fn metrics_text(base: &str) -> String {
         .unwrap()
 }
 
+/// One unlabelled sample of the server's `/metrics`, named without the
+/// `churnzero_forwarder_` prefix. Every documented series is exported from
+/// the first scrape, so a missing one fails the test.
+pub async fn metric(base: &str, name: &str) -> f64 {
+    let text = metrics_text(base).await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("churnzero_forwarder_{name} ")))
+        .unwrap_or_else(|| panic!("no sample {name} in:\n{text}"))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 pub async fn status(base: &str) -> Value {
     client()
         .get(format!("{base}/status"))

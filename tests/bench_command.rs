@@ -3,12 +3,14 @@
 //! that runs it), but a figure that a broken measurement would get wrong is:
 //! every event sent is counted once and stored once, the drain delivers the
 //! whole backlog, each ratio is the quotient of the figures it names,
-//! latencies are ordered, and the printed table shows the figures the JSON
-//! holds, each on its own line.
+//! latencies are ordered, the CPU per event of the phases that set the goals
+//! is there and counts the forwarders under test, and the printed table
+//! shows the figures the JSON holds, each on its own line.
 
 mod common;
 
 use churnzero_forwarder::bench::{BenchArgs, BenchReport, Latency, format_report};
+use churnzero_forwarder::devtools::cpu_meter::{CpuCost, CpuReport};
 use serde_json::Value;
 use sqlx::ConnectOptions;
 use std::path::Path;
@@ -173,6 +175,44 @@ fn check_ratios<'a>(report: &Value, ratios: impl Iterator<Item = &'a (&'a str, &
     }
 }
 
+/// The CPU figures of a run on Linux: every phase that set a goal has
+/// them; the phases with forwarders running count the forwarders' CPU
+/// (a wrong process id or a meter that read nothing gives 0), which is a
+/// part of the machine's; the raw phases run no forwarder.
+fn check_cpu(report: &Value) {
+    let cpu = &report["cpu"];
+    for (phase, events) in [
+        ("batch_ingest", EVENTS),
+        ("track_ingest_empty", TRACK_EVENTS),
+        ("drain", EVENTS + TRACK_EVENTS),
+    ] {
+        let c = &cpu[phase];
+        let (machine, forwarder) = (f(c, "machine_us_per_event"), f(c, "forwarder_us_per_event"));
+        // Process times and the machine's are sampled apart: allow a few
+        // clock ticks (10 ms each) of difference over the phase.
+        let ticks = 5.0 * 10_000.0 / events as f64;
+        assert!(forwarder > 0.0, "{phase}: {c}");
+        assert!(forwarder <= machine + ticks, "{phase}: {c}");
+        let parts = forwarder + f(c, "bench_us_per_event") + f(c, "rest_us_per_event");
+        assert!(
+            parts >= machine - 1e-6,
+            "{phase}: the parts make the whole: {c}"
+        );
+        let busy = f(c, "machine_busy");
+        assert!(busy > 0.0 && busy <= 1.0, "{phase}: {c}");
+    }
+    for phase in ["raw_100_per_tx", "raw_1_per_tx"] {
+        let c = &cpu[phase];
+        assert!(c["forwarder_us_per_event"].is_null(), "{phase}: {c}");
+        assert!(f(c, "machine_us_per_event") >= 0.0, "{phase}: {c}");
+        assert!(f(c, "bench_us_per_event") >= 0.0, "{phase}: {c}");
+    }
+    assert!(
+        f(&cpu["raw_100_per_tx"], "bench_us_per_event") > 0.0,
+        "the raw writer runs in bench: {cpu}"
+    );
+}
+
 fn latency(report: &Value, phase: &str) -> Latency {
     Latency {
         p50_ms: f(&report[phase], "p50_ms"),
@@ -205,6 +245,7 @@ async fn bench_figures_agree_with_what_it_did() {
         );
     }
     check_ratios(&report, RATIOS.iter().chain(COMMON_RATIOS.iter()));
+    check_cpu(&report);
     assert_eq!(report["backend"], "sqlite", "{report}");
     assert_eq!(report["instances"], 1, "{report}");
     assert!(report["raw_postgres_rows_per_sec_100_per_tx"].is_null());
@@ -385,6 +426,23 @@ fn printed_table_shows_the_json_figures() {
         ratio_drain_distinct_users_to_batch_ingest: 0.4,
         ratio_identify_to_track_batch: 0.6,
         ratio_audience_to_track_batch: 0.62,
+        cpu: CpuReport {
+            raw_1_per_tx: Some(CpuCost {
+                machine_us_per_event: 180.5,
+                forwarder_us_per_event: None,
+                bench_us_per_event: 30.25,
+                rest_us_per_event: 150.25,
+                machine_busy: 0.85,
+            }),
+            track_ingest_empty: Some(CpuCost {
+                machine_us_per_event: 120.5,
+                forwarder_us_per_event: Some(60.25),
+                bench_us_per_event: 10.0,
+                rest_us_per_event: 50.25,
+                machine_busy: 0.78,
+            }),
+            ..CpuReport::default()
+        },
         goals: Vec::new(),
     };
     let args = BenchArgs {
@@ -441,9 +499,19 @@ fn printed_table_shows_the_json_figures() {
         ("ratio distinct-user drain / batch ingest", vec![0.4]),
         ("ratio identify / track batch", vec![0.6]),
         ("ratio audience / track batch", vec![0.62]),
+        ("CPU per row, raw 1 row/tx", vec![180.5, 30.2, 150.2, 85.0]),
+        (
+            "CPU per event, /v1/track, empty outbox",
+            vec![120.5, 60.2, 10.0, 50.2, 78.0],
+        ),
     ] {
         assert_eq!(row(&rows, label), expected, "line `{label}`");
     }
+    // A phase without CPU figures (no /proc) prints no line for them.
+    assert!(
+        !rows.iter().any(|(l, _)| l == "CPU per event, drain"),
+        "{rows:?}"
+    );
 
     // The median of several runs says so, and each goal line lists every
     // run's value after the median's.
@@ -585,6 +653,7 @@ async fn bench_on_postgres_reports_its_own_raw_figures_and_cleans_up() {
         );
     }
     check_ratios(&report, PG_RATIOS.iter().chain(COMMON_RATIOS.iter()));
+    check_cpu(&report);
     assert!(report["ratio_batch_to_lean_raw"].is_null(), "{report}");
     assert!(
         report["raw_sqlite_rows_per_sec_100_per_tx_after"].is_null()

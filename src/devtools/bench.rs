@@ -10,6 +10,7 @@
 //! database of its own, made on the given server and dropped at the end,
 //! and `--instances` runs several forwarders on each.
 
+use crate::devtools::cpu_meter::{CpuCost, CpuMeter, CpuReport};
 use crate::devtools::mock_churnzero::{MockArgs, MockChurnZero};
 use anyhow::{Context, bail};
 use serde::{Deserialize, Serialize};
@@ -174,6 +175,10 @@ pub struct BenchReport {
     pub ratio_drain_distinct_users_to_batch_ingest: f64,
     pub ratio_identify_to_track_batch: f64,
     pub ratio_audience_to_track_batch: f64,
+    /// CPU time per event on this machine in the phases that set the goals
+    /// (Linux only): how many cores a rate needs, and whether a phase ran
+    /// out of CPU or waited.
+    pub cpu: CpuReport,
     pub goals: Vec<Goal>,
 }
 
@@ -223,7 +228,13 @@ const SQLITE_LEAN_SCHEMA: &str = "CREATE TABLE events (id INTEGER PRIMARY KEY AU
 /// Raw SQLite through its C API: outbox-shaped rows (`schema`), WAL,
 /// synchronous=FULL. This is the storage ceiling the forwarder's figures
 /// are compared with.
-fn raw_sqlite(path: &Path, schema: &str, rows: u64, per_tx: u64) -> anyhow::Result<f64> {
+/// The rate in rows/s, and what it cost on this machine.
+fn raw_sqlite(
+    path: &Path,
+    schema: &str,
+    rows: u64,
+    per_tx: u64,
+) -> anyhow::Result<(f64, Option<CpuCost>)> {
     use libsqlite3_sys as ffi;
     let _ = std::fs::remove_file(path);
     let cpath = CString::new(path.to_string_lossy().as_bytes())?;
@@ -263,6 +274,7 @@ fn raw_sqlite(path: &Path, schema: &str, rows: u64, per_tx: u64) -> anyhow::Resu
             bail!("prepare failed");
         }
         let payload = sample_event(0, 0).to_string();
+        let meter = CpuMeter::start(&[]);
         let started = Instant::now();
         let mut i = 0u64;
         while i < rows {
@@ -286,9 +298,10 @@ fn raw_sqlite(path: &Path, schema: &str, rows: u64, per_tx: u64) -> anyhow::Resu
             exec("COMMIT")?;
         }
         let elapsed = started.elapsed();
+        let cost = meter.finish(rows);
         ffi::sqlite3_finalize(stmt);
         ffi::sqlite3_close(db);
-        Ok(rows as f64 / elapsed.as_secs_f64())
+        Ok((rows as f64 / elapsed.as_secs_f64(), cost))
     }
 }
 
@@ -314,7 +327,7 @@ async fn raw_postgres(
     rows: u64,
     per_tx: u64,
     connections: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, Option<CpuCost>)> {
     let mut setup = sqlx::PgConnection::connect(url).await?;
     setup.execute(pg_events_schema()).await?;
     let _ = setup.close().await;
@@ -325,6 +338,7 @@ async fn raw_postgres(
     for _ in 0..connections.max(1) {
         conns.push(sqlx::PgConnection::connect(url).await?);
     }
+    let meter = CpuMeter::start(&[]);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for mut conn in conns {
@@ -361,7 +375,8 @@ async fn raw_postgres(
     for t in tasks {
         t.await??;
     }
-    Ok(rows as f64 / started.elapsed().as_secs_f64())
+    let elapsed = started.elapsed();
+    Ok((rows as f64 / elapsed.as_secs_f64(), meter.finish(rows)))
 }
 
 fn sample_event(i: u64, user: u64) -> Value {
@@ -627,6 +642,10 @@ impl Fleet {
 
     fn bases(&self) -> Vec<String> {
         self.fwds.iter().map(|f| f.base.clone()).collect()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        self.fwds.iter().map(|f| f.child.id()).collect()
     }
 
     /// Status from the first instance (on PostgreSQL it counts every
@@ -943,12 +962,12 @@ async fn raw_sqlite_in(
     schema: &'static str,
     rows: u64,
     per_tx: u64,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<(f64, Option<CpuCost>)> {
     let path = dir.join(name);
     let p = path.clone();
-    let rate = tokio::task::spawn_blocking(move || raw_sqlite(&p, schema, rows, per_tx)).await??;
+    let raw = tokio::task::spawn_blocking(move || raw_sqlite(&p, schema, rows, per_tx)).await??;
     remove_sqlite(&path);
-    Ok(rate)
+    Ok(raw)
 }
 
 /// Builds a backlog of `events` of `shape` with delivery off, then drains
@@ -986,7 +1005,8 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
         args,
         &format!("raw SQLite, {} rows at 100 a transaction", args.raw_rows),
     );
-    let raw100 = raw_sqlite_in(dir, "raw100.db", SQLITE_FULL_SCHEMA, args.raw_rows, 100).await?;
+    let (raw100, sqlite_cpu100) =
+        raw_sqlite_in(dir, "raw100.db", SQLITE_FULL_SCHEMA, args.raw_rows, 100).await?;
     say(
         args,
         &format!(
@@ -994,7 +1014,8 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
             args.raw_single_rows
         ),
     );
-    let raw1 = raw_sqlite_in(dir, "raw1.db", SQLITE_FULL_SCHEMA, args.raw_single_rows, 1).await?;
+    let (raw1, sqlite_cpu1) =
+        raw_sqlite_in(dir, "raw1.db", SQLITE_FULL_SCHEMA, args.raw_single_rows, 1).await?;
     say(
         args,
         &format!(
@@ -1002,13 +1023,15 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
             args.raw_rows
         ),
     );
-    let lean100 = raw_sqlite_in(dir, "lean100.db", SQLITE_LEAN_SCHEMA, args.raw_rows, 100).await?;
+    let (lean100, _) =
+        raw_sqlite_in(dir, "lean100.db", SQLITE_LEAN_SCHEMA, args.raw_rows, 100).await?;
 
     let (mut pg100, mut pg1) = (None, None);
+    let (mut cpu_raw100, mut cpu_raw1) = (sqlite_cpu100, sqlite_cpu1);
     if let Target::Postgres(_) = target {
-        for (per_tx, rows, out) in [
-            (100, args.raw_rows, &mut pg100),
-            (1, args.raw_single_rows, &mut pg1),
+        for (per_tx, rows, out, cpu) in [
+            (100, args.raw_rows, &mut pg100, &mut cpu_raw100),
+            (1, args.raw_single_rows, &mut pg1, &mut cpu_raw1),
         ] {
             say(
                 args,
@@ -1018,9 +1041,10 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
                 ),
             );
             let db = target.fresh("raw").await?;
-            *out = Some(
-                raw_postgres(&db.to_string_lossy(), rows, per_tx, args.raw_connections).await?,
-            );
+            let (rate, cost) =
+                raw_postgres(&db.to_string_lossy(), rows, per_tx, args.raw_connections).await?;
+            *out = Some(rate);
+            *cpu = cost;
             target.discard(&db).await;
         }
     }
@@ -1046,6 +1070,7 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
             args.track_events, args.track_connections
         ),
     );
+    let meter = CpuMeter::start(&fleet.pids());
     let (track_empty_rate, track_empty_lat) = load(
         &fleet.bases(),
         "/v1/track",
@@ -1056,6 +1081,7 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
         args.events + args.track_events,
     )
     .await?;
+    let cpu_track_empty = meter.finish(args.track_events);
     fleet.stop().await;
     target.discard(&fresh_db).await;
 
@@ -1068,6 +1094,7 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
             args.events, args.batch_connections
         ),
     );
+    let meter = CpuMeter::start(&fleet.pids());
     let (batch_rate, batch_lat) = load(
         &fleet.bases(),
         "/v1/batch",
@@ -1078,6 +1105,7 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
         0,
     )
     .await?;
+    let cpu_batch = meter.finish(args.events);
     say(
         args,
         &format!(
@@ -1130,7 +1158,8 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
                 100,
                 args.raw_connections,
             )
-            .await?,
+            .await?
+            .0,
         );
         target.discard(&raw_db).await;
     } else {
@@ -1149,7 +1178,8 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
                 args.raw_rows,
                 100,
             )
-            .await?,
+            .await?
+            .0,
         );
         lean100_after = Some(
             raw_sqlite_in(
@@ -1159,7 +1189,8 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
                 args.raw_rows,
                 100,
             )
-            .await?,
+            .await?
+            .0,
         );
     }
     let mean = |before: f64, after: Option<f64>| after.map_or(before, |a| (before + a) / 2.0);
@@ -1174,7 +1205,9 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
         &format!("drain: {backlog} events to the mock ChurnZero"),
     );
     let (fleet, startup) = Fleet::start(&db, &cz, true, n).await?;
+    let meter = CpuMeter::start(&fleet.pids());
     let drain_rate = fleet.drain(backlog).await?;
+    let cpu_drain = meter.finish(u64::try_from(backlog).unwrap_or(0));
     let rss = fleet.peak_rss_mb();
     fleet.stop().await;
 
@@ -1266,6 +1299,13 @@ async fn measure(args: &BenchArgs, dir: &Path, target: &mut Target) -> anyhow::R
         ratio_drain_distinct_users_to_batch_ingest: distinct_rate / batch_rate,
         ratio_identify_to_track_batch: identify_rate / batch_rate,
         ratio_audience_to_track_batch: audience_rate / batch_rate,
+        cpu: CpuReport {
+            raw_100_per_tx: cpu_raw100,
+            raw_1_per_tx: cpu_raw1,
+            batch_ingest: cpu_batch,
+            track_ingest_empty: cpu_track_empty,
+            drain: cpu_drain,
+        },
         goals: Vec::new(),
     };
     report.goals = goals(&report);
@@ -1554,6 +1594,36 @@ pub fn format_report(r: &BenchReport, args: &BenchArgs) -> String {
         "ratio audience / track batch".into(),
         ratio(r.ratio_audience_to_track_batch),
     );
+    // Where the CPU went: the forwarder, this process (the load generator,
+    // or the raw writer's client), and the rest of the machine (a local
+    // database server, the kernel).
+    for (label, cost) in [
+        ("CPU per row, raw 100 rows/tx", &r.cpu.raw_100_per_tx),
+        ("CPU per row, raw 1 row/tx", &r.cpu.raw_1_per_tx),
+        ("CPU per event, /v1/batch x100", &r.cpu.batch_ingest),
+        (
+            "CPU per event, /v1/track, empty outbox",
+            &r.cpu.track_ingest_empty,
+        ),
+        ("CPU per event, drain", &r.cpu.drain),
+    ] {
+        if let Some(c) = cost {
+            let forwarder = c
+                .forwarder_us_per_event
+                .map(|f| format!("forwarder {f:.1}, "))
+                .unwrap_or_default();
+            line(
+                label.into(),
+                format!(
+                    "{:>9.1} µs  ({forwarder}bench {:.1}, rest {:.1}; machine {:.0}% busy)",
+                    c.machine_us_per_event,
+                    c.bench_us_per_event,
+                    c.rest_us_per_event,
+                    c.machine_busy * 100.0
+                ),
+            );
+        }
+    }
     for g in &r.goals {
         let runs = if g.per_round.is_empty() {
             String::new()

@@ -5,5 +5,6 @@
 //! so the service's modules never depend on them.
 
 pub mod bench;
+pub mod cpu_meter;
 pub mod demo;
 pub mod mock_churnzero;

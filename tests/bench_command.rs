@@ -207,10 +207,9 @@ fn check_cpu(report: &Value) {
         assert!(f(c, "machine_us_per_event") >= 0.0, "{phase}: {c}");
         assert!(f(c, "bench_us_per_event") >= 0.0, "{phase}: {c}");
     }
-    assert!(
-        f(&cpu["raw_100_per_tx"], "bench_us_per_event") > 0.0,
-        "the raw writer runs in bench: {cpu}"
-    );
+    // The bench process's own share is not asserted above 0: at this scale
+    // a phase can take less than one clock tick of it (cpu_meter's unit
+    // tests check that the meter counts this process).
 }
 
 fn latency(report: &Value, phase: &str) -> Latency {

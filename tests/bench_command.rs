@@ -193,11 +193,6 @@ fn check_cpu(report: &Value) {
         let ticks = 5.0 * 10_000.0 / events as f64;
         assert!(forwarder > 0.0, "{phase}: {c}");
         assert!(forwarder <= machine + ticks, "{phase}: {c}");
-        let parts = forwarder + f(c, "bench_us_per_event") + f(c, "rest_us_per_event");
-        assert!(
-            parts >= machine - 1e-6,
-            "{phase}: the parts make the whole: {c}"
-        );
         let busy = f(c, "machine_busy");
         assert!(busy > 0.0 && busy <= 1.0, "{phase}: {c}");
     }

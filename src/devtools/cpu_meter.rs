@@ -109,17 +109,6 @@ impl CpuMeter {
     }
 }
 
-/// Runs `f` and meters it: its result with the cost spread over `events`.
-pub async fn metered<T>(
-    forwarders: &[u32],
-    events: u64,
-    f: impl std::future::Future<Output = T>,
-) -> (T, Option<CpuCost>) {
-    let meter = CpuMeter::start(forwarders);
-    let out = f.await;
-    (out, meter.finish(events))
-}
-
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf only reads a configuration value.
     let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

@@ -328,8 +328,9 @@ struct Listening {
 /// The layers wrap the router once, as one service, instead of through
 /// `Router::layer`, which wraps every route in each layer and boxes it
 /// again: a request then cloned every boxed level of the stack below each
-/// level it passed (16 clones of boxed services a `/v1/track` request),
-/// about a fifth of the instructions of a request that stores one event.
+/// level it passed (16 clones of boxed services a `/v1/track` request).
+/// Wrapping once took a `/v1/track` request on PostgreSQL from about 127k
+/// to 117k instructions (callgrind; see the README).
 #[derive(Clone)]
 struct App(
     tower::util::BoxCloneSyncService<

@@ -296,14 +296,7 @@ async fn every_documented_metric_is_exported_from_the_first_scrape() {
     let mock = mock().await;
     let server = Binary::serve(&dir.path().join("o.db"), &mock.url(), &[]).await;
     // Right after start: nothing was ingested, sent or synced yet.
-    let text = client()
-        .get(format!("{}/metrics", server.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&server.base).await;
     let s = samples(&text);
     let mut exported: Vec<String> = text
         .lines()

@@ -515,3 +515,33 @@ pub(super) async fn render(State(state): State<OperatorState>) -> Response {
     )
         .into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A key is registered with the exporter once; a repeat gets the kept
+    /// handle, and keys that differ only in a label value keep apart (else
+    /// `ingest_requests_total{status="400"}` would count the 200s).
+    #[test]
+    fn each_key_is_registered_once_and_labels_keep_keys_apart() {
+        let cache: HandleCache<usize> = Default::default();
+        let registered = AtomicUsize::new(0);
+        let register = || registered.fetch_add(1, Ordering::Relaxed);
+        let ok = Key::from_parts(
+            "ingest_requests_total",
+            vec![metrics::Label::new("status", "200")],
+        );
+        let bad = Key::from_parts(
+            "ingest_requests_total",
+            vec![metrics::Label::new("status", "400")],
+        );
+        assert_eq!(cached(&cache, &ok, register), 0);
+        assert_eq!(cached(&cache, &ok, register), 0);
+        assert_eq!(cached(&cache, &bad, register), 1);
+        assert_eq!(cached(&cache, &ok, register), 0);
+        assert_eq!(cached(&cache, &bad, register), 1);
+        assert_eq!(registered.load(Ordering::Relaxed), 2);
+    }
+}
